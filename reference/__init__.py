@@ -1,0 +1,24 @@
+"""The float64 NumPy reference of ReFreeKV: the specification as code (see ``steps``)."""
+
+from .steps import (
+    attention_ranking,
+    attention_row,
+    attention_rows,
+    evict,
+    fixed_budget_cut,
+    h2o_scores,
+    kept_positions,
+    kv_bytes,
+    model_budget,
+    norm_ratio_curve,
+    plan_layer,
+    position_ranking,
+    snapkv_scores,
+    threshold_cut,
+)
+
+__all__ = [
+    "attention_ranking", "attention_row", "attention_rows", "evict", "fixed_budget_cut",
+    "h2o_scores", "kept_positions", "kv_bytes", "model_budget", "norm_ratio_curve", "plan_layer",
+    "position_ranking", "snapkv_scores", "threshold_cut",
+]

@@ -1,0 +1,286 @@
+"""ReFreeKV as a readable float64 specification: one function per step of the paper.
+
+This module is the spec as code. It shares no code with ``refreekv`` (the fast core): a bug in
+shared code would pass every comparison. Everything is float64 NumPy with explicit loops over
+batch samples and heads; speed is irrelevant here, clarity is the point.
+
+Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` KV heads (``g = H / Hkv``; query head ``h``
+reads KV head ``h // g``), ``k`` query rows, ``n`` prompt length, ``d`` head dim.
+``start[b]`` is the number of left-padding positions of sample ``b``: its prompt occupies
+positions ``start[b] .. n-1`` and has ``n_b = n - start[b]`` tokens. A padded sample is computed
+exactly as if it were alone (its own prompt, then mapped back to batch positions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _starts(start, batch: int) -> list[int]:
+    return [0] * batch if start is None else [int(s) for s in np.asarray(start).reshape(-1)]
+
+
+def attention_rows(q_rows, keys, *, start=None, scale=None, rows=None) -> np.ndarray:
+    """Causal attention of the last ``k`` prompt queries (SPEC §2).
+
+    ``A[b, h, i, p] = softmax_p(q[b, h, i] . K[b, h // g, p] / sqrt(d))`` over the positions
+    the query at position ``n - k + i`` can see (``start[b] <= p <= n - k + i``); 0 elsewhere.
+    Sample ``b`` uses only its last ``rows[b]`` rows (default: all ``k``); unused rows and rows
+    whose query lies in the padding are all 0.
+
+    q_rows: (B, H, k, d); keys: (B, Hkv, n, d) -> (B, H, k, n) float64.
+    """
+    q = np.asarray(q_rows, dtype=np.float64)
+    K = np.asarray(keys, dtype=np.float64)
+    B, H, k, d = q.shape
+    Hkv, n = K.shape[1], K.shape[2]
+    g = H // Hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    used = [k] * B if rows is None else [int(r) for r in np.asarray(rows).reshape(-1)]
+    out = np.zeros((B, H, k, n))
+    for b, s in enumerate(_starts(start, B)):
+        for h in range(H):
+            for i in range(k - used[b], k):
+                pos = n - k + i
+                if pos < s:
+                    continue  # a padding query attends to nothing
+                logits = np.array([q[b, h, i] @ K[b, h // g, p] * scale for p in range(s, pos + 1)])
+                e = np.exp(logits - logits.max())
+                out[b, h, i, s:pos + 1] = e / e.sum()
+    return out
+
+
+def attention_row(q_rows, keys, *, start=None, scale=None, rows=None) -> np.ndarray:
+    """The score row ``a`` of ReFreeKV (SPEC §2, paper Eq. 2).
+
+    With ``k = 1`` this is the attention row of the last prompt token. With ``k > 1`` it is the
+    mean of the last ``k`` causal rows where each column is divided by its number of causally
+    visible rows: ``a[p] = sum_i A[i, p] / #{used rows i : p <= n - k + i}``. ``rows`` as in
+    ``attention_rows``.
+
+    q_rows: (B, H, k, d); keys: (B, Hkv, n, d) -> (B, H, n) float64.
+    """
+    A = attention_rows(q_rows, keys, start=start, scale=scale, rows=rows)
+    B, H, k, n = A.shape
+    used = [k] * B if rows is None else [int(r) for r in np.asarray(rows).reshape(-1)]
+    a = np.zeros((B, H, n))
+    for b, s in enumerate(_starts(start, B)):
+        for p in range(s, n):
+            visible = [i for i in range(k - used[b], k) if n - k + i >= p and n - k + i >= s]
+            if visible:
+                a[b, :, p] = A[b, :, visible, p].sum(axis=0) / len(visible)
+    return a
+
+
+def position_ranking(batch: int, num_kv_heads: int, n: int, *, sinks: int, start=None) -> np.ndarray:
+    """The ReFreeKV ranking (SPEC §3.2): ``[0, .., m-1, n-1, n-2, .., m]`` per sample.
+
+    Sinks first, then newest to oldest; the same order for every head. Padding positions come
+    last (ascending) so that a prefix of length ``j <= n_b`` holds only real tokens.
+    -> (B, Hkv, n) int64.
+    """
+    order = np.zeros((batch, num_kv_heads, n), dtype=np.int64)
+    for b, s in enumerate(_starts(start, batch)):
+        n_b = n - s
+        m = min(sinks, n_b)
+        ranked = [s + p for p in range(m)] + [s + p for p in range(n_b - 1, m - 1, -1)]
+        order[b, :] = ranked + list(range(s))
+    return order
+
+
+def h2o_scores(q_rows, keys, *, start=None, scale=None) -> np.ndarray:
+    """H2O's importance: attention accumulated over the given prompt queries (all of them for
+    H2O proper), averaged over the query heads of each KV group. -> (B, Hkv, n)."""
+    A = attention_rows(q_rows, keys, start=start, scale=scale)
+    B, H, _, n = A.shape
+    Hkv = np.asarray(keys).shape[1]
+    g = H // Hkv
+    acc = A.sum(axis=2)
+    return np.stack([acc[:, j * g:(j + 1) * g].mean(axis=1) for j in range(Hkv)], axis=1)
+
+
+def snapkv_scores(q_rows, keys, *, window: int, pool_kernel: int, start=None, scale=None) -> np.ndarray:
+    """SnapKV's importance: attention from the last ``window`` queries (the observation window),
+    summed, averaged over each KV group's query heads, then max-pooled over positions with a
+    centred window of ``pool_kernel`` (clipped at the sample's ends). -> (B, Hkv, n)."""
+    q = np.asarray(q_rows)
+    k = q.shape[2]
+    w = min(window, k)
+    raw = h2o_scores(q[:, :, k - w:], keys, start=start, scale=scale)
+    B, Hkv, n = raw.shape
+    r = pool_kernel // 2
+    pooled = np.zeros_like(raw)
+    for b, s in enumerate(_starts(start, B)):
+        for j in range(Hkv):
+            for p in range(s, n):
+                pooled[b, j, p] = raw[b, j, max(s, p - r):min(n, p + r + 1)].max()
+    return pooled
+
+
+def attention_ranking(scores, *, sinks: int, window: int, start=None) -> np.ndarray:
+    """An attention-based ranking (the baselines' and the paper's ablation, SPEC §5).
+
+    Per sample and KV head: the sinks (ascending), then the last ``window`` tokens (newest first),
+    then the remaining positions by descending score, ties broken newest first (the tie order is
+    part of the spec). With all scores equal this is exactly ``position_ranking``.
+    scores: (B, Hkv, n) -> (B, Hkv, n) int64.
+    """
+    S = np.asarray(scores, dtype=np.float64)
+    B, Hkv, n = S.shape
+    order = np.zeros((B, Hkv, n), dtype=np.int64)
+    for b, s in enumerate(_starts(start, B)):
+        n_b = n - s
+        m = min(sinks, n_b)
+        w = min(window, n_b - m)
+        head = [s + p for p in range(m)] + [n - 1 - t for t in range(w)]
+        rest_newest_first = [p for p in range(n - 1 - w, s + m - 1, -1)]
+        for j in range(Hkv):
+            # sorted() is stable, so equal scores keep their newest-first order.
+            rest = sorted(rest_newest_first, key=lambda p: -S[b, j, p])
+            order[b, j] = head + rest + list(range(s))
+    return order
+
+
+def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", start=None) -> np.ndarray:
+    """The Uni-Metric for every prefix length (SPEC §3.3-3.4).
+
+    For head ``h`` and a prefix of length ``j`` of its KV group's ranking,
+    ``kept[h, j] = sqrt(sum_{first j ranked p} a[h, p]^2)``; ``full[h] = kept[h, n_b]``.
+    ``ratio[j] = 1 - mean_h kept[h, j] / mean_h full[h]`` (0 when the full norm is 0).
+    With ``norm_scope="candidates"`` the sinks contribute 0 to both norms (research code);
+    with ``"all"`` every position counts (paper text).
+    a: (B, H, n), order: (B, Hkv, n) -> ratio (B, n) where ``ratio[b, j-1]`` is prefix length j
+    (0 for j > n_b).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    order = np.asarray(order)
+    B, H, n = a.shape
+    g = H // order.shape[1]
+    ratio = np.zeros((B, n))
+    for b, s in enumerate(_starts(start, B)):
+        n_b = n - s
+        m = min(sinks, n_b)
+        kept = np.zeros((H, n_b))
+        for h in range(H):
+            total = 0.0
+            for j in range(n_b):
+                p = order[b, h // g, j]
+                in_scope = norm_scope == "all" or j >= m  # sinks are the first m ranked positions
+                total += a[b, h, p] ** 2 if in_scope else 0.0
+                kept[h, j] = math.sqrt(total)
+        full = kept[:, -1].mean()
+        if full > 0:
+            ratio[b, :n_b] = 1.0 - kept.mean(axis=0) / full
+    return ratio
+
+
+def threshold_cut(ratio, *, threshold: float, sinks: int, start=None) -> np.ndarray:
+    """ReFreeKV's stopping rule (SPEC §3.4, decision 3): the shortest prefix ``j`` with
+    ``ratio[j] <= T``, never fewer than the sinks plus the last token (``m + 1``), never more
+    than ``n_b``. Prompts with ``n_b <= m + 1`` are kept whole. -> (B,) int64."""
+    R = np.asarray(ratio)
+    B, n = R.shape
+    cut = np.zeros(B, dtype=np.int64)
+    for b, s in enumerate(_starts(start, B)):
+        n_b = n - s
+        j = next((j for j in range(1, n_b + 1) if R[b, j - 1] <= threshold), n_b)
+        cut[b] = min(n_b, max(j, sinks + 1))
+    return cut
+
+
+def fixed_budget_cut(batch: int, n: int, *, halting: str, budget, sinks: int, start=None) -> np.ndarray:
+    """The fixed-budget halting rule of the baselines (SPEC §5): keep ``ceil(budget * n_b)``
+    tokens (halting "ratio") or ``budget`` tokens ("count"), clamped to ``[m + 1, n_b]``.
+    -> (B,) int64."""
+    cut = np.zeros(batch, dtype=np.int64)
+    for b, s in enumerate(_starts(start, batch)):
+        n_b = n - s
+        j = math.ceil(budget * n_b) if halting == "ratio" else int(budget)
+        cut[b] = min(n_b, max(j, sinks + 1))
+    return cut
+
+
+def kept_positions(order, cut):
+    """The kept set (SPEC §3.5): the first ``cut[b]`` ranked positions, sorted ascending.
+
+    Samples keep different counts; the result is padded to ``J = max(cut)``: slots at or past
+    ``cut[b]`` hold position ``n - 1`` (a valid index) and are False in ``valid``.
+    order: (B, Hkv, n), cut: (B,) -> (idx (B, Hkv, J) int64, valid (B, J) bool).
+    """
+    order = np.asarray(order)
+    B, Hkv, n = order.shape
+    J = int(max(cut))
+    idx = np.full((B, Hkv, J), n - 1, dtype=np.int64)
+    valid = np.zeros((B, J), dtype=bool)
+    for b in range(B):
+        c = int(cut[b])
+        valid[b, :c] = True
+        for j in range(Hkv):
+            idx[b, j, :c] = sorted(order[b, j, :c])
+    return idx, valid
+
+
+def evict(keys, values, idx):
+    """Keep K and V at the kept positions, at ``Hkv`` granularity (SPEC §3.5).
+    keys, values: (B, Hkv, n, d); idx: (B, Hkv, J) -> two (B, Hkv, J, d) arrays."""
+    K, V = np.asarray(keys), np.asarray(values)
+    B, Hkv, J = idx.shape
+    outK = np.zeros((B, Hkv, J, K.shape[-1]), dtype=K.dtype)
+    outV = np.zeros((B, Hkv, J, V.shape[-1]), dtype=V.dtype)
+    for b in range(B):
+        for j in range(Hkv):
+            for t in range(J):
+                outK[b, j, t] = K[b, j, idx[b, j, t]]
+                outV[b, j, t] = V[b, j, idx[b, j, t]]
+    return outK, outV
+
+
+def kv_bytes(batch: int, num_kv_heads: int, length: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one layer's K plus V stored at ``Hkv`` heads (SPEC decision 7)."""
+    return 2 * batch * num_kv_heads * length * head_dim * itemsize
+
+
+def model_budget(kept, prompt_lengths, retained) -> np.ndarray:
+    """The paper's budget (SPEC decision 7): per sample, the mean over layers of
+    ``kept / n_b``, retained layers counting 1.0.
+    kept: (L, B) kept counts; prompt_lengths: (B,); retained: layer indices -> (B,)."""
+    kept = np.asarray(kept, dtype=np.float64)
+    L, B = kept.shape
+    out = np.zeros(B)
+    for b in range(B):
+        fr = [1.0 if layer in retained else kept[layer, b] / prompt_lengths[b] for layer in range(L)]
+        out[b] = sum(fr) / L
+    return out
+
+
+def plan_layer(q_rows, keys, config, *, start=None, scale=None) -> dict:
+    """One layer's decision, composed from the steps above exactly as SPEC §3 orders them.
+
+    ``config`` is any object with the attributes of ``refreekv.ReFreeKVConfig``; ``q_rows`` must
+    hold at least ``config.rows_needed(n)`` rows (the last prompt queries).
+    Returns ``{"a", "order", "ratio", "cut", "idx", "valid"}``.
+    """
+    q = np.asarray(q_rows, dtype=np.float64)
+    K = np.asarray(keys, dtype=np.float64)
+    B, Hkv, n = K.shape[0], K.shape[1], K.shape[2]
+    rows = [config.rows_for(n - s) for s in _starts(start, B)]  # k per sample, from its own n_b
+    a = attention_row(q, K, start=start, scale=scale, rows=rows)
+    if config.ranking == "position":
+        order = position_ranking(B, Hkv, n, sinks=config.sinks, start=start)
+    elif config.ranking == "h2o":
+        order = attention_ranking(h2o_scores(q, K, start=start, scale=scale),
+                                  sinks=config.sinks, window=config.window, start=start)
+    else:
+        scores = snapkv_scores(q, K, window=config.window, pool_kernel=config.pool_kernel,
+                               start=start, scale=scale)
+        order = attention_ranking(scores, sinks=config.sinks, window=config.window, start=start)
+    ratio = norm_ratio_curve(a, order, sinks=config.sinks, norm_scope=config.norm_scope, start=start)
+    if config.halting == "threshold":
+        cut = threshold_cut(ratio, threshold=config.threshold, sinks=config.sinks, start=start)
+    else:
+        cut = fixed_budget_cut(B, n, halting=config.halting, budget=config.budget,
+                               sinks=config.sinks, start=start)
+    idx, valid = kept_positions(order, cut)
+    return {"a": a, "order": order, "ratio": ratio, "cut": cut, "idx": idx, "valid": valid}

@@ -1,0 +1,281 @@
+"""Public functions: validate at the entry, dispatch on the array type, run the core step.
+
+The step functions mirror ``refreekv.reference`` one for one (same names, same semantics,
+same shapes), so every step can be compared with the specification. ``plan_layer`` and
+``compress_layer`` compose them the way an engine uses them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from . import core
+from . import validate as v
+from .backend import Array, Backend
+from .config import ReFreeKVConfig
+from .errors import bad_input
+from .report import LayerReport
+
+
+def _step(be: Backend, name: str):
+    """The backend's own version of a step if it defines one (a fused kernel), else the core's."""
+    own = getattr(type(be), name, None)
+    return getattr(be, name) if callable(own) else partial(getattr(core, name), be)
+
+
+def _rows_default(be: Backend, start_host: np.ndarray, k: int, like: Array) -> Array:
+    return be.from_numpy(np.full_like(start_host, k), "int64", like=like)
+
+
+def _check_finite(be: Backend, **named: Array) -> None:
+    names, flags = v.finite_flags(be, named)
+    v.raise_non_finite(names, be.to_numpy(be.concat([be.reshape(f, (1,)) for f in flags], axis=0)))
+
+
+def _config(config: ReFreeKVConfig | None) -> ReFreeKVConfig:
+    if config is None:
+        return ReFreeKVConfig()
+    if not isinstance(config, ReFreeKVConfig):
+        raise bad_input("config", f"type {type(config).__name__}", "a refreekv.ReFreeKVConfig")
+    return config
+
+
+def _positive_int(value, argument: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise bad_input(argument, repr(value), f"an int >= {minimum}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (same names as the reference)
+# ---------------------------------------------------------------------------------------------
+
+def attention_rows(q_rows: Array, keys: Array, *, start=None, scale: float | None = None,
+                   rows=None) -> Array:
+    """Causal attention of the last k prompt queries. q_rows (B, H, k, d) or (B, H, d),
+    keys (B, Hkv, n, d) -> (B, H, k, n) float32 (float64 for float64 input)."""
+    be = v.backend_of(keys, "keys")
+    q = v.q_rows_4d(be, q_rows)
+    v.layer_inputs(be, q, keys)
+    _check_finite(be, q_rows=q, keys=keys)
+    B, _, k, _ = be.shape(q)
+    host, st = v.start_offsets(be, start, B, be.shape(keys)[2], keys)
+    r = _rows_default(be, host, k, st) if rows is None else be.from_numpy(np.asarray(rows), "int64", like=st)
+    return _step(be, "attention_rows")(q, keys, st, r, scale)[0]
+
+
+def attention_row(q_rows: Array, keys: Array, *, start=None, scale: float | None = None,
+                  rows=None) -> Array:
+    """ReFreeKV's score row a (paper Eq. 2; k = 1: the last token's attention). -> (B, H, n)."""
+    be = v.backend_of(keys, "keys")
+    q = v.q_rows_4d(be, q_rows)
+    v.layer_inputs(be, q, keys)
+    _check_finite(be, q_rows=q, keys=keys)
+    B, _, k, _ = be.shape(q)
+    host, st = v.start_offsets(be, start, B, be.shape(keys)[2], keys)
+    r = _rows_default(be, host, k, st) if rows is None else be.from_numpy(np.asarray(rows), "int64", like=st)
+    return _step(be, "attention_row")(q, keys, st, r, scale)
+
+
+def position_ranking(keys: Array, *, sinks: int, start=None) -> Array:
+    """Sinks, then newest to oldest (SPEC §3.2), for keys (B, Hkv, n, d) -> (B, Hkv, n) int64."""
+    be = v.backend_of(keys, "keys")
+    B, Hkv, n, _ = v.float_array(be, keys, "keys", 4, "(B, Hkv, n, d)")
+    sinks = _positive_int(sinks, "sinks")
+    _, st = v.start_offsets(be, start, B, n, keys)
+    return _step(be, "position_ranking")(B, Hkv, n, sinks, st)
+
+
+def h2o_scores(q_rows: Array, keys: Array, *, start=None, scale: float | None = None) -> Array:
+    """H2O: attention accumulated over the given queries, mean per KV group. -> (B, Hkv, n)."""
+    be = v.backend_of(keys, "keys")
+    q = v.q_rows_4d(be, q_rows)
+    v.layer_inputs(be, q, keys)
+    _check_finite(be, q_rows=q, keys=keys)
+    B, _, k, _ = be.shape(q)
+    host, st = v.start_offsets(be, start, B, be.shape(keys)[2], keys)
+    return _step(be, "h2o_scores")(q, keys, st, _rows_default(be, host, k, st), scale)
+
+
+def snapkv_scores(q_rows: Array, keys: Array, *, window: int, pool_kernel: int, start=None,
+                  scale: float | None = None) -> Array:
+    """SnapKV: last ``window`` queries' attention, max-pooled over ``pool_kernel``. -> (B, Hkv, n)."""
+    be = v.backend_of(keys, "keys")
+    q = v.q_rows_4d(be, q_rows)
+    v.layer_inputs(be, q, keys)
+    _check_finite(be, q_rows=q, keys=keys)
+    ReFreeKVConfig(window=window, pool_kernel=pool_kernel)  # validates both
+    _, st = v.start_offsets(be, start, be.shape(q)[0], be.shape(keys)[2], keys)
+    return _step(be, "snapkv_scores")(q, keys, st, window, pool_kernel, scale)
+
+
+def attention_ranking(scores: Array, *, sinks: int, window: int, start=None) -> Array:
+    """Sinks, the last ``window`` tokens, then descending score (ties newest first). (B, Hkv, n)."""
+    be = v.backend_of(scores, "scores")
+    B, _, n = v.float_array(be, scores, "scores", 3, "(B, Hkv, n)")
+    sinks, window = _positive_int(sinks, "sinks"), _positive_int(window, "window")
+    _check_finite(be, scores=scores)
+    _, st = v.start_offsets(be, start, B, n, scores)
+    return _step(be, "attention_ranking")(scores, sinks, window, st)
+
+
+def norm_ratio_curve(a: Array, order: Array, *, sinks: int, norm_scope: str = "candidates",
+                     start=None) -> Array:
+    """The Uni-Metric for every prefix length: a (B, H, n), order (B, Hkv, n) -> (B, n)."""
+    be = v.backend_of(a, "a")
+    B, H, n = v.float_array(be, a, "a", 3, "(B, H, n)")
+    o = be.shape(order)
+    if len(o) != 3 or o[0] != B or o[2] != n or H % o[1]:
+        raise bad_input("order", f"shape {o}", f"(B, Hkv, n) with B = {B}, n = {n} and Hkv dividing H = {H}")
+    ReFreeKVConfig(sinks=_positive_int(sinks, "sinks"), norm_scope=norm_scope)
+    _check_finite(be, a=a)
+    _, st = v.start_offsets(be, start, B, n, a)
+    return _step(be, "norm_ratio_curve")(a, order, sinks, norm_scope, st)
+
+
+def threshold_cut(ratio: Array, *, threshold: float, sinks: int, start=None) -> Array:
+    """The shortest prefix with ratio <= T, clamped to [sinks + 1, n_b]. -> (B,) int64."""
+    be = v.backend_of(ratio, "ratio")
+    B, n = v.float_array(be, ratio, "ratio", 2, "(B, n)")
+    ReFreeKVConfig(threshold=threshold, sinks=_positive_int(sinks, "sinks"))
+    _, st = v.start_offsets(be, start, B, n, ratio)
+    return _step(be, "threshold_cut")(ratio, threshold, sinks, st)
+
+
+def fixed_budget_cut(batch: int, n: int, *, halting: str, budget, sinks: int, start=None) -> np.ndarray:
+    """Keep ceil(budget * n_b) ("ratio") or budget ("count") tokens, clamped to [sinks + 1, n_b].
+    Host arithmetic on ints: (B,) int64 NumPy."""
+    cfg = ReFreeKVConfig(halting=halting, budget=budget, sinks=_positive_int(sinks, "sinks"))
+    n_b = n - (np.zeros(batch, np.int64) if start is None else np.asarray(start, np.int64))
+    want = np.array([math.ceil(cfg.budget * x) if halting == "ratio" else cfg.budget for x in n_b], np.int64)
+    return np.minimum(np.maximum(want, sinks + 1), n_b)
+
+
+def kept_positions(order: Array, cut) -> tuple[Array, Array]:
+    """First cut[b] ranked positions, sorted, padded to max(cut) with n - 1.
+    -> (idx (B, Hkv, J) int64, valid (B, J) bool)."""
+    be = v.backend_of(order, "order")
+    B, _, n = be.shape(order)
+    host = np.asarray(cut if isinstance(cut, (list, tuple, np.ndarray)) else be.to_numpy(cut))
+    if host.shape != (B,) or (host < 1).any() or (host > n).any():
+        raise bad_input("cut", host.tolist(), f"({B},) counts in [1, {n}]")
+    c = be.from_numpy(host.astype(np.int64), "int64", like=order)
+    return _step(be, "kept_positions")(order, c, int(host.max()))
+
+
+def evict(keys: Array, values: Array, idx: Array) -> tuple[Array, Array]:
+    """K and V at the kept positions: (B, Hkv, n, d) x2 + idx (B, Hkv, J) -> (B, Hkv, J, d) x2."""
+    be = v.backend_of(keys, "keys")
+    B, Hkv, n, _ = v.float_array(be, keys, "keys", 4, "(B, Hkv, n, d)")
+    v.float_array(be, values, "values", 4, "(B, Hkv, n, d_v)")
+    if be.shape(idx)[:2] != (B, Hkv) or len(be.shape(idx)) != 3:
+        raise bad_input("idx", f"shape {be.shape(idx)}", f"(B, Hkv, J) = ({B}, {Hkv}, J)")
+    return _step(be, "evict")(keys, values, idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer, composed
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerPlan:
+    """One layer's decision. ``cut`` and ``prompt_lengths`` are host NumPy (B,); the rest are
+    native arrays: a (B, H, n), order (B, Hkv, n), ratio (B, n), idx (B, Hkv, J), valid (B, J)."""
+
+    a: Array
+    order: Array
+    ratio: Array
+    cut: np.ndarray
+    idx: Array
+    valid: Array
+    prompt_lengths: np.ndarray
+
+
+def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None, *,
+               values: Array | None = None, start=None, scale: float | None = None) -> LayerPlan:
+    """Score, rank, measure and cut one layer (SPEC §3 steps 2-4) and list the kept positions.
+
+    q_rows: (B, H, k, d) or (B, H, d) -- the last prompt queries, post-RoPE; at least
+    ``config.rows_needed(n)`` rows (1 by default, all n for H2O). keys: (B, Hkv, n, d) post-RoPE.
+    ``values`` is only checked for NaN/inf. ``start`` (B,) left-padding offsets (default 0).
+    The only host transfer is one read of the cuts together with the finiteness flags.
+    """
+    cfg = _config(config)
+    be = v.backend_of(keys, "keys")
+    q = v.q_rows_4d(be, q_rows)
+    v.layer_inputs(be, q, keys, values)
+    B, H, k, _ = be.shape(q)
+    _, Hkv, n, _ = be.shape(keys)
+    host, st = v.start_offsets(be, start, B, n, keys)
+    n_b = n - host
+    need = max(cfg.rows_needed(int(x)) for x in n_b)
+    if k < need:
+        raise bad_input("q_rows", f"{k} query rows", f"at least {need} for ranking={cfg.ranking!r}, "
+                        f"query_rows={cfg.query_rows!r} and n = {n}")
+    rows = be.from_numpy(np.array([cfg.rows_for(int(x)) for x in n_b], np.int64), "int64", like=st)
+    a = _step(be, "attention_row")(q, keys, st, rows, scale)
+    if cfg.ranking == "position":
+        order = _step(be, "position_ranking")(B, Hkv, n, cfg.sinks, st)
+    else:
+        if cfg.ranking == "h2o":
+            scores = _step(be, "h2o_scores")(q, keys, st, be.from_numpy(n_b, "int64", like=st), scale)
+        else:
+            scores = _step(be, "snapkv_scores")(q, keys, st, cfg.window, cfg.pool_kernel, scale)
+        order = _step(be, "attention_ranking")(scores, cfg.sinks, cfg.window, st)
+    ratio = _step(be, "norm_ratio_curve")(a, order, cfg.sinks, cfg.norm_scope, st)
+    checked = {"q_rows": q, "keys": keys} | ({} if values is None else {"values": values})
+    names, flags = v.finite_flags(be, checked)
+    flags = [be.reshape(f, (1,)) for f in flags]
+    if cfg.halting == "threshold":
+        cut_dev = _step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st)
+        packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64")] + flags, axis=0))  # the one read
+        cut, ok = packed[:B], packed[B:]
+    else:
+        ok = be.to_numpy(be.concat(flags, axis=0))
+        cut = fixed_budget_cut(B, n, halting=cfg.halting, budget=cfg.budget, sinks=cfg.sinks, start=host)
+        cut_dev = be.from_numpy(cut, "int64", like=st)
+    v.raise_non_finite(names, ok)
+    idx, valid = _step(be, "kept_positions")(order, cut_dev, int(cut.max()))
+    return LayerPlan(a, order, ratio, cut.astype(np.int64), idx, valid, n_b.astype(np.int64))
+
+
+def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVConfig | None = None,
+                   *, layer: int | None = None, start=None, scale: float | None = None
+                   ) -> tuple[Array, Array, LayerReport]:
+    """Plan and evict one layer. Returns (keys (B, Hkv, J, d), values, report).
+
+    Nothing is evicted (the inputs come back as they are) for a retained layer (``layer`` in
+    ``config.retained_layers``), when every sample is too short (n_b <= sinks + 1), or when the
+    cut keeps everything. With a batch, J = max kept count and shorter samples' extra slots
+    hold position n - 1; ``plan.valid`` (see ``plan_layer``) says which slots are real.
+    """
+    t0 = time.perf_counter()
+    cfg = _config(config)
+    be = v.backend_of(keys, "keys")
+    q = v.q_rows_4d(be, q_rows)
+    v.layer_inputs(be, q, keys, values)
+    B, _, n, _ = be.shape(keys)
+    host, _ = v.start_offsets(be, start, B, n, keys)
+    n_b = (n - host).tolist()
+    before = be.nbytes(keys) + be.nbytes(values)
+
+    def unchanged(reason: str) -> tuple[Array, Array, LayerReport]:
+        return keys, values, LayerReport(layer if layer is not None else -1, False, reason, n_b, n_b,
+                                         before, before, time.perf_counter() - t0)
+
+    if layer is not None and cfg.is_retained(layer):
+        return unchanged("retained layer")
+    if max(n_b) <= cfg.sinks + 1:
+        return unchanged(f"prompt too short (n <= sinks + 1 = {cfg.sinks + 1})")
+    plan = plan_layer(q, keys, cfg, values=values, start=host, scale=scale)
+    if (plan.cut == n).all():
+        return unchanged("the cut keeps every token")
+    k2, v2 = _step(be, "evict")(keys, values, plan.idx)
+    report = LayerReport(layer if layer is not None else -1, True, "", n_b, plan.cut.tolist(),
+                         before, be.nbytes(k2) + be.nbytes(v2), time.perf_counter() - t0)
+    return k2, v2, report
