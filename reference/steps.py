@@ -46,7 +46,7 @@ def attention_rows(q_rows, keys, *, start=None, scale=None, rows=None) -> np.nda
                 pos = n - k + i
                 if pos < s:
                     continue  # a padding query attends to nothing
-                logits = np.array([q[b, h, i] @ K[b, h // g, p] * scale for p in range(s, pos + 1)])
+                logits = K[b, h // g, s:pos + 1] @ q[b, h, i] * scale  # one logit per visible p
                 e = np.exp(logits - logits.max())
                 out[b, h, i, s:pos + 1] = e / e.sum()
     return out
@@ -170,9 +170,10 @@ def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", st
                 in_scope = norm_scope == "all" or j >= m  # sinks are the first m ranked positions
                 total += a[b, h, p] ** 2 if in_scope else 0.0
                 kept[h, j] = math.sqrt(total)
-        full = kept[:, -1].mean()
+        mean_kept = [sum(kept[h, j] for h in range(H)) / H for j in range(n_b)]
+        full = mean_kept[-1]  # mean_h full[h], with full[h] = kept[h, n_b]
         if full > 0:
-            ratio[b, :n_b] = 1.0 - kept.mean(axis=0) / full
+            ratio[b, :n_b] = [1.0 - x / full for x in mean_kept]
     return ratio
 
 

@@ -150,8 +150,10 @@ def threshold_cut(be: Backend, ratio: Array, threshold: float, sinks: int, start
     """The shortest prefix with ``ratio <= T`` (first index, so the rule holds even if a
     parallel cumsum is not perfectly monotone), clamped to ``[m + 1, n_b]``. (B,) int64."""
     n = be.shape(ratio)[-1]
-    first = be.argmax(be.astype(ratio <= threshold, "int64"), axis=-1) + 1
     n_b = n - start
+    # The whole prompt (j = n_b) always qualifies, so a curve that never reaches T keeps all.
+    ok = (ratio <= threshold) | (be.arange(n, like=start)[None, :] >= (n_b - 1)[:, None])
+    first = be.argmax(be.astype(ok, "int64"), axis=-1) + 1
     low = be.minimum(n_b, be.full((1,), sinks + 1, like=n_b))
     return be.minimum(be.maximum(first, low), n_b)
 

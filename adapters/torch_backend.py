@@ -1,0 +1,120 @@
+"""The torch backend: CPU and CUDA, arrays stay on their device.
+
+Scores are computed in float32 (float64 stays float64). GQA is a reshape, never a repeated K.
+The only host transfer is ``to_numpy``, which the core calls once per layer (cuts and flags).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from refreekv.backend import Backend
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    framework = "torch"
+
+    def is_appropriate(self, x) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def from_numpy(self, a, dtype=None, like=None):
+        a = np.asarray(a)
+        device = like.device if like is not None else None
+        if dtype == "bfloat16":  # NumPy has no bfloat16: round through float32
+            return torch.from_numpy(a.astype(np.float32)).to(device=device, dtype=torch.bfloat16)
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(device=device, dtype=_DTYPES[dtype] if dtype else t.dtype)
+
+    def to_numpy(self, x):
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().numpy()
+
+    def dtype_name(self, x) -> str:
+        return _NAMES.get(x.dtype, str(x.dtype).removeprefix("torch."))
+
+    def astype(self, x, dtype):
+        return x.to(_DTYPES[dtype])
+
+    def nbytes(self, x) -> int:
+        return x.numel() * x.element_size()
+
+    def arange(self, n, like):
+        return torch.arange(n, device=like.device, dtype=torch.int64)
+
+    def matmul(self, a, b):
+        return torch.matmul(a, b)
+
+    def swap_last(self, x):
+        return x.transpose(-1, -2)
+
+    def reshape(self, x, shape):
+        return x.reshape(shape)
+
+    def where(self, cond, a, b):
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            a = torch.tensor(a, device=cond.device)
+        return torch.where(cond, a, b)
+
+    def exp(self, x):
+        return torch.exp(x)
+
+    def sqrt(self, x):
+        return torch.sqrt(x)
+
+    def maximum(self, a, b):
+        return torch.maximum(a, b)
+
+    def minimum(self, a, b):
+        return torch.minimum(a, b)
+
+    def amax(self, x, axis, keepdims=False):
+        return torch.amax(x, dim=axis, keepdim=keepdims)
+
+    def sum(self, x, axis, keepdims=False):
+        return torch.sum(x, dim=axis, keepdim=keepdims)
+
+    def mean(self, x, axis, keepdims=False):
+        return torch.mean(x, dim=axis, keepdim=keepdims)
+
+    def cumsum(self, x, axis):
+        return torch.cumsum(x, dim=axis)
+
+    def all_finite(self, x):
+        return torch.isfinite(x).all().reshape(1).to(torch.int64)
+
+    def take_along_axis(self, x, idx, axis):
+        # torch.gather does not broadcast: expand (a view) the size-1 axes of either side.
+        axis = axis % x.dim()
+        other = [max(a, b) for a, b in zip(x.shape, idx.shape)]
+        xs, ids = list(other), list(other)
+        xs[axis], ids[axis] = x.shape[axis], idx.shape[axis]
+        return torch.gather(x.expand(xs), axis, idx.expand(ids))
+
+    def argsort_stable(self, x, axis=-1):
+        return torch.sort(x, dim=axis, stable=True).indices
+
+    def sort(self, x, axis=-1):
+        return torch.sort(x, dim=axis).values
+
+    def argmax(self, x, axis):
+        return torch.argmax(x, dim=axis)
+
+    def concat(self, xs, axis):
+        return torch.cat(xs, dim=axis)
+
+    def full(self, shape, value, like):
+        return torch.full(shape, value, dtype=like.dtype, device=like.device)
+
+    def broadcast_to(self, x, shape):
+        return x.expand(shape)
+
+    def flip(self, x, axis):
+        return torch.flip(x, dims=(axis,))

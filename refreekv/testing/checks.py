@@ -1,0 +1,333 @@
+"""Checks that hold a backend to the reference, step by step and composed.
+
+Continuous results are compared within ``TOLERANCES[dtype]``. Discrete results (the cut, the
+kept positions) are compared exactly when the reference's decision margin exceeds the
+tolerance; inside the margin the backend's answer must be one of the valid ones. Every failure
+raises ``ConformanceError`` saying what was expected, what was found, the backend, the dtype,
+the shapes, and a one-line reproducer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+import refreekv
+from refreekv import reference as ref
+from refreekv.backend import Backend, _registered
+
+from .cases import LayerCase
+from .tolerances import tolerance
+
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+class ConformanceError(AssertionError):
+    """A backend disagrees with the reference."""
+
+
+@dataclass
+class Target:
+    """A backend under test and the input dtypes it claims to support."""
+
+    backend: Backend
+    dtypes: tuple[str, ...] = ("float32",)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def array(self, a: np.ndarray, dtype: str):
+        return self.backend.from_numpy(np.asarray(a), dtype)
+
+    def numpy(self, x) -> np.ndarray:
+        out = np.asarray(self.backend.to_numpy(x))
+        return out.astype(np.float64) if out.dtype.kind == "f" or out.dtype.name == "bfloat16" else out
+
+    @contextmanager
+    def active(self):
+        """Dispatch this backend's arrays to it (first) while the checks run."""
+        _registered.insert(0, self.backend)
+        try:
+            yield self
+        finally:
+            _registered.remove(self.backend)
+
+
+def _fail(check: str, target: Target, dtype: str, case, expected, found, detail: str = "") -> None:
+    lines = [f"refreekv conformance: {check} differs from the reference",
+             f"  backend: {target.name}   dtype: {dtype}",
+             f"  case: {case!r}"]
+    if isinstance(case, LayerCase):
+        lines.append(f"  shapes: q_rows ({case.batch}, {case.heads}, {case.rows}, {case.d}), "
+                     f"keys ({case.batch}, {case.kv_heads}, {case.n}, {case.d}), start {case.start}")
+    lines += [f"  expected: {expected}", f"  found:    {found}"]
+    if detail:
+        lines.append(f"  {detail}")
+    fn = next((f.function for f in inspect.stack() if f.function.startswith("check_")), "check_plan")
+    lines.append(f"  reproduce: refreekv.testing.{fn}(Target(<your backend>), {case!r}, {dtype!r})")
+    raise ConformanceError("\n".join(lines))
+
+
+def _close(check, target, dtype, case, expected, found, *, atol, rtol) -> None:
+    expected, found = np.asarray(expected, np.float64), np.asarray(found, np.float64)
+    if expected.shape != found.shape:
+        _fail(check, target, dtype, case, f"shape {expected.shape}", f"shape {found.shape}")
+    err = np.abs(found - expected) - (atol + rtol * np.abs(expected))
+    if not np.isfinite(found).all() or (err > 0).any():
+        at = np.unravel_index(np.nanargmax(np.where(np.isfinite(err), err, np.inf)), err.shape)
+        _fail(check, target, dtype, case, f"{expected[at]!r} at index {tuple(int(i) for i in at)}",
+              f"{found[at]!r}", f"tolerance: atol {atol:g} + rtol {rtol:g} (TOLERANCES[{dtype!r}])")
+
+
+def _equal(check, target, dtype, case, expected, found) -> None:
+    expected, found = np.asarray(expected), np.asarray(found)
+    if expected.shape != found.shape or not np.array_equal(expected, found):
+        if expected.shape == found.shape:
+            at = tuple(int(i) for i in np.argwhere(expected != found)[0])
+            _fail(check, target, dtype, case, f"{expected[at]!r} at index {at}", f"{found[at]!r}",
+                  f"full expected {expected.tolist()}" if expected.size <= 64 else "")
+        _fail(check, target, dtype, case, f"shape {expected.shape}", f"shape {found.shape}")
+
+
+def inputs(target: Target, case: LayerCase, dtype: str):
+    """Native q, K, V in ``dtype`` and their float64 read-backs (the reference sees the same
+    rounded values as the backend)."""
+    q, K, V = case.arrays()
+    nq, nK, nV = target.array(q, dtype), target.array(K, dtype), target.array(V, dtype)
+    return (nq, nK, nV), (target.numpy(nq), target.numpy(nK), target.numpy(nV))
+
+
+def valid_cut_range(ratio_row: np.ndarray, threshold: float, tol: float, sinks: int, n_b: int) -> tuple[int, int]:
+    """The cuts a correct backend may return given the reference ratio for one sample.
+
+    ``lo``: shortest prefix whose ratio could round to <= T; ``hi``: the first prefix whose
+    ratio is surely <= T (by more than ``tol``, or exactly 0: an exactly-zero tail is exact in
+    every precision). Both clamped to ``[sinks + 1, n_b]``."""
+    r = ratio_row[:n_b]
+    lo = next((j for j in range(1, n_b + 1) if r[j - 1] <= threshold + tol), n_b)
+    hi = next((j for j in range(1, n_b + 1) if r[j - 1] <= threshold - tol or r[j - 1] == 0.0), n_b)
+    clamp = lambda j: min(n_b, max(j, sinks + 1))  # noqa: E731
+    return clamp(lo), clamp(hi)
+
+
+def _check_order(target, dtype, case, got, want, scores, tol_abs, start, sinks, window) -> None:
+    """Attention rankings: head (sinks + window) and padding tail exact; the rest by
+    non-increasing reference score, where only near-ties (within tolerance) may swap."""
+    B, Hkv, n = want.shape
+    for b in range(B):
+        s = start[b]
+        m = min(sinks, n - s)
+        head = m + min(window, n - s - m)
+        for j in range(Hkv):
+            g, w = got[b, j], want[b, j]
+            if not np.array_equal(np.sort(g), np.arange(n)) or not np.array_equal(g[:head], w[:head]) \
+                    or not np.array_equal(g[n - s:], w[n - s:]):
+                _equal("attention ranking (sinks, window, padding)", target, dtype, case, w, g)
+            S = scores[b, j]
+            for x, y in zip(g[head:n - s - 1], g[head + 1:n - s]):
+                in_order = S[x] > S[y] or (S[x] == S[y] and x > y)
+                if not in_order and abs(S[x] - S[y]) > tol_abs:
+                    _fail("attention ranking order", target, dtype, case,
+                          f"position {y} (score {S[y]!r}) before {x} (score {S[x]!r})",
+                          f"{x} before {y}", f"sample {b}, KV head {j}")
+
+
+def check_attention_row(target: Target, case: LayerCase, dtype: str) -> None:
+    """The score row a (Eq. 2, per-sample k) and the raw attention rows."""
+    (q, K, _), (qn, Kn, _) = inputs(target, case, dtype)
+    tol = tolerance(dtype)
+    rows = [case.config.rows_for(case.n - s) for s in case.start]
+    with target.active():
+        got = refreekv.attention_row(q, K, start=list(case.start), rows=rows)
+        got_rows = refreekv.attention_rows(q, K, start=list(case.start))
+    _close("attention_row", target, dtype, case, ref.attention_row(qn, Kn, start=case.start, rows=rows),
+           target.numpy(got), atol=tol.score_atol, rtol=tol.score_rtol)
+    _close("attention_rows", target, dtype, case, ref.attention_rows(qn, Kn, start=case.start),
+           target.numpy(got_rows), atol=tol.score_atol, rtol=tol.score_rtol)
+
+
+def check_scores_and_rankings(target: Target, case: LayerCase, dtype: str) -> None:
+    """Position ranking (exact), H2O and SnapKV scores (tolerance), their rankings (valid order)."""
+    (q, K, _), (qn, Kn, _) = inputs(target, case, dtype)
+    tol, c, st = tolerance(dtype), case.config, list(case.start)
+    with target.active():
+        pos = target.numpy(refreekv.position_ranking(K, sinks=c.sinks, start=st))
+        h2o = target.numpy(refreekv.h2o_scores(q, K, start=st))
+        snap = target.numpy(refreekv.snapkv_scores(q, K, window=c.window, pool_kernel=c.pool_kernel, start=st))
+        orders = {name: target.numpy(refreekv.attention_ranking(
+            target.array(s, "float64" if dtype == "float64" else "float32"), sinks=c.sinks, window=c.window, start=st))
+            for name, s in (("h2o", h2o), ("snapkv", snap))}
+    _equal("position_ranking", target, dtype, case,
+           ref.position_ranking(case.batch, case.kv_heads, case.n, sinks=c.sinks, start=case.start), pos)
+    want_h2o = ref.h2o_scores(qn, Kn, start=case.start)
+    want_snap = ref.snapkv_scores(qn, Kn, window=c.window, pool_kernel=c.pool_kernel, start=case.start)
+    for name, want, got in (("h2o_scores", want_h2o, h2o), ("snapkv_scores", want_snap, snap)):
+        _close(name, target, dtype, case, want, got, atol=tol.score_atol, rtol=tol.score_rtol)
+    for name, want in (("h2o", want_h2o), ("snapkv", want_snap)):
+        tol_abs = 2 * (tol.score_atol + tol.score_rtol * float(np.abs(want).max(initial=0)))
+        _check_order(target, dtype, case, orders[name],
+                     ref.attention_ranking(want, sinks=c.sinks, window=c.window, start=case.start),
+                     want, tol_abs, case.start, c.sinks, c.window)
+
+
+def check_attention_ranking_ties(target: Target, scores: np.ndarray, start, sinks: int, window: int,
+                                 dtype: str) -> None:
+    """Exact ties must break newest first: scores are exact inputs, so the order is exact."""
+    case = f"scores={scores.tolist()}, start={tuple(start)}, sinks={sinks}, window={window}"
+    with target.active():
+        got = refreekv.attention_ranking(target.array(scores, dtype), sinks=sinks, window=window, start=list(start))
+    _equal("attention_ranking ties", target, dtype, case,
+           ref.attention_ranking(scores, sinks=sinks, window=window, start=start), target.numpy(got))
+
+
+def check_ratio_and_cut(target: Target, case: LayerCase, dtype: str) -> None:
+    """The norm-ratio curve from the reference's a and order, then the cut from that curve."""
+    (_, _, _), (qn, Kn, _) = inputs(target, case, dtype)
+    c, st, tol = case.config, list(case.start), tolerance(dtype)
+    rows = [c.rows_for(case.n - s) for s in case.start]
+    a = ref.attention_row(qn, Kn, start=case.start, rows=rows)
+    order = ref.position_ranking(case.batch, case.kv_heads, case.n, sinks=c.sinks, start=case.start)
+    cdt = "float64" if dtype == "float64" else "float32"
+    a_in = target.numpy(target.array(a, cdt))  # what the backend is fed, rounded
+    with target.active():
+        ratio = refreekv.norm_ratio_curve(target.array(a_in, cdt), target.array(order, "int64"),
+                                          sinks=c.sinks, norm_scope=c.norm_scope, start=st)
+    want = ref.norm_ratio_curve(a_in, order, sinks=c.sinks, norm_scope=c.norm_scope, start=case.start)
+    _close("norm_ratio_curve", target, dtype, case, want, target.numpy(ratio), atol=tol.ratio_atol, rtol=0)
+    r_in = target.numpy(target.array(want, cdt))
+    with target.active():
+        cut = target.numpy(refreekv.threshold_cut(target.array(r_in, cdt), threshold=c.threshold,
+                                                  sinks=c.sinks, start=st))
+    for b, s in enumerate(case.start):
+        lo, hi = valid_cut_range(r_in[b], c.threshold, 1e-7 * (cdt != "float64"), c.sinks, case.n - s)
+        if not lo <= cut[b] <= hi:
+            _fail("threshold_cut", target, dtype, case, f"{lo}" if lo == hi else f"one of {lo}..{hi}",
+                  int(cut[b]), f"sample {b}; ratio near the cut: {r_in[b, max(0, lo - 3):hi + 2].tolist()}")
+
+
+def check_kept_and_evict(target: Target, case: LayerCase, dtype: str) -> None:
+    """Kept positions from a given order and cut, and the gather of K and V (both exact)."""
+    (_, K, V), (_, Kn, Vn) = inputs(target, case, dtype)
+    c = case.config
+    order = ref.position_ranking(case.batch, case.kv_heads, case.n, sinks=c.sinks, start=case.start)
+    if c.ranking != "position":  # a per-head order from real scores
+        order = ref.attention_ranking(np.abs(Kn).sum(-1), sinks=c.sinks, window=c.window, start=case.start)
+    cut = np.array([1 + (case.seed + 7 * b) % (case.n - s) for b, s in enumerate(case.start)])
+    want_idx, want_valid = ref.kept_positions(order, cut)
+    with target.active():
+        idx, valid = refreekv.kept_positions(target.array(order, "int64"), cut)
+        k2, v2 = refreekv.evict(K, V, idx)
+    _equal("kept_positions idx", target, dtype, case, want_idx, target.numpy(idx))
+    _equal("kept_positions valid", target, dtype, case, want_valid, target.numpy(valid))
+    wk, wv = ref.evict(Kn, Vn, want_idx)
+    _equal("evict keys", target, dtype, case, wk, target.numpy(k2))
+    _equal("evict values", target, dtype, case, wv, target.numpy(v2))
+
+
+def check_plan(target: Target, case: LayerCase, dtype: str) -> None:
+    """The composed layer: plan_layer and compress_layer against the reference."""
+    (q, K, V), (qn, Kn, Vn) = inputs(target, case, dtype)
+    c, st, tol = case.config, list(case.start), tolerance(dtype)
+    with target.active():
+        plan = refreekv.plan_layer(q, K, c, values=V, start=st)
+        k2, v2, report = refreekv.compress_layer(q, K, V, c, layer=5, start=st)
+    want = ref.plan_layer(qn, Kn, c, start=case.start)
+    _close("plan a", target, dtype, case, want["a"], target.numpy(plan.a), atol=tol.score_atol, rtol=tol.score_rtol)
+    order = target.numpy(plan.order)
+    if c.ranking == "position":
+        _equal("plan order", target, dtype, case, want["order"], order)
+    else:
+        scores = (ref.h2o_scores(qn, Kn, start=case.start) if c.ranking == "h2o" else
+                  ref.snapkv_scores(qn, Kn, window=c.window, pool_kernel=c.pool_kernel, start=case.start))
+        tol_abs = 2 * (tol.score_atol + tol.score_rtol * float(np.abs(scores).max(initial=0)))
+        _check_order(target, dtype, case, order, want["order"], scores, tol_abs, case.start, c.sinks, c.window)
+    # The reference curve along the backend's own (valid) order decides which cuts are right.
+    r = ref.norm_ratio_curve(want["a"], order, sinks=c.sinks, norm_scope=c.norm_scope, start=case.start)
+    _close("plan ratio", target, dtype, case, r, target.numpy(plan.ratio), atol=tol.ratio_atol, rtol=0)
+    for b, s in enumerate(case.start):
+        if c.halting == "threshold":
+            lo, hi = valid_cut_range(r[b], c.threshold, tol.ratio_atol, c.sinks, case.n - s)
+        else:
+            lo = hi = int(want["cut"][b])
+        if not lo <= plan.cut[b] <= hi:
+            _fail("plan cut", target, dtype, case, f"{lo}" if lo == hi else f"one of {lo}..{hi}",
+                  int(plan.cut[b]), f"sample {b}; reference ratio near the cut: {r[b, max(0, lo - 3):hi + 2].tolist()}")
+    want_idx, want_valid = ref.kept_positions(order, plan.cut)
+    _equal("plan kept positions", target, dtype, case, want_idx, target.numpy(plan.idx))
+    _equal("plan valid slots", target, dtype, case, want_valid, target.numpy(plan.valid))
+    _equal("compress_layer kept", target, dtype, case, plan.cut, np.asarray(report.kept))
+    n_b = [case.n - s for s in case.start]
+    if report.compressed:
+        wk, wv = ref.evict(Kn, Vn, want_idx)
+        _equal("compressed keys", target, dtype, case, wk, target.numpy(k2))
+        _equal("compressed values", target, dtype, case, wv, target.numpy(v2))
+        J = int(plan.cut.max())
+    else:
+        J = case.n
+        if not (max(n_b) <= c.sinks + 1 or (plan.cut == case.n).all()):
+            _fail("compress_layer skipped", target, dtype, case, "compression", f"skipped: {report.reason}")
+    size = ref.kv_bytes(case.batch, case.kv_heads, J, case.d, ITEMSIZE[dtype])
+    _equal("report bytes_after", target, dtype, case, size, report.bytes_after)
+    _close("report budget", target, dtype, case, np.asarray(plan.cut) / np.asarray(n_b), report.budget, atol=0, rtol=0)
+
+
+def check_batch_invariance(target: Target, case: LayerCase, dtype: str) -> None:
+    """Each sample alone (its padding removed) gets the batch's cut and kept positions, unless
+    the reference says the decision is within float noise."""
+    (q, K, V), (qn, Kn, _) = inputs(target, case, dtype)
+    c = case.config
+    with target.active():
+        batch = refreekv.plan_layer(q, K, c, values=V, start=list(case.start))
+        for b, s in enumerate(case.start):
+            k_alone = min(case.rows, case.n - s)  # an engine captures at most n_b query rows
+            alone = refreekv.plan_layer(target.array(qn[b:b + 1, :, case.rows - k_alone:], dtype),
+                                        target.array(Kn[b:b + 1, :, s:], dtype), c)
+            r = ref.norm_ratio_curve(ref.attention_row(qn[b:b + 1], Kn[b:b + 1, :, s:],
+                                                       rows=[c.rows_for(case.n - s)]),
+                                     target.numpy(alone.order), sinks=c.sinks, norm_scope=c.norm_scope)
+            lo, hi = (valid_cut_range(r[0], c.threshold, tolerance(dtype).ratio_atol, c.sinks, case.n - s)
+                      if c.halting == "threshold" else (alone.cut[0], alone.cut[0]))
+            if lo == hi and batch.cut[b] != alone.cut[0]:
+                _fail("batch invariance cut", target, dtype, case, f"sample {b}'s cut alone: {alone.cut[0]}",
+                      f"in the batch: {batch.cut[b]}")
+            if batch.cut[b] == alone.cut[0] and c.ranking == "position":
+                cb = int(batch.cut[b])
+                _equal("batch invariance kept positions", target, dtype, case,
+                       target.numpy(alone.idx)[0, :, :cb] + s, target.numpy(batch.idx)[b, :, :cb])
+
+
+def check_errors(target: Target, dtype: str) -> None:
+    """Bad input raises ReFreeKVError naming the argument, never a framework error."""
+    rng = np.random.default_rng(0)
+    q, K = rng.normal(size=(1, 4, 1, 8)), rng.normal(size=(1, 2, 12, 8))
+    nan_K, inf_q = K.copy(), q.copy()
+    nan_K[0, 1, 3, 2], inf_q[0, 0, 0, 0] = np.nan, np.inf
+    A = lambda a, dt=dtype: target.array(a, dt)  # noqa: E731
+    bad = [
+        ("NaN in keys", "keys", lambda: refreekv.plan_layer(A(q), A(nan_K))),
+        ("inf in q_rows", "q_rows", lambda: refreekv.plan_layer(A(inf_q), A(K))),
+        ("integer keys", "keys", lambda: refreekv.plan_layer(A(q), A(np.ones((1, 2, 12, 8)), "int32"))),
+        ("H not a multiple of Hkv", "q_rows", lambda: refreekv.plan_layer(A(q[:, :3]), A(K))),
+        ("head dims differ", "keys", lambda: refreekv.plan_layer(A(q), A(K[..., :4]))),
+        ("empty prompt", "keys", lambda: refreekv.plan_layer(A(q), A(K[:, :, :0]))),
+        ("keys of rank 3", "keys", lambda: refreekv.plan_layer(A(q), A(K[0]))),
+        ("start past the prompt", "start", lambda: refreekv.plan_layer(A(q), A(K), start=[12])),
+        ("too few query rows for H2O", "q_rows",
+         lambda: refreekv.plan_layer(A(q), A(K), refreekv.ReFreeKVConfig(ranking="h2o"))),
+        ("values of another length", "values", lambda: refreekv.plan_layer(A(q), A(K), values=A(K[:, :, :5]))),
+    ]
+    with target.active():
+        for what, argument, call in bad:
+            try:
+                call()
+            except refreekv.ReFreeKVError as err:
+                if not str(err).startswith(argument):
+                    _fail("error message", target, dtype, what, f"a message starting with {argument!r}", str(err))
+            except Exception as err:  # noqa: BLE001 - the point is to report it
+                _fail("error type", target, dtype, what, "refreekv.ReFreeKVError", f"{type(err).__name__}: {err}")
+            else:
+                _fail("error raised", target, dtype, what, "refreekv.ReFreeKVError", "no error")

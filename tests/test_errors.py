@@ -1,0 +1,58 @@
+"""Bad input gets one ReFreeKVError at the entry point: argument, received, expected."""
+
+import numpy as np
+import pytest
+
+import refreekv
+from refreekv import ReFreeKVConfig, ReFreeKVError, builtin_backend
+from refreekv.testing import Target, check_errors
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    ({"threshold": 1.0}, "threshold"), ({"threshold": -0.1}, "threshold"), ({"threshold": float("nan")}, "threshold"),
+    ({"threshold": True}, "threshold"), ({"sinks": -1}, "sinks"), ({"sinks": 2.5}, "sinks"),
+    ({"retained_layers": (0, -1)}, "retained_layers"), ({"retained_layers": "01"}, "retained_layers"),
+    ({"norm_scope": "heads"}, "norm_scope"), ({"query_rows": 0}, "query_rows"), ({"query_rows": 1.5}, "query_rows"),
+    ({"ranking": "random"}, "ranking"), ({"window": 0}, "window"), ({"pool_kernel": 4}, "pool_kernel"),
+    ({"halting": "ratio"}, "budget"), ({"halting": "ratio", "budget": 1.5}, "budget"),
+    ({"halting": "count", "budget": 0.5}, "budget"), ({"budget": 0.5}, "budget"), ({"halting": "never"}, "halting"),
+])
+def test_config_errors_name_the_argument(kwargs, argument):
+    with pytest.raises(ReFreeKVError) as info:
+        ReFreeKVConfig(**kwargs)
+    msg = str(info.value)
+    assert msg.startswith(argument + ": received ") and "; expected " in msg
+
+
+def test_retained_layers_out_of_range():
+    with pytest.raises(ReFreeKVError, match=r"retained_layers: received \(0, 1, 40\); expected indices below"):
+        ReFreeKVConfig(retained_layers=(0, 1, 40)).check_layers(30)
+
+
+@pytest.mark.parametrize("name,dtype", [("numpy", "float32"), ("numpy", "float64"), ("torch", "bfloat16"),
+                                        ("mlx", "float16")])
+def test_bad_arrays_raise_project_error(name, dtype):
+    check_errors(Target(builtin_backend(name), (dtype,)), dtype)
+
+
+def test_messages_say_what_was_received_and_expected():
+    q, K = np.zeros((1, 3, 1, 8)), np.zeros((1, 2, 10, 8))
+    with pytest.raises(ReFreeKVError) as info:
+        refreekv.plan_layer(q, K)
+    assert str(info.value) == ("q_rows: received 3 query heads with 2 KV heads; expected a number of query "
+                               "heads that is a multiple of the KV heads (GQA)")
+    with pytest.raises(ReFreeKVError, match="keys: received NaN or infinite values"):
+        refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.full((1, 2, 10, 8), np.nan))
+    with pytest.raises(ReFreeKVError, match="array: received an object of type builtins.list"):
+        refreekv.get_backend([1.0])
+    with pytest.raises(ReFreeKVError, match="config: received type dict"):
+        refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.zeros((1, 2, 10, 8)), {"threshold": 0.1})
+
+
+def test_short_prompts_are_returned_unchanged_with_a_reason():
+    q, K, V = np.ones((1, 2, 1, 4)), np.ones((1, 1, 5, 4)), np.ones((1, 1, 5, 4))
+    k2, v2, report = refreekv.compress_layer(q, K, V, ReFreeKVConfig(sinks=4), layer=3)
+    assert k2 is K and v2 is V
+    assert not report.compressed and report.reason == "prompt too short (n <= sinks + 1 = 5)"
+    k2, _, report = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)
+    assert not report.compressed and report.reason == "retained layer"

@@ -1,0 +1,159 @@
+"""The reference against hand-worked examples and the paper's invariants."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from refreekv import ReFreeKVConfig
+from refreekv import reference as R
+from refreekv.testing import layer_cases
+
+
+def uniform_case(n, heads=1, kv_heads=1, d=4):
+    """q = 0 gives every visible logit 0: the last token attends 1/n to each position."""
+    return np.zeros((1, heads, 1, d)), np.random.default_rng(0).normal(size=(1, kv_heads, n, d))
+
+
+def test_hand_worked_candidates_scope():
+    # n = 6, m = 1, a = 1/6 everywhere. Ranking [0, 5, 4, 3, 2, 1]. With the sink masked out,
+    # a prefix of length j holds j - 1 candidates: ratio[j] = 1 - sqrt((j - 1) / 5).
+    # T = 0.2 needs sqrt((j - 1) / 5) >= 0.8, i.e. j - 1 >= 3.2, so j = 5: keep {0, 2, 3, 4, 5}.
+    q, K = uniform_case(6)
+    cfg = ReFreeKVConfig(threshold=0.2, sinks=1)
+    plan = R.plan_layer(q, K, cfg)
+    assert plan["order"][0, 0].tolist() == [0, 5, 4, 3, 2, 1]
+    np.testing.assert_allclose(plan["ratio"][0], [1 - math.sqrt((j - 1) / 5) for j in range(1, 7)], atol=1e-12)
+    assert plan["cut"].tolist() == [5]
+    assert plan["idx"][0, 0].tolist() == [0, 2, 3, 4, 5]
+
+
+def test_hand_worked_all_scope():
+    # Same prompt, norm over the whole row: ratio[j] = 1 - sqrt(j / 6); j / 6 >= 0.64 -> j = 4.
+    q, K = uniform_case(6)
+    plan = R.plan_layer(q, K, ReFreeKVConfig(threshold=0.2, sinks=1, norm_scope="all"))
+    np.testing.assert_allclose(plan["ratio"][0], [1 - math.sqrt(j / 6) for j in range(1, 7)], atol=1e-12)
+    assert plan["cut"].tolist() == [4]
+    assert plan["idx"][0, 0].tolist() == [0, 3, 4, 5]
+
+
+def test_hand_worked_eq2_two_rows():
+    # Zero keys: the query at position 1 sees {0, 1} (1/2 each), the one at 2 sees {0, 1, 2}
+    # (1/3 each). Eq. 2 divides each column by the rows that see it:
+    # a = [(1/2 + 1/3) / 2, (1/2 + 1/3) / 2, (1/3) / 1].
+    q, K = np.ones((1, 1, 2, 4)), np.zeros((1, 1, 3, 4))
+    np.testing.assert_allclose(R.attention_row(q, K)[0, 0], [5 / 12, 5 / 12, 1 / 3], atol=1e-15)
+
+
+def test_gqa_head_reads_its_group():
+    rng = np.random.default_rng(1)
+    q, K = rng.normal(size=(1, 4, 1, 8)), rng.normal(size=(1, 2, 5, 8))
+    a = R.attention_row(q, K)
+    for h in range(4):
+        logits = K[0, h // 2] @ q[0, h, 0] / math.sqrt(8)
+        np.testing.assert_allclose(a[0, h], np.exp(logits) / np.exp(logits).sum(), atol=1e-14)
+
+
+def test_position_ranking_is_attention_ranking_with_equal_scores():
+    for n, m, w, s in [(10, 4, 3, 0), (7, 2, 8, 2), (3, 4, 1, 0), (12, 0, 1, 5)]:
+        equal = R.attention_ranking(np.ones((1, 2, n)), sinks=m, window=w, start=[s])
+        assert (equal == R.position_ranking(1, 2, n, sinks=m, start=[s])).all()
+
+
+def test_short_prompt_kept_whole():
+    q, K = uniform_case(5)
+    assert R.plan_layer(q, K, ReFreeKVConfig(sinks=4, threshold=0.9))["cut"].tolist() == [5]
+
+
+def _reference_plan(case, **changes):
+    q, K, _ = case.arrays()
+    cfg = case.config if not changes else ReFreeKVConfig(**{**case.config.__dict__, **changes})
+    return R.plan_layer(q, K, cfg, start=case.start)
+
+
+@given(layer_cases(max_n=200, ranking="position"))
+def test_kept_set_is_sinks_plus_newest_suffix(case):
+    plan = _reference_plan(case, halting="threshold", budget=None)
+    for b, s in enumerate(case.start):
+        n_b, c = case.n - s, int(plan["cut"][b])
+        m = min(case.config.sinks, n_b)
+        kept = plan["idx"][b, 0, :c].tolist()
+        assert kept == list(range(s, s + m)) + list(range(case.n - (c - m), case.n))
+        assert case.n - 1 in kept
+        assert (plan["idx"][b] == plan["idx"][b, :1]).all()  # one cut shared by all heads
+
+
+@given(layer_cases(max_n=200, ranking="position"), st.floats(0, 0.98), st.floats(0, 0.98))
+def test_budget_never_grows_with_threshold(case, t1, t2):
+    lo, hi = sorted((t1, t2))
+    c_lo = _reference_plan(case, threshold=lo, halting="threshold", budget=None)["cut"]
+    c_hi = _reference_plan(case, threshold=hi, halting="threshold", budget=None)["cut"]
+    assert (c_hi <= c_lo).all()
+
+
+@given(layer_cases(max_n=200, ranking="position"))
+def test_zero_threshold_drops_only_exactly_zero_tails(case):
+    plan = _reference_plan(case, threshold=0.0, halting="threshold", budget=None)
+    a, order = plan["a"], plan["order"]
+    for b, s in enumerate(case.start):
+        n_b, m = case.n - s, min(case.config.sinks, case.n - s)
+        ranked = np.take_along_axis(a[b], np.repeat(order[b], case.heads // case.kv_heads, 0)[:, :n_b], 1)
+        if case.config.norm_scope == "candidates":
+            ranked[:, :m] = 0.0
+        nonzero = np.flatnonzero((ranked != 0).any(axis=0))
+        shortest = nonzero[-1] + 1 if len(nonzero) else 1
+        assert plan["cut"][b] == min(n_b, max(shortest, case.config.sinks + 1))
+
+
+@given(layer_cases(max_n=200, ranking="position"))
+def test_kept_part_holds_enough_squared_attention(case):
+    # With one head, 1 - ||kept|| / ||full|| <= T  <=>  kept holds >= (1 - T)^2 of the mass.
+    assume(case.heads == 1)
+    plan = _reference_plan(case, halting="threshold", budget=None)
+    T = case.config.threshold
+    for b, s in enumerate(case.start):
+        a = plan["a"][b, 0]
+        m = min(case.config.sinks, case.n - s)
+        scope = np.ones(case.n, bool)
+        scope[:s] = False
+        if case.config.norm_scope == "candidates":
+            scope[s:s + m] = False
+        kept = np.zeros(case.n, bool)
+        kept[plan["idx"][b, 0, :plan["cut"][b]]] = True
+        total = (a[scope] ** 2).sum()
+        assert (a[scope & kept] ** 2).sum() >= (1 - T) ** 2 * total - 1e-12
+
+
+@given(layer_cases(max_n=200))
+def test_reference_is_batch_invariant(case):
+    q, K, _ = case.arrays()
+    batch = R.plan_layer(q, K, case.config, start=case.start)
+    for b, s in enumerate(case.start):
+        k = min(case.rows, case.n - s)
+        alone = R.plan_layer(q[b:b + 1, :, case.rows - k:], K[b:b + 1, :, s:], case.config)
+        assert batch["cut"][b] == alone["cut"][0]
+        c = int(alone["cut"][0])
+        assert (batch["idx"][b, :, :c] == alone["idx"][0, :, :c] + s).all()
+
+
+@given(layer_cases(max_n=200))
+def test_ratio_curve_is_non_increasing_and_ends_at_zero(case):
+    plan = _reference_plan(case)
+    for b, s in enumerate(case.start):
+        r = plan["ratio"][b, :case.n - s]
+        assert (np.diff(r) <= 1e-12).all() and r[-1] == 0.0
+
+
+def test_model_budget_counts_retained_layers_as_one():
+    kept = np.array([[10, 8], [10, 8], [5, 2]])
+    np.testing.assert_allclose(R.model_budget(kept, np.array([10, 8]), retained=(0, 1)),
+                               [(1 + 1 + 0.5) / 3, (1 + 1 + 0.25) / 3])
+
+
+@pytest.mark.parametrize("halting,budget,expected", [("ratio", 0.5, [50, 40]), ("ratio", 0.01, [5, 5]),
+                                                     ("count", 30, [30, 30]), ("count", 500, [100, 80])])
+def test_fixed_budget_cut(halting, budget, expected):
+    cut = R.fixed_budget_cut(2, 100, halting=halting, budget=budget, sinks=4, start=[0, 20])
+    assert cut.tolist() == expected
