@@ -7,6 +7,7 @@ you touch their adapters (``refreekv.adapters.transformers``, ``refreekv.adapter
 """
 
 from .api import (
+    CompressedLayer,
     LayerPlan,
     attention_ranking,
     attention_row,
@@ -30,7 +31,7 @@ from .report import BudgetReport, LayerReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "BudgetReport", "LayerPlan", "LayerReport", "ReFreeKVConfig", "ReFreeKVError",
+    "Backend", "BudgetReport", "CompressedLayer", "LayerPlan", "LayerReport", "ReFreeKVConfig", "ReFreeKVError",
     "attention_ranking", "attention_row", "attention_rows", "builtin_backend", "compress_layer",
     "evict", "fixed_budget_cut", "get_backend", "h2o_scores", "kept_positions", "norm_ratio_curve",
     "plan_layer", "position_ranking", "register_backend", "snapkv_scores", "threshold_cut",

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 
@@ -244,15 +245,24 @@ def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None,
     return LayerPlan(a, order, ratio, cut.astype(np.int64), idx, valid, n_b.astype(np.int64))
 
 
-def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVConfig | None = None,
-                   *, layer: int | None = None, start=None, scale: float | None = None
-                   ) -> tuple[Array, Array, LayerReport]:
-    """Plan and evict one layer. Returns (keys (B, Hkv, J, d), values, report).
+class CompressedLayer(NamedTuple):
+    """What ``compress_layer`` returns: keys/values (B, Hkv, J, d), ``valid`` (B, J) bool saying
+    which slots hold a kept token (None when nothing was evicted), and the report."""
 
-    Nothing is evicted (the inputs come back as they are) for a retained layer (``layer`` in
-    ``config.retained_layers``), when every sample is too short (n_b <= sinks + 1), or when the
-    cut keeps everything. With a batch, J = max kept count and shorter samples' extra slots
-    hold position n - 1; ``plan.valid`` (see ``plan_layer``) says which slots are real.
+    keys: Array
+    values: Array
+    valid: Array | None
+    report: LayerReport
+
+
+def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVConfig | None = None,
+                   *, layer: int | None = None, start=None, scale: float | None = None) -> CompressedLayer:
+    """Plan and evict one layer.
+
+    Nothing is evicted (the inputs come back as they are, ``valid`` is None) for a retained
+    layer (``layer`` in ``config.retained_layers``), when every sample is too short
+    (n_b <= sinks + 1), or when the cut keeps every token. With a batch, J = max kept count;
+    a shorter sample's extra slots hold position n - 1 and are False in ``valid``.
     """
     t0 = time.perf_counter()
     cfg = _config(config)
@@ -264,9 +274,9 @@ def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVCo
     n_b = (n - host).tolist()
     before = be.nbytes(keys) + be.nbytes(values)
 
-    def unchanged(reason: str) -> tuple[Array, Array, LayerReport]:
-        return keys, values, LayerReport(layer if layer is not None else -1, False, reason, n_b, n_b,
-                                         before, before, time.perf_counter() - t0)
+    def unchanged(reason: str) -> CompressedLayer:
+        return CompressedLayer(keys, values, None, LayerReport(
+            layer if layer is not None else -1, False, reason, n_b, n_b, before, before, time.perf_counter() - t0))
 
     if layer is not None and cfg.is_retained(layer):
         return unchanged("retained layer")
@@ -278,4 +288,4 @@ def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVCo
     k2, v2 = _step(be, "evict")(keys, values, plan.idx)
     report = LayerReport(layer if layer is not None else -1, True, "", n_b, plan.cut.tolist(),
                          before, be.nbytes(k2) + be.nbytes(v2), time.perf_counter() - t0)
-    return k2, v2, report
+    return CompressedLayer(k2, v2, plan.valid, report)

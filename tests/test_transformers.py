@@ -1,0 +1,243 @@
+"""ReFreeKV in HF transformers generate, on the real SmolLM2-135M-Instruct (and tiny random
+Qwen2 / Mistral / Gemma-3 models for the other architectures)."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from refreekv import ReFreeKVConfig, ReFreeKVError
+from refreekv import reference as R
+from refreekv.adapters.transformers import ReFreeKVCache, attention_modules, generate, refreekv_hooks
+from refreekv.main.models import load_torch
+from refreekv.main.prompts import chat, needle_prompt
+from refreekv.testing import valid_cut_range
+
+pytestmark = pytest.mark.model
+GREEDY = {"do_sample": False, "max_new_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_torch()
+
+
+@pytest.fixture(scope="module")
+def prompt(smol):
+    _, tok = smol
+    return tok([chat(tok, needle_prompt(900, depth=0.4))], return_tensors="pt")
+
+
+def full_generate(model, inputs, **kw):
+    return model.generate(**inputs, **GREEDY, **kw)
+
+
+@torch.no_grad()
+def test_zero_threshold_gives_full_cache_output(smol, prompt):
+    model, _ = smol
+    full = full_generate(model, prompt, output_scores=True, return_dict_in_generate=True)
+    out, cache = generate(model, ReFreeKVConfig(threshold=0.0), **prompt, **GREEDY,
+                          output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.tolist() == full.sequences.tolist()
+    # T = 0 still drops positions whose attention from the last prompt token is exactly 0 in
+    # float32; later tokens may attend to them a little, so logits agree closely, not exactly.
+    for a, b in zip(out.scores, full.scores):
+        torch.testing.assert_close(a, b, atol=5e-3, rtol=0)
+        kl = torch.sum(torch.softmax(b, -1) * (torch.log_softmax(b, -1) - torch.log_softmax(a, -1)))
+        assert kl < 1e-6
+    assert len(cache.report.layers) == model.config.num_hidden_layers
+
+
+def _capture_queries_and_keys(model, inputs):
+    """A plain full-cache prefill; q of the last token from q_proj's output, RoPE applied with
+    the model's own rotary embedding at position n - 1; K from the DynamicCache."""
+    q_out = {}
+    hooks = [m.q_proj.register_forward_hook(lambda mod, a, o, i=m.layer_idx: q_out.__setitem__(i, o[:, -1:]))
+             for m in attention_modules(model)]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(**inputs, cache=cache)
+    for h in hooks:
+        h.remove()
+    n = inputs["input_ids"].shape[1]
+    cos, sin = model.model.rotary_emb(q_out[0], torch.tensor([[n - 1]]))
+    out = []
+    for m in attention_modules(model):
+        q = q_out[m.layer_idx].view(1, 1, -1, m.head_dim).transpose(1, 2)
+        q = q * cos[:, None] + torch.cat([-q[..., m.head_dim // 2:], q[..., :m.head_dim // 2]], -1) * sin[:, None]
+        out.append((q.double().numpy(), cache.layers[m.layer_idx].keys.double().numpy()))
+    return out
+
+
+@torch.no_grad()
+def test_default_threshold_shrinks_cache_to_the_reference_budget(smol, prompt):
+    model, _ = smol
+    cfg = ReFreeKVConfig()
+    cache = ReFreeKVCache(model, cfg)
+    with refreekv_hooks(model):
+        model(**prompt, cache=cache)  # prefill only
+    n = prompt["input_ids"].shape[1]
+    captured = _capture_queries_and_keys(model, prompt)
+    for i, ((q, K), rep, layer) in enumerate(zip(captured, cache.report.layers, cache.layers)):
+        assert rep.layer == i
+        held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        assert rep.bytes_after == held and layer.keys.shape[-2] == rep.kept[0]
+        if i in cfg.retained_layers:
+            assert not rep.compressed and rep.kept == [n]
+            continue
+        want = R.plan_layer(q, K, cfg)
+        lo, hi = valid_cut_range(want["ratio"][0], cfg.threshold, 2e-4, cfg.sinks, n)
+        assert lo <= rep.kept[0] <= hi, (i, rep.kept, lo, hi)
+        assert rep.bytes_after == R.kv_bytes(1, K.shape[1], rep.kept[0], K.shape[-1], 4)
+    assert cache.report.bytes_after < 0.9 * cache.report.bytes_before
+    assert math.isclose(cache.report.budget[0], np.mean([r.kept[0] / n for r in cache.report.layers]))
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_each_sample_alone(smol):
+    model, tok = smol
+    tok.padding_side = "left"
+    texts = [chat(tok, needle_prompt(600, depth=0.3)), chat(tok, "Name three colours of the rainbow.")]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    out_b, cache_b = generate(model, ReFreeKVConfig(), **batch, **GREEDY)
+    for i, text in enumerate(texts):
+        one = tok([text], return_tensors="pt")
+        out_1, cache_1 = generate(model, ReFreeKVConfig(), **one, **GREEDY)
+        gen_1 = out_1[0, one["input_ids"].shape[1]:].tolist()
+        assert out_b[i, batch["input_ids"].shape[1]:].tolist()[:len(gen_1)] == gen_1
+        assert [r.kept[i] for r in cache_b.report.layers] == [r.kept[0] for r in cache_1.report.layers]
+
+
+@torch.no_grad()
+def test_decode_attends_to_kept_positions_at_true_positions(smol, prompt):
+    model, _ = smol
+    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.05))
+    n = prompt["input_ids"].shape[1]
+    with refreekv_hooks(model):
+        logits = model(**prompt, cache=cache).logits
+    layer_idx = max(range(2, len(cache.layers)), key=lambda i: n - cache.layers[i].keys.shape[-2])
+    module = attention_modules(model)[layer_idx]
+    seen = {}
+    hook = module.register_forward_hook(lambda m, a, kw, out: seen.update(kw=kw, out=out[0]), with_kwargs=True)
+    nxt = logits[:, -1:].argmax(-1)
+    with refreekv_hooks(model):
+        model(input_ids=nxt, attention_mask=torch.ones(1, n + 1, dtype=torch.long), cache=cache)
+    hook.remove()
+    assert seen["kw"]["position_ids"].tolist() == [[n]]  # RoPE continues from n, not from the kept count
+    # By hand: the new token's query against the layer's kept K/V (plus its own), softmax, o_proj.
+    h, (cos, sin) = seen["kw"]["hidden_states"], seen["kw"]["position_embeddings"]
+    q = module.q_proj(h).view(1, 1, -1, module.head_dim).transpose(1, 2)
+    half = module.head_dim // 2
+    q = q * cos[:, None] + torch.cat([-q[..., half:], q[..., :half]], -1) * sin[:, None]
+    K, V = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+    g = q.shape[1] // K.shape[1]
+    w = torch.softmax(q @ K.repeat_interleave(g, 1).transpose(-1, -2) * module.scaling, -1)
+    manual = module.o_proj((w @ V.repeat_interleave(g, 1)).transpose(1, 2).reshape(1, 1, -1))
+    assert K.shape[-2] < n + 1
+    torch.testing.assert_close(seen["out"], manual, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_compress_context_once_then_answer_several_questions(smol):
+    model, tok = smol
+    context = needle_prompt(700, depth=0.5, question=False)
+    ctx = tok([chat(tok, context, open_turn=True)], return_tensors="pt")
+    questions = ["What is the magic number mentioned in the text?", "Who wrote the essay?"]
+    for T in (0.0, 0.01):
+        cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=T))
+        with refreekv_hooks(model):
+            model(**ctx, cache=cache)
+        held = [layer.keys.shape[-2] for layer in cache.layers]
+        for question in questions:
+            ids = tok([chat(tok, context, open_turn=True) + " " + question + "<|im_end|>\n<|im_start|>assistant\n"],
+                      return_tensors="pt")
+            assert ids["input_ids"][0, :ctx["input_ids"].shape[1]].tolist() == ctx["input_ids"][0].tolist()
+            with refreekv_hooks(model):
+                out = model.generate(**ids, cache=copy.deepcopy(cache), **GREEDY)
+            if T == 0.0:
+                assert out.tolist() == full_generate(model, ids).tolist()
+        assert [layer.keys.shape[-2] for layer in cache.layers] == held  # the shared context is untouched
+        assert len(cache.report.layers) == model.config.num_hidden_layers
+    assert sum(held) < 0.9 * len(held) * ctx["input_ids"].shape[1]
+
+
+@torch.no_grad()
+def test_eager_attention_and_bfloat16(smol, prompt):
+    for dtype, impl in (("float32", "eager"), ("bfloat16", "sdpa")):
+        model, _ = load_torch(dtype, impl)
+        full = full_generate(model, prompt)
+        out, cache = generate(model, ReFreeKVConfig(threshold=0.0), **prompt, **GREEDY)
+        assert out.tolist() == full.tolist()
+        out, cache = generate(model, ReFreeKVConfig(), **prompt, **GREEDY)
+        assert cache.report.bytes_after < cache.report.bytes_before
+        assert cache.layers[5].keys.dtype == getattr(torch, dtype)
+
+
+def test_bad_configurations_fail_before_any_work(smol):
+    model, tok = smol
+    with pytest.raises(ReFreeKVError, match="retained_layers: received \\(0, 1, 30\\)"):
+        ReFreeKVCache(model, ReFreeKVConfig(retained_layers=(0, 1, 30)))
+    with pytest.raises(ReFreeKVError, match="sinks: received 9000"):
+        ReFreeKVCache(model, ReFreeKVConfig(sinks=9000))
+    with pytest.raises(ReFreeKVError, match="config: received type dict"):
+        ReFreeKVCache(model, {"threshold": 0.1})
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(ReFreeKVError, match="model: received attn_implementation 'flex_attention'"):
+            ReFreeKVCache(model)
+    finally:
+        model.config._attn_implementation = impl
+    tok.padding_side = "right"
+    batch = tok([chat(tok, "Hi"), chat(tok, "Tell me about the moon and the sun.")], return_tensors="pt", padding=True)
+    tok.padding_side = "left"
+    with pytest.raises(ReFreeKVError, match="attention_mask: received padding that is not on the left"):
+        generate(model, ReFreeKVConfig(), **batch, **GREEDY)
+
+
+def test_hooks_are_removed_and_plain_caches_untouched(smol, prompt):
+    model, _ = smol
+    with refreekv_hooks(model):
+        assert all(m._forward_hooks for m in attention_modules(model))
+        plain = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(**prompt, cache=plain)
+        assert plain.layers[5].keys.shape[-2] == prompt["input_ids"].shape[1]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in attention_modules(model))
+
+
+def tiny(arch: str):
+    """A small random model of another architecture (no weights needed to test the plumbing)."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_hidden_layers=6)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if arch == "mistral":  # Mistral's default 4096 sliding window would make every layer sliding
+        return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+    cfg = Gemma3TextConfig(**common, sliding_window=16,
+                           layer_types=["sliding_attention", "full_attention"] * 3)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma3"])
+@torch.no_grad()
+def test_other_architectures(arch):
+    model = tiny(arch)
+    ids = {"input_ids": torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(1))}
+    ids["attention_mask"] = torch.ones_like(ids["input_ids"])  # token 0 is a pad id for some configs
+    full = model.generate(**ids, **GREEDY)
+    out, cache = generate(model, ReFreeKVConfig(threshold=0.0, retained_layers=()), **ids, **GREEDY)
+    assert out.tolist() == full.tolist()
+    out, cache = generate(model, ReFreeKVConfig(threshold=0.3, retained_layers=()), **ids, **GREEDY)
+    assert out.shape == full.shape
+    for rep, layer in zip(cache.report.layers, cache.layers):
+        if getattr(layer, "is_sliding", False):
+            assert not rep.compressed and rep.reason == "sliding-window layer (left alone)"
+    assert any(r.compressed for r in cache.report.layers)
