@@ -1,0 +1,156 @@
+"""ReFreeKV in mlx-lm on Linux CPU with the real SmolLM2-135M (float32 weights).
+
+MLX's CPU build is slow on this machine (a 1024^3 matmul takes ~0.4 s), so prompts here are
+short (~100 tokens) and generations a few tokens long.
+"""
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+import torch
+from mlx_lm.models.cache import make_prompt_cache as plain_prompt_cache
+
+from refreekv import ReFreeKVConfig, ReFreeKVError
+from refreekv import reference as R
+from refreekv.adapters.mlx_lm import (ReFreeKVCache, attach, budget_report, compress_prompt_cache, detach,
+                                      load_prompt_cache, make_prompt_cache, save_prompt_cache)
+from refreekv.main.models import load_mlx, load_torch
+from refreekv.main.prompts import chat, needle_prompt
+from refreekv.testing import valid_cut_range
+
+pytestmark = pytest.mark.model
+CFG = ReFreeKVConfig(threshold=0.05)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    model, tok = load_mlx()
+    yield model, tok
+    detach(model)
+
+
+@pytest.fixture(scope="module")
+def ids(smol):
+    _, tok = smol
+    return tok.encode(chat(tok, needle_prompt(50, depth=0.5)))
+
+
+def run(model, tok, ids, cache, max_tokens=4, **kw):
+    return mlx_lm.generate(model, tok, ids, max_tokens=max_tokens, prompt_cache=cache, **kw)
+
+
+def test_zero_threshold_matches_mlx_lm_kvcache(smol, ids):
+    model, tok = smol
+    plain = plain_prompt_cache(model)
+    full = run(model, tok, ids, plain)
+    cache = make_prompt_cache(model, ReFreeKVConfig(threshold=0.0))
+    assert run(model, tok, ids, cache) == full
+    assert [c.offset for c in cache] == [c.offset for c in plain]  # true positions, not stored counts
+
+
+def test_default_threshold_shrinks_storage_to_the_reference_budget(smol, ids):
+    model, tok = smol
+    n = len(ids)
+    # Capture each layer's post-RoPE last query and keys from a plain prefill.
+    probes = attach(model)
+    plain = plain_prompt_cache(model)
+    model(mx.array(ids)[None], cache=plain)
+    captured = [(np.array(p._recent[0][:, :, -1:]).astype(np.float64),
+                 np.array(c.keys[..., :n, :]).astype(np.float64)) for p, c in zip(probes, plain)]
+    cache = make_prompt_cache(model, CFG)
+    model(mx.array(ids[:-1])[None], cache=cache)
+    model(mx.array(ids[-1:])[None], cache=cache)  # the last prompt token: compression happens here
+    report = budget_report(cache)
+    for i, ((q, K), c, rep) in enumerate(zip(captured, cache, report.layers)):
+        assert c.offset == n and c.stored == rep.kept[0] and c.nbytes >= rep.bytes_after
+        if i in CFG.retained_layers:
+            assert not rep.compressed
+            continue
+        lo, hi = valid_cut_range(R.plan_layer(q, K, CFG)["ratio"][0], CFG.threshold, 2e-4, CFG.sinks, n)
+        assert lo <= rep.kept[0] <= hi, (i, rep.kept, lo, hi)
+    assert report.bytes_after < 0.9 * report.bytes_before
+
+
+def test_chunked_prefill_decides_on_the_whole_prompt(smol, ids):
+    model, tok = smol
+    one_shot = make_prompt_cache(model, CFG)
+    chunked = make_prompt_cache(model, CFG)
+    a = run(model, tok, ids, one_shot, prefill_step_size=4096)
+    b = run(model, tok, ids, chunked, prefill_step_size=16)
+    assert a == b
+    assert [r.kept for r in budget_report(one_shot).layers] == [r.kept for r in budget_report(chunked).layers]
+    assert all(r.prompt_lengths == [len(ids)] for r in budget_report(chunked).layers)
+
+
+def test_same_cuts_as_torch(smol, ids):
+    from refreekv.adapters.transformers import ReFreeKVCache as TorchCache, refreekv_hooks
+
+    model, _ = smol
+    tmodel, _ = load_torch()
+    tcache = TorchCache(tmodel, CFG)
+    with refreekv_hooks(tmodel), torch.no_grad():
+        tmodel(input_ids=torch.tensor([ids]), cache=tcache)
+    cache = make_prompt_cache(model, CFG)
+    model(mx.array(ids[:-1])[None], cache=cache)
+    model(mx.array(ids[-1:])[None], cache=cache)
+    mlx_kept = [r.kept[0] for r in budget_report(cache).layers]
+    torch_kept = [r.kept[0] for r in tcache.report.layers]
+    assert sum(a != b for a, b in zip(mlx_kept, torch_kept)) <= 1, (mlx_kept, torch_kept)
+
+
+def test_save_and_load_restore_the_same_state(smol, ids, tmp_path):
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)
+    run(model, tok, ids, cache, max_tokens=2)
+    path = str(tmp_path / "prompt.safetensors")
+    save_prompt_cache(path, cache, {"prompt": "needle"})
+    loaded, meta = load_prompt_cache(path, model, return_metadata=True)
+    assert meta == {"prompt": "needle"}
+    for a, b in zip(cache, loaded):
+        assert type(a) is type(b) and a.offset == b.offset and a.stored == b.stored and a.report == b.report
+        assert mx.array_equal(a.state[0], b.state[0]) and mx.array_equal(a.state[1], b.state[1])
+    nxt = mx.array([[ids[-1]]])
+    np.testing.assert_allclose(np.array(model(nxt, cache=cache)), np.array(model(nxt, cache=loaded)), atol=1e-5)
+
+
+def test_trim_is_exact_or_refused(smol, ids):
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)
+    run(model, tok, ids, cache, max_tokens=4)
+    layer = cache[5]
+    before = (layer.offset, layer.stored)
+    assert layer.trim(2) == 2 and (layer.offset, layer.stored) == (before[0] - 2, before[1] - 2)
+    with pytest.raises(ReFreeKVError, match="trim: received"):
+        layer.trim(50)
+
+
+def test_batching_and_quantization_are_refused_loudly(smol, ids):
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)
+    with pytest.raises(ReFreeKVError, match="prompt_cache: received a request to batch"):
+        ReFreeKVCache.merge(cache)
+    with pytest.raises(ReFreeKVError, match="keys: received batch 2"):
+        model(mx.array([ids[:8], ids[:8]]), cache=cache)
+    with pytest.raises(ReFreeKVError, match="kv_bits: received 4"):
+        run(model, tok, ids[:12], make_prompt_cache(model, CFG), kv_bits=4, quantized_kv_start=0)
+
+
+def test_detached_model_is_refused(smol, ids):
+    model, _ = smol
+    cache = make_prompt_cache(model, CFG)
+    detach(model)
+    try:
+        with pytest.raises(ReFreeKVError, match="model: received no captured queries"):
+            model(mx.array(ids[:8])[None], cache=cache)
+    finally:
+        attach(model)
+
+
+def test_manual_prefill_then_compress(smol, ids):
+    model, _ = smol
+    cache = make_prompt_cache(model, CFG)
+    model(mx.array(ids)[None], cache=cache)
+    report = compress_prompt_cache(cache)
+    assert all(r.prompt_lengths == [len(ids)] for r in report.layers)
+    assert report.bytes_after < report.bytes_before
