@@ -17,15 +17,23 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class TorchBackend(Backend):
+    """``device`` only places arrays made from NumPy without a ``like`` (the conformance
+    suite's inputs); the core always works on the device of the arrays it is given."""
+
     name = "torch"
     framework = "torch"
+
+    def __init__(self, device: str | None = None):
+        self.device = device
+        if device is not None:
+            self.name = f"torch-{device}"
 
     def is_appropriate(self, x) -> bool:
         return isinstance(x, torch.Tensor)
 
     def from_numpy(self, a, dtype=None, like=None):
         a = np.asarray(a)
-        device = like.device if like is not None else None
+        device = like.device if like is not None else self.device
         if dtype == "bfloat16":  # NumPy has no bfloat16: round through float32
             return torch.from_numpy(a.astype(np.float32)).to(device=device, dtype=torch.bfloat16)
         t = torch.from_numpy(np.ascontiguousarray(a))
@@ -118,3 +126,9 @@ class TorchBackend(Backend):
 
     def flip(self, x, axis):
         return torch.flip(x, dims=(axis,))
+
+
+def cuda_backend() -> TorchBackend:
+    """The torch backend with conformance inputs on the GPU:
+    ``pytest --pyargs refreekv.testing.suite --refreekv-backend=refreekv.adapters.torch_backend:cuda_backend``."""
+    return TorchBackend("cuda")

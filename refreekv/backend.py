@@ -150,10 +150,10 @@ def register_backend(backend: Backend | type[Backend]) -> Backend:
 
 
 def load_backend(path: str) -> Backend:
-    """A backend from ``"module:attribute"`` (a class or an instance)."""
+    """A backend from ``"module:attribute"``: an instance, a class or a factory function."""
     mod, _, attr = path.partition(":")
     obj = getattr(importlib.import_module(mod), attr or "backend")
-    return obj() if isinstance(obj, type) else obj
+    return obj if isinstance(obj, Backend) else obj()
 
 
 def builtin_backend(name: str) -> Backend:

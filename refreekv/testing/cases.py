@@ -63,7 +63,7 @@ class LayerCase:
                     # exactly 0 in every precision, so T = 0 meets ratio == T exactly. Every
                     # query row lies in the recent window, so no softmax is ill-conditioned.
                     q[b, :, :, 0] = 4.0
-                    recent = max(8, (n - s) // 2)
+                    recent = max(8, k + 1, (n - s) // 2)  # covers every query row
                     K[b, :, s + m:max(s + m, n - recent), 0] = -1000.0 * np.sqrt(d) / 4.0
         return q, K, V
 
