@@ -86,7 +86,8 @@ class MLXBackend(Backend):
         return mx.cumsum(x, axis=axis)
 
     def all_finite(self, x):
-        return mx.all(mx.isfinite(x)).reshape(1).astype(mx.int64)
+        # NaN and inf survive a sum (accumulated in float32).
+        return mx.isfinite(mx.sum(x.astype(mx.float32) if x.dtype != mx.float64 else x)).reshape(1).astype(mx.int64)
 
     def take_along_axis(self, x, idx, axis):
         return mx.take_along_axis(x, idx.astype(mx.int64), axis=axis)

@@ -69,7 +69,8 @@ class NumpyBackend(Backend):
         return np.cumsum(x, axis=axis)
 
     def all_finite(self, x):
-        return np.array([np.isfinite(x).all()], dtype=np.int64)
+        with np.errstate(all="ignore"):  # NaN and inf survive a float64 sum; no boolean mask needed
+            return np.array([np.isfinite(x.sum(dtype=np.float64))], dtype=np.int64)
 
     def take_along_axis(self, x, idx, axis):
         return np.take_along_axis(x, idx, axis=axis)  # broadcasts size-1 axes itself

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -154,6 +155,7 @@ class ReFreeKVCache(DynamicCache):
     def compress(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor | None) -> None:
         """ReFreeKV on layer ``module.layer_idx`` right after its prefill."""
+        t0 = time.perf_counter()
         idx = module.layer_idx
         self.planned_layers.add(idx)
         layer = self.layers[idx]
@@ -169,6 +171,7 @@ class ReFreeKVCache(DynamicCache):
                                       scale=module.scaling)
         if out.valid is not None:
             layer.store_compressed(out.keys, out.values, out.valid, n)
+        out.report.seconds = time.perf_counter() - t0  # the whole hook: queries, plan, eviction
         self.report.layers.append(out.report)
 
     def _record_skip(self, idx: int, layer, reason: str) -> None:

@@ -195,6 +195,9 @@ class LayerPlan:
     idx: Array
     valid: Array
     prompt_lengths: np.ndarray
+    #: (start, sinks kept, newest kept) when one sample is ranked by position: the kept set is
+    #: two runs, which ``compress_layer`` copies with two slices instead of a gather.
+    runs: tuple[int, int, int] | None = None
 
 
 def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None, *,
@@ -242,7 +245,11 @@ def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None,
         cut_dev = be.from_numpy(cut, "int64", like=st)
     v.raise_non_finite(names, ok)
     idx, valid = _step(be, "kept_positions")(order, cut_dev, int(cut.max()))
-    return LayerPlan(a, order, ratio, cut.astype(np.int64), idx, valid, n_b.astype(np.int64))
+    runs = None
+    if cfg.ranking == "position" and B == 1:
+        m = min(cfg.sinks, int(n_b[0]))
+        runs = (int(host[0]), m, int(cut[0]) - m)
+    return LayerPlan(a, order, ratio, cut.astype(np.int64), idx, valid, n_b.astype(np.int64), runs)
 
 
 class CompressedLayer(NamedTuple):
@@ -285,7 +292,10 @@ def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVCo
     plan = plan_layer(q, keys, cfg, values=values, start=host, scale=scale)
     if (plan.cut == n).all():
         return unchanged("the cut keeps every token")
-    k2, v2 = _step(be, "evict")(keys, values, plan.idx)
+    if plan.runs is not None:
+        k2, v2 = _step(be, "evict_runs")(keys, values, *plan.runs)
+    else:
+        k2, v2 = _step(be, "evict")(keys, values, plan.idx)
     report = LayerReport(layer if layer is not None else -1, True, "", n_b, plan.cut.tolist(),
                          before, be.nbytes(k2) + be.nbytes(v2), time.perf_counter() - t0)
     return CompressedLayer(k2, v2, plan.valid, report)

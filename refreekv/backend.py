@@ -100,7 +100,8 @@ class Backend(ABC):
 
     @abstractmethod
     def all_finite(self, x: Array) -> Array:
-        """A 0-d/1-element int array: 1 if every value is finite (stays on device)."""
+        """A 1-element int array: 1 if every value is finite (stays on device). A float sum is
+        enough: NaN and inf propagate through it (it could only overflow for values near 1e33)."""
 
     # -- indexing and ordering ----------------------------------------------------------------
     @abstractmethod

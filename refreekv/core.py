@@ -175,3 +175,14 @@ def evict(be: Backend, keys: Array, values: Array, idx: Array) -> tuple[Array, A
     gk = be.broadcast_to(idx[..., None], (B, Hkv, J, d_k))
     gv = gk if d_v == d_k else be.broadcast_to(idx[..., None], (B, Hkv, J, d_v))
     return be.take_along_axis(keys, gk, axis=2), be.take_along_axis(values, gv, axis=2)
+
+
+def evict_runs(be: Backend, keys: Array, values: Array, start: int, sinks: int, recent: int) -> tuple[Array, Array]:
+    """Position ranking, one sample: the kept set is two runs (the sinks and the newest
+    ``recent`` tokens), so eviction is two slices and a concatenation, a plain copy."""
+    n = be.shape(keys)[2]
+
+    def runs(x):
+        return be.concat([x[:, :, start:start + sinks], x[:, :, n - recent:]], axis=2)
+
+    return runs(keys), runs(values)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 
-settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60, print_blob=True)
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=150, print_blob=True)
 settings.register_profile("thorough", deadline=None, max_examples=1000, print_blob=True)
 
 

@@ -17,8 +17,10 @@ from .cases import layer_cases, tied_scores
 # A fixture shared by every example is what we want here, not a per-example one; the reference
 # is slow by design, so no deadline. Other settings come from the active profile (this module is
 # imported at collection, after pytest loads ``--hypothesis-profile``).
-_fixture_ok = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                             HealthCheck.too_slow, HealthCheck.data_too_large])
+# Subclasses for several backends share these methods (hence differing_executors).
+_fixture_ok = settings(deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.differing_executors, HealthCheck.too_slow,
+    HealthCheck.data_too_large])
 
 
 class ConformanceSuite:

@@ -1,0 +1,260 @@
+"""`refreekv bench`: speed and memory, measured, with the targets of issue 6 checked.
+
+Real model (SmolLM2-135M, float32): per prompt length, prefill time with a plain cache and with
+ReFreeKV, the planning step (plan_layer) and the eviction step (evict) timed alone on the
+captured queries and keys, a plain copy of the kept K/V of the same size, decode tokens/s with
+the full vs the compressed cache, KV bytes held, and the peak RSS of the process (reset before
+each measurement through /proc/self/clear_refs). Synthetic: the planning step alone on
+Llama3-8B shapes (32 heads, 8 KV heads, d 128), every available backend, up to 32k tokens.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import refreekv
+from refreekv import ReFreeKVConfig
+
+from .output import markdown_table, rich_table, write
+
+
+def _median_s(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+@torch.no_grad()
+def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, repeat: int, progress) -> list[dict]:
+    from transformers import DynamicCache
+
+    from refreekv.adapters.transformers import ReFreeKVCache, _queries, attention_modules, cache_kwarg, refreekv_hooks
+
+    from .models import load_torch
+    from .prompts import haystack
+
+    model, tok = load_torch()
+    key = cache_kwarg(model)
+    mods = attention_modules(model)
+    rows = []
+    for n in lengths:
+        ids = tok([" ".join(haystack(n))], return_tensors="pt")["input_ids"][:, :n]
+
+        def prefill(cfg):
+            cache = DynamicCache(config=model.config) if cfg is None else ReFreeKVCache(model, cfg)
+            with refreekv_hooks(model):
+                logits = model(input_ids=ids, **{key: cache}).logits[:, -1:]
+            return cache, logits
+
+        _reset_peak()
+        t_full = _median_s(lambda: prefill(None), repeat)
+        peak_full = _peak_mb()
+        _reset_peak()
+        t_ours = _median_s(lambda: prefill(config), repeat)
+        peak_ours = _peak_mb()
+        full_cache, logits = prefill(None)
+        cache, _ = prefill(config)
+        hook_s = cache.report.seconds  # queries + plan + evict, inside the real prefill
+
+        # The two steps alone, on the keys and queries the model produced, summed over layers.
+        plan_s = evict_s = copy_s = 0.0
+        captured = {}
+        hooks = [m.register_forward_hook(lambda mod, a, kw, o: captured.__setitem__(
+            mod.layer_idx, (kw["hidden_states"][:, -1:], kw["position_embeddings"])), with_kwargs=True) for m in mods]
+        model(input_ids=ids, **{key: DynamicCache(config=model.config)})
+        for h in hooks:
+            h.remove()
+        for m in mods:
+            if config.is_retained(m.layer_idx):
+                continue
+            h, (cos, sin) = captured[m.layer_idx]
+            q = _queries(m, h, cos[:, -1:], sin[:, -1:])
+            K, V = full_cache.layers[m.layer_idx].keys, full_cache.layers[m.layer_idx].values
+            plan = refreekv.plan_layer(q, K, config, scale=m.scaling)
+            J = int(plan.cut.max())
+            plan_s += _median_s(lambda: refreekv.plan_layer(q, K, config, scale=m.scaling), repeat)
+            evict_s += _median_s(lambda: refreekv.evict(K, V, plan.idx), repeat)
+            copy_s += _median_s(lambda: (K[:, :, n - J:].clone(), V[:, :, n - J:].clone()), repeat)
+
+        def decode(c):
+            nxt = logits.argmax(-1)
+            mask = torch.ones(1, n, dtype=torch.long)
+            t = time.perf_counter()
+            with refreekv_hooks(model):
+                for _ in range(decode_tokens):
+                    mask = torch.cat([mask, mask[:, :1]], dim=1)
+                    nxt = model(input_ids=nxt, attention_mask=mask, **{key: c}).logits[:, -1:].argmax(-1)
+            return decode_tokens / (time.perf_counter() - t)
+
+        import copy
+
+        tps_full = float(np.median([decode(copy.deepcopy(full_cache)) for _ in range(repeat)]))
+        tps_ours = float(np.median([decode(copy.deepcopy(cache)) for _ in range(repeat)]))
+        rep = cache.report
+        rows.append({
+            "n": n, "budget": rep.budget[0], "prefill_full_s": t_full, "prefill_refreekv_s": t_ours,
+            "overhead_ms": hook_s * 1e3, "overhead_pct": 100 * hook_s / t_full,
+            "plan_ms": plan_s * 1e3, "evict_ms": evict_s * 1e3, "copy_ms": copy_s * 1e3,
+            "evict_vs_copy": evict_s / copy_s if copy_s else float("nan"),
+            "decode_tok_s_full": tps_full, "decode_tok_s_refreekv": tps_ours,
+            "kv_bytes_full": rep.bytes_before, "kv_bytes_refreekv": rep.bytes_after,
+            "bytes_ratio": rep.bytes_after / rep.bytes_before,
+            "peak_rss_mb_full": peak_full, "peak_rss_mb_refreekv": peak_ours,
+        })
+        progress()
+    return rows
+
+
+def bench_mlx(lengths: list[int], config: ReFreeKVConfig, progress) -> list[dict]:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache as plain
+
+    from refreekv.adapters.mlx_lm import budget_report, make_prompt_cache
+
+    from .models import load_mlx
+    from .prompts import haystack
+
+    model, tok = load_mlx()
+    rows = []
+    for n in lengths:
+        ids = tok.encode(" ".join(haystack(n)))[:n]
+
+        def prefill(cache):
+            model(mx.array(ids[:-1])[None], cache=cache)
+            out = model(mx.array(ids[-1:])[None], cache=cache)
+            mx.eval(out, [c.state for c in cache])
+            return cache
+
+        t = time.perf_counter()
+        prefill(plain(model))
+        t_full = time.perf_counter() - t
+        t = time.perf_counter()
+        cache = prefill(make_prompt_cache(model, config))
+        t_ours = time.perf_counter() - t
+        rep = budget_report(cache)
+        rows.append({"n": n, "budget": rep.budget[0], "prefill_full_s": t_full, "prefill_refreekv_s": t_ours,
+                     "overhead_ms": rep.seconds * 1e3, "overhead_pct": 100 * rep.seconds / t_full,
+                     "kv_bytes_full": rep.bytes_before, "kv_bytes_refreekv": rep.bytes_after})
+        progress()
+    return rows
+
+
+def bench_planning(lengths: list[int], progress) -> list[dict]:
+    """plan_layer alone on Llama3-8B shapes, per layer and for 32 layers, on every backend here."""
+    backends = ["numpy", "torch-cpu"]
+    try:
+        import mlx.core  # noqa: F401
+
+        backends.append("mlx-cpu")
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        backends.append("torch-cuda")
+    rows = []
+    rng = np.random.default_rng(0)
+    for n in lengths:
+        q_np = rng.normal(size=(1, 32, 1, 128)).astype(np.float32)
+        k_np = rng.normal(size=(1, 8, n, 128)).astype(np.float32)
+        for name in backends:
+            if name == "numpy":
+                q, k = q_np, k_np
+                sync = lambda: None  # noqa: E731
+            elif name.startswith("torch"):
+                dev = "cuda" if name.endswith("cuda") else "cpu"
+                q, k = torch.from_numpy(q_np).to(dev), torch.from_numpy(k_np).to(dev)
+                sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+            else:
+                import mlx.core as mx
+
+                q, k = mx.array(q_np), mx.array(k_np)
+                sync = lambda: None  # noqa: E731  (plan_layer evaluates when it reads the cut)
+            s = _median_s(lambda: (refreekv.plan_layer(q, k), sync()), 5)
+            rows.append({"backend": name, "n": n, "plan_ms_per_layer": s * 1e3, "plan_ms_32_layers": 32 * s * 1e3})
+        progress()
+    return rows
+
+
+def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], decode_tokens: int, repeat: int,
+              out_dir: str, as_json: bool = False) -> dict:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=as_json)
+    config = ReFreeKVConfig()
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    with Progress(console=console) as p:
+        bar = p.add_task("bench", total=len(lengths) + len(synthetic) + len(mlx_lengths))
+        step = lambda: p.advance(bar)  # noqa: E731
+        model_rows = bench_model(lengths, config, decode_tokens, repeat, step) if lengths else []
+        mlx_rows = bench_mlx(mlx_lengths, config, step) if mlx_lengths else []
+        plan_rows = bench_planning(synthetic, step) if synthetic else []
+    targets = []
+    for r in model_rows:
+        targets.append({
+            "n": r["n"],
+            "overhead < 1% of prefill (n >= 2k)": None if r["n"] < 2048 else r["overhead_pct"] < 1.0,
+            "evict within 2x of a plain copy": r["evict_vs_copy"] <= 2.0,
+            "KV bytes = budget x full bytes": abs(r["bytes_ratio"] - r["budget"]) < 1e-9,
+            "decode not slower than full": r["decode_tok_s_refreekv"] >= r["decode_tok_s_full"],
+        })
+    out = {"machine": machine, "torch": torch.__version__, "model": model_rows, "mlx": mlx_rows,
+           "planning_synthetic": plan_rows, "targets": targets}
+    md = [f"# refreekv bench ({machine}; torch {torch.__version__})", ""]
+    if model_rows:
+        h = ["n", "budget", "prefill full s", "prefill ReFreeKV s", "overhead ms", "overhead %", "plan ms", "evict ms",
+             "copy ms", "evict/copy", "decode tok/s full", "decode tok/s ReFreeKV", "KV MB full", "KV MB ReFreeKV",
+             "peak RSS MB full", "peak RSS MB ReFreeKV"]
+        rows = [[r["n"], f"{r['budget']:.1%}", f"{r['prefill_full_s']:.2f}", f"{r['prefill_refreekv_s']:.2f}",
+                 f"{r['overhead_ms']:.1f}", f"{r['overhead_pct']:.2f}", f"{r['plan_ms']:.1f}", f"{r['evict_ms']:.2f}",
+                 f"{r['copy_ms']:.2f}", f"{r['evict_vs_copy']:.2f}", f"{r['decode_tok_s_full']:.1f}",
+                 f"{r['decode_tok_s_refreekv']:.1f}", f"{r['kv_bytes_full'] / 2**20:.1f}",
+                 f"{r['kv_bytes_refreekv'] / 2**20:.1f}", f"{r['peak_rss_mb_full']:.0f}", f"{r['peak_rss_mb_refreekv']:.0f}"]
+                for r in model_rows]
+        md += ["## SmolLM2-135M, torch CPU, float32", "", markdown_table(h, rows), ""]
+        th = list(targets[0].keys())
+        md += ["## Targets", "", markdown_table(th, [[("n/a" if v is None else ("met" if v is True else ("MISSED" if v is False else v)))
+                                                      for v in t.values()] for t in targets]), ""]
+        if not as_json:
+            console.print(rich_table("SmolLM2-135M, torch CPU", h, rows))
+    if mlx_rows:
+        h = ["n", "budget", "prefill full s", "prefill ReFreeKV s", "overhead ms", "overhead %", "KV MB full", "KV MB ReFreeKV"]
+        rows = [[r["n"], f"{r['budget']:.1%}", f"{r['prefill_full_s']:.2f}", f"{r['prefill_refreekv_s']:.2f}",
+                 f"{r['overhead_ms']:.1f}", f"{r['overhead_pct']:.2f}", f"{r['kv_bytes_full'] / 2**20:.2f}",
+                 f"{r['kv_bytes_refreekv'] / 2**20:.2f}"] for r in mlx_rows]
+        md += ["## SmolLM2-135M, MLX CPU (Linux), float32", "", markdown_table(h, rows), ""]
+        if not as_json:
+            console.print(rich_table("SmolLM2-135M, MLX CPU", h, rows))
+    if plan_rows:
+        h = ["backend", "n", "plan_layer ms (1 layer)", "x 32 layers ms"]
+        rows = [[r["backend"], r["n"], f"{r['plan_ms_per_layer']:.2f}", f"{r['plan_ms_32_layers']:.1f}"] for r in plan_rows]
+        md += ["## Planning step alone, Llama3-8B shapes (H 32, Hkv 8, d 128), float32", "", markdown_table(h, rows), ""]
+        if not as_json:
+            console.print(rich_table("planning, Llama3-8B shapes", h, rows))
+    write(out_dir, "bench", out, "\n".join(md))
+    return out
