@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", parents=[common], help="full cache vs ReFreeKV on a handful of prompts")
     _config_args(d)
     d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--quick", action="store_true", help="two short prompts only (a smoke test)")
 
     i = sub.add_parser("inspect", parents=[common], help="per-layer kept counts and norm-ratio curves for a prompt")
     src = i.add_mutually_exclusive_group(required=True)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if a.max_new_tokens < 1:
                 p.error(f"--max-new-tokens: received {a.max_new_tokens}; expected an int >= 1")
-            result = run_demo(_config(a), a.out, a.max_new_tokens, a.json)
+            result = run_demo(_config(a), a.out, a.max_new_tokens, a.json, a.quick)
         elif a.command == "inspect":
             from .main.inspect_prompt import inspect_prompt
 

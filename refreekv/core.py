@@ -1,7 +1,8 @@
 """ReFreeKV once, fast and vectorised, against the ``Backend`` interface.
 
 Every function takes the backend first and native arrays after; validation happens in
-``refreekv.api``. The names and semantics match ``refreekv.reference`` step by step, but the
+``refreekv.api``. Indexing stays within the Python array API standard (every partial index
+ends in ``...``), so any standard-conforming array library can be a backend. The names and semantics match ``refreekv.reference`` step by step, but the
 code is independent of it: no loops over samples or heads, one batched matmul for the scores,
 one cumulative sum for every prefix norm, no search. Scores are computed in float32 (float64
 inputs stay float64). ``start`` is a (B,) int64 native array of left-padding offsets.
@@ -41,7 +42,7 @@ def attention_rows(be: Backend, q_rows: Array, keys: Array, start: Array, rows: 
     qpos = i + (n - k)
     row_used = (qpos[None, :] >= start[:, None]) & (i[None, :] >= (k - rows)[:, None])  # (B, k)
     visible = ((pos[None, None, :] >= start[:, None, None])
-               & (pos[None, None, :] <= qpos[None, :, None]) & row_used[:, :, None])[:, None]
+               & (pos[None, None, :] <= qpos[None, :, None]) & row_used[:, :, None])[:, None, ...]
     logits = be.where(visible, logits, NEG_INF)
     top = be.amax(logits, axis=-1, keepdims=True)
     top = be.where(top == NEG_INF, 0.0, top)  # an unused row has no visible key: keep it all 0
@@ -85,7 +86,7 @@ def snapkv_scores(be: Backend, q_rows: Array, keys: Array, start: Array, window:
     k = be.shape(q_rows)[2]
     w = min(window, k)
     rows = be.full(be.shape(start), w, like=start)
-    raw = h2o_scores(be, q_rows[:, :, k - w:], keys, start, rows, scale)
+    raw = h2o_scores(be, q_rows[:, :, k - w:, ...], keys, start, rows, scale)
     r = pool_kernel // 2
     n = be.shape(raw)[-1]
     if r:
@@ -114,7 +115,8 @@ def attention_ranking(be: Backend, scores: Array, sinks: int, window: int, start
     w_b = be.minimum(n_b - m_b, be.full((1, 1), window, like=s))
     pad, sink = p[None, :] < s, p[None, :] < s + m_b
     win = p[None, :] >= n - w_b
-    tier = be.where(pad, 3, be.where(sink, 0, be.where(win, 1, 2)))[:, None, :]      # (B, 1, n)
+    tier = be.where(win, 1, be.full((B, n), 2, like=start))  # window 1, rest 2
+    tier = be.where(pad, 3, be.where(sink, 0, tier))[:, None, :]  # sinks 0, padding 3: (B, 1, n)
     ft = compute_dtype(be, scores)
     flipped = be.flip(be.astype(scores, ft), axis=-1)
     p_f, t_f = be.astype(p, ft)[None, None, :], be.astype(t, ft)[None, None, :]
@@ -183,6 +185,6 @@ def evict_runs(be: Backend, keys: Array, values: Array, start: int, sinks: int, 
     n = be.shape(keys)[2]
 
     def runs(x):
-        return be.concat([x[:, :, start:start + sinks], x[:, :, n - recent:]], axis=2)
+        return be.concat([x[:, :, start:start + sinks, ...], x[:, :, n - recent:, ...]], axis=2)
 
     return runs(keys), runs(values)

@@ -10,8 +10,11 @@ from .prompts import chat, essays, multikey_prompt, needle_prompt
 from .runner import answer
 
 
-def demo_prompts(tok) -> list[tuple[str, str, str]]:
-    """(name, chat prompt, what a right answer contains)."""
+def demo_prompts(tok, quick: bool = False) -> list[tuple[str, str, str]]:
+    """(name, chat prompt, what a right answer contains). ``quick``: two short prompts."""
+    if quick:
+        return [("needle ~200 tokens, depth 50%", chat(tok, needle_prompt(150, 0.5, number=7417)), "7417"),
+                ("short question", chat(tok, "What is the capital of France?"), "Paris")]
     mk, _, code = multikey_prompt(900, keys=4, seed=3)
     summary = " ".join(essays()[5].split()[:900]) + "\n\nSummarize the text above in two sentences."
     return [
@@ -23,14 +26,15 @@ def demo_prompts(tok) -> list[tuple[str, str, str]]:
     ]
 
 
-def run_demo(config: ReFreeKVConfig, out_dir: str, max_new_tokens: int = 24, as_json: bool = False) -> dict:
+def run_demo(config: ReFreeKVConfig, out_dir: str, max_new_tokens: int = 24, as_json: bool = False,
+             quick: bool = False) -> dict:
     from rich.console import Console
     from rich.progress import track
 
     console = Console(stderr=as_json)
     model, tok = load_torch()
     rows, records = [], []
-    for name, prompt, expect in track(demo_prompts(tok), description="demo prompts", console=console):
+    for name, prompt, expect in track(demo_prompts(tok, quick), description="demo prompts", console=console):
         full = answer(model, tok, prompt, None, max_new_tokens)
         ours = answer(model, tok, prompt, config, max_new_tokens)
         n = len(tok(prompt)["input_ids"])

@@ -18,7 +18,7 @@ import numpy as np
 
 from .models import load_torch
 from .output import markdown_table, rich_table, write
-from .prompts import chat, essays, multikey_prompt, needle_prompt
+from .prompts import chat, haystack, multikey_prompt, needle_prompt
 from .runner import answer, continuation, continuation_metrics, methods
 
 # words -> tokens is about 1.3 for these essays with the chat template
@@ -41,8 +41,8 @@ def build_tasks(tok, size: str) -> dict:
     multikey = [(f"mk{i}", chat(tok, p), code) for i, (p, _, code) in enumerate(keys)]
     conts = []
     for i in range(s["continuations"]):
-        ids = tok(" ".join(essays()[20 + i].split() + essays()[30 + i].split()), return_tensors="pt")["input_ids"]
         ctx, cont = s["context_tokens"], s["cont_tokens"]
+        ids = tok(" ".join(haystack(ctx + cont, offset=20 + 3 * i)), return_tensors="pt")["input_ids"]
         conts.append((ids[:, :ctx], ids[:, ctx:ctx + cont]))
     return {"needle": needles, "multikey": multikey, "continuation": conts}
 

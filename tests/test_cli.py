@@ -1,0 +1,93 @@
+"""The refreekv command: clear argument errors, stable --json schemas, tiny runs of each command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from refreekv.cli import main
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--threshold", "1.5"], "threshold: received 1.5; expected a number T with 0 <= T < 1"),
+    (["demo", "--sinks", "-2"], "sinks: received -2; expected an int >= 0"),
+    (["demo", "--halting", "ratio"], 'budget: received None; expected a ratio 0 < budget <= 1 for halting="ratio"'),
+    (["demo", "--retained-layers", "0,99"], "retained_layers: received (0, 99); expected indices below the model's number of layers (30)"),
+    (["bench", "--lengths", "1k"], "received '1k'; expected comma-separated integers"),
+    (["bench", "--lengths", "4"], "--lengths/--synthetic/--mlx-lengths: received a length below 8"),
+    (["inspect", "--file", "/nonexistent.txt"], "--file: received '/nonexistent.txt'; expected an existing text file"),
+    (["inspect", "  "], "text: received an empty prompt"),
+    (["eval", "--methods", "everything"], "invalid choice: 'everything'"),
+])
+def test_argument_errors_are_clear(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_inspect_json_schema(capsys, tmp_path):
+    out = run_json(capsys, "inspect", "The quick brown fox jumps over the lazy dog. " * 20, "--no-plot",
+                   "--out", str(tmp_path))
+    assert set(out) == {"tokens", "config", "budget", "layers"}
+    assert len(out["layers"]) == 30 and out["tokens"] > 100
+    for layer in out["layers"]:
+        assert set(layer) == {"layer", "kept", "budget", "retained", "cut_if_compressed"}
+        assert 1 <= layer["kept"] <= out["tokens"]
+    assert out["layers"][0]["retained"] and out["layers"][0]["kept"] == out["tokens"]
+    saved = json.loads((tmp_path / "inspect.json").read_text())
+    assert len(saved["ratio_curves"]) == 30 and (tmp_path / "inspect.md").exists()
+
+
+@pytest.mark.model
+def test_inspect_raw_and_plot(capsys, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time there was a tiny model. " * 10)
+    out = run_json(capsys, "inspect", "--file", str(prompt), "--raw", "--threshold", "0.05", "--out", str(tmp_path))
+    assert out["tokens"] < 120 and (tmp_path / "inspect.png").stat().st_size > 10_000
+
+
+@pytest.mark.model
+def test_demo_quick(capsys, tmp_path):
+    out = run_json(capsys, "demo", "--quick", "--max-new-tokens", "8", "--out", str(tmp_path))
+    assert [p["prompt"] for p in out["prompts"]] == ["needle ~200 tokens, depth 50%", "short question"]
+    for p in out["prompts"]:
+        assert {"tokens", "budget", "memory_saved", "answer_full", "answer_refreekv", "seconds_full"} <= set(p)
+        assert 0 < p["budget"] <= 1 and p["kv_bytes_refreekv"] <= p["kv_bytes_full"]
+    assert (tmp_path / "demo.md").exists()
+
+
+@pytest.mark.model
+def test_eval_quick(capsys, tmp_path):
+    out = run_json(capsys, "eval", "--methods", "quick", "--size", "quick", "--out", str(tmp_path))
+    res = out["results"]
+    assert set(res) == {"full", "refreekv", "streamingllm 20%"}
+    assert res["full"]["budget"] == 1.0 and res["full"]["kl"] == 0.0 and res["full"]["top1_agreement"] == 1.0
+    assert abs(res["streamingllm 20%"]["budget"] - 0.2) < 0.02
+    for r in res.values():
+        assert {"needle", "multikey", "ppl", "kl", "top1_agreement", "budget", "kv_memory_saved"} <= set(r)
+    assert (tmp_path / "eval_quick.png").exists()
+
+
+@pytest.mark.model
+def test_bench_tiny(capsys, tmp_path):
+    out = run_json(capsys, "bench", "--lengths", "256", "--synthetic", "512", "--mlx-lengths", "",
+                   "--decode-tokens", "2", "--repeat", "1", "--out", str(tmp_path))
+    (row,) = out["model"]
+    assert row["n"] == 256 and row["kv_bytes_refreekv"] < row["kv_bytes_full"]
+    assert abs(row["bytes_ratio"] - row["budget"]) < 1e-9  # bytes held = budget x full bytes
+    assert {r["backend"] for r in out["planning_synthetic"]} >= {"numpy", "torch-cpu"}
+    assert set(out["targets"][0]) == {"n", "overhead < 1% of prefill (n >= 2k)", "evict within 2x of a plain copy",
+                                      "KV bytes = budget x full bytes", "decode not slower than full"}
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "refreekv.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "bench" in out.stdout
