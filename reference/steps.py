@@ -18,6 +18,12 @@ import math
 import numpy as np
 
 
+def _q4(q_rows) -> np.ndarray:
+    """Query rows as (B, H, k, d); (B, H, d) means the last token alone (k = 1)."""
+    q = np.asarray(q_rows, dtype=np.float64)
+    return q[:, :, None, :] if q.ndim == 3 else q
+
+
 def _starts(start, batch: int) -> list[int]:
     return [0] * batch if start is None else [int(s) for s in np.asarray(start).reshape(-1)]
 
@@ -32,7 +38,7 @@ def attention_rows(q_rows, keys, *, start=None, scale=None, rows=None) -> np.nda
 
     q_rows: (B, H, k, d); keys: (B, Hkv, n, d) -> (B, H, k, n) float64.
     """
-    q = np.asarray(q_rows, dtype=np.float64)
+    q = _q4(q_rows)
     K = np.asarray(keys, dtype=np.float64)
     B, H, k, d = q.shape
     Hkv, n = K.shape[1], K.shape[2]
@@ -105,7 +111,7 @@ def snapkv_scores(q_rows, keys, *, window: int, pool_kernel: int, start=None, sc
     """SnapKV's importance: attention from the last ``window`` queries (the observation window),
     summed, averaged over each KV group's query heads, then max-pooled over positions with a
     centred window of ``pool_kernel`` (clipped at the sample's ends). -> (B, Hkv, n)."""
-    q = np.asarray(q_rows)
+    q = _q4(q_rows)
     k = q.shape[2]
     w = min(window, k)
     raw = h2o_scores(q[:, :, k - w:], keys, start=start, scale=scale)
@@ -263,7 +269,7 @@ def plan_layer(q_rows, keys, config, *, start=None, scale=None) -> dict:
     hold at least ``config.rows_needed(n)`` rows (the last prompt queries).
     Returns ``{"a", "order", "ratio", "cut", "idx", "valid"}``.
     """
-    q = np.asarray(q_rows, dtype=np.float64)
+    q = _q4(q_rows)
     K = np.asarray(keys, dtype=np.float64)
     B, Hkv, n = K.shape[0], K.shape[1], K.shape[2]
     rows = [config.rows_for(n - s) for s in _starts(start, B)]  # k per sample, from its own n_b
