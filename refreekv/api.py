@@ -56,10 +56,8 @@ def _positive_int(value, argument: str, minimum: int = 0) -> int:
 # Steps (same names as the reference)
 # ---------------------------------------------------------------------------------------------
 
-def attention_rows(q_rows: Array, keys: Array, *, start=None, scale: float | None = None,
-                   rows=None) -> Array:
-    """Causal attention of the last k prompt queries. q_rows (B, H, k, d) or (B, H, d),
-    keys (B, Hkv, n, d) -> (B, H, k, n) float32 (float64 for float64 input)."""
+def _scored_inputs(q_rows: Array, keys: Array, start, rows):
+    """The shared entry of the scoring steps: validate, check finiteness, place start and rows."""
     be = v.backend_of(keys, "keys")
     q = v.q_rows_4d(be, q_rows)
     v.layer_inputs(be, q, keys)
@@ -67,19 +65,22 @@ def attention_rows(q_rows: Array, keys: Array, *, start=None, scale: float | Non
     B, _, k, _ = be.shape(q)
     host, st = v.start_offsets(be, start, B, be.shape(keys)[2], keys)
     r = _rows_default(be, host, k, st) if rows is None else be.from_numpy(np.asarray(rows), "int64", like=st)
+    return be, q, st, r
+
+
+def attention_rows(q_rows: Array, keys: Array, *, start=None, scale: float | None = None,
+                   rows=None) -> Array:
+    """Causal attention of the last k prompt queries. q_rows (B, H, k, d) or (B, H, d),
+    keys (B, Hkv, n, d) -> (B, H, k, n) float32 (float64 for float64 input). ``rows`` (B,):
+    how many of the last rows each sample uses (default all k)."""
+    be, q, st, r = _scored_inputs(q_rows, keys, start, rows)
     return _step(be, "attention_rows")(q, keys, st, r, scale)[0]
 
 
 def attention_row(q_rows: Array, keys: Array, *, start=None, scale: float | None = None,
                   rows=None) -> Array:
     """ReFreeKV's score row a (paper Eq. 2; k = 1: the last token's attention). -> (B, H, n)."""
-    be = v.backend_of(keys, "keys")
-    q = v.q_rows_4d(be, q_rows)
-    v.layer_inputs(be, q, keys)
-    _check_finite(be, q_rows=q, keys=keys)
-    B, _, k, _ = be.shape(q)
-    host, st = v.start_offsets(be, start, B, be.shape(keys)[2], keys)
-    r = _rows_default(be, host, k, st) if rows is None else be.from_numpy(np.asarray(rows), "int64", like=st)
+    be, q, st, r = _scored_inputs(q_rows, keys, start, rows)
     return _step(be, "attention_row")(q, keys, st, r, scale)
 
 
@@ -94,13 +95,8 @@ def position_ranking(keys: Array, *, sinks: int, start=None) -> Array:
 
 def h2o_scores(q_rows: Array, keys: Array, *, start=None, scale: float | None = None) -> Array:
     """H2O: attention accumulated over the given queries, mean per KV group. -> (B, Hkv, n)."""
-    be = v.backend_of(keys, "keys")
-    q = v.q_rows_4d(be, q_rows)
-    v.layer_inputs(be, q, keys)
-    _check_finite(be, q_rows=q, keys=keys)
-    B, _, k, _ = be.shape(q)
-    host, st = v.start_offsets(be, start, B, be.shape(keys)[2], keys)
-    return _step(be, "h2o_scores")(q, keys, st, _rows_default(be, host, k, st), scale)
+    be, q, st, r = _scored_inputs(q_rows, keys, start, None)
+    return _step(be, "h2o_scores")(q, keys, st, r, scale)
 
 
 def snapkv_scores(q_rows: Array, keys: Array, *, window: int, pool_kernel: int, start=None,
