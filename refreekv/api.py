@@ -240,7 +240,10 @@ def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None,
         cut = fixed_budget_cut(B, n, halting=cfg.halting, budget=cfg.budget, sinks=cfg.sinks, start=host)
         cut_dev = be.from_numpy(cut, "int64", like=st)
     v.raise_non_finite(names, ok)
-    idx, valid = _step(be, "kept_positions")(order, cut_dev, int(cut.max()))
+    if cfg.ranking == "position":
+        idx, valid = _step(be, "position_kept_positions")(st, cut_dev, cfg.sinks, n, Hkv, int(cut.max()))
+    else:
+        idx, valid = _step(be, "kept_positions")(order, cut_dev, int(cut.max()))
     runs = None
     if cfg.ranking == "position" and B == 1:
         m = min(cfg.sinks, int(n_b[0]))

@@ -170,6 +170,19 @@ def kept_positions(be: Backend, order: Array, cut: Array, J: int) -> tuple[Array
     return be.where(valid[:, None, :], sorted_top, n - 1), valid
 
 
+def position_kept_positions(be: Backend, start: Array, cut: Array, sinks: int, n: int, num_kv_heads: int,
+                            J: int) -> tuple[Array, Array]:
+    """``kept_positions`` for the position ranking, by arithmetic (no sort): sample b keeps
+    ``[s, s + m_b)`` and ``[n - (cut_b - m_b), n)``, already ascending. Same outputs."""
+    j = be.arange(J, like=cut)[None, :]
+    s, c = start[:, None], cut[:, None]
+    m_b = be.minimum(n - s, be.full((1, 1), sinks, like=s))
+    valid = j < c
+    idx = be.where(valid, be.where(j < m_b, s + j, (n - c) + j), n - 1)
+    B = be.shape(cut)[0]
+    return be.broadcast_to(idx[:, None, :], (B, num_kv_heads, J)), valid
+
+
 def evict(be: Backend, keys: Array, values: Array, idx: Array) -> tuple[Array, Array]:
     """Gather K and V at the kept positions (one gather each, no repeat over heads)."""
     B, Hkv, J = be.shape(idx)

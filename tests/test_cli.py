@@ -1,8 +1,10 @@
 """The refreekv command: clear argument errors, stable --json schemas, tiny runs of each command."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,5 +91,6 @@ def test_bench_tiny(capsys, tmp_path):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "refreekv.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "demo" in out.stdout and "bench" in out.stdout
+    exe = shutil.which("refreekv") or str(Path(sys.executable).parent / "refreekv")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("demo", "inspect", "eval", "bench"))
