@@ -276,7 +276,7 @@ def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVCo
     q = v.q_rows_4d(be, q_rows)
     v.layer_inputs(be, q, keys, values)
     B, _, n, _ = be.shape(keys)
-    host, _ = v.start_offsets(be, start, B, n, keys)
+    host = v.start_host(be, start, B, n)
     n_b = (n - host).tolist()
     before = be.nbytes(keys) + be.nbytes(values)
 

@@ -74,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", parents=[common], help="quality: full vs ReFreeKV vs fixed budgets, and ablations")
     e.add_argument("--methods", choices=["main", "ablations", "quick"], default="main")
-    e.add_argument("--size", choices=["full", "quick"], default="full", help="task sizes (quick: tiny, for CI)")
+    e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
+                   help="task sizes: full (1k-4k needles), medium (1k-2k), quick (tiny, for CI)")
     e.add_argument("--no-plot", action="store_true")
 
     b = sub.add_parser("bench", parents=[common], help="speed and memory: prefill overhead, planning, eviction, decode")

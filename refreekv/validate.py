@@ -57,6 +57,12 @@ def layer_inputs(be: Backend, q_rows: Array, keys: Array, values: Array | None =
 
 def start_offsets(be: Backend, start, batch: int, n: int, like: Array) -> tuple[np.ndarray, Array]:
     """Left-padding offsets: host copy (tiny) and device int64 copy."""
+    host = start_host(be, start, batch, n)
+    return host, be.from_numpy(host, "int64", like=like)
+
+
+def start_host(be: Backend, start, batch: int, n: int) -> np.ndarray:
+    """Left-padding offsets (B,) on the host, validated."""
     if start is None:
         host = np.zeros(batch, dtype=np.int64)
     else:
@@ -69,7 +75,7 @@ def start_offsets(be: Backend, start, batch: int, n: int, like: Array) -> tuple[
         if (host < 0).any() or (host >= n).any():
             raise bad_input("start", host.tolist(), f"offsets in [0, {n - 1}] so every sample keeps a token")
         host = host.astype(np.int64)
-    return host, be.from_numpy(host, "int64", like=like)
+    return host
 
 
 def finite_flags(be: Backend, named: dict[str, Array]) -> tuple[list[str], list[Array]]:

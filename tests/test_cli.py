@@ -75,7 +75,7 @@ def test_eval_quick(capsys, tmp_path):
     assert abs(res["streamingllm 20%"]["budget"] - 0.2) < 0.02
     for r in res.values():
         assert {"needle", "multikey", "ppl", "kl", "top1_agreement", "budget", "kv_memory_saved"} <= set(r)
-    assert (tmp_path / "eval_quick.png").exists()
+    assert (tmp_path / "eval_quick_quick.png").exists()
 
 
 @pytest.mark.model

@@ -24,6 +24,8 @@ from .runner import answer, continuation, continuation_metrics, methods
 # words -> tokens is about 1.3 for these essays with the chat template
 SIZES = {"full": {"needle_words": (750, 1500, 3000), "depths": (0.1, 0.5, 0.9), "multikey": 3,
                   "multikey_words": 1500, "continuations": 3, "context_tokens": 1536, "cont_tokens": 128},
+         "medium": {"needle_words": (750, 1500), "depths": (0.1, 0.5, 0.9), "multikey": 2,
+                    "multikey_words": 1000, "continuations": 2, "context_tokens": 1024, "cont_tokens": 128},
          "quick": {"needle_words": (250,), "depths": (0.5,), "multikey": 1, "multikey_words": 250,
                    "continuations": 1, "context_tokens": 256, "cont_tokens": 24}}
 
@@ -93,9 +95,9 @@ def evaluate(group: str, size: str, out_dir: str, plot: bool = True, as_json: bo
           f"{n_needle} needle prompts, {n_mk} multi-key prompts, {len(tasks['continuation'])} continuations "
           f"of {SIZES[size]['cont_tokens']} tokens.\n\n" + markdown_table(headers, rows))
     out = {"group": group, "size": size, "results": results}
-    write(out_dir, f"eval_{group}", out, md)
+    write(out_dir, f"eval_{group}_{size}", out, md)
     if plot:
-        _plot(results, f"{out_dir}/eval_{group}.png", group)
+        _plot(results, f"{out_dir}/eval_{group}_{size}.png", group)
     if not as_json:
         console.print(rich_table(f"quality ({group}, {size})", headers, rows))
     return out

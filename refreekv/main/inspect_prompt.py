@@ -79,7 +79,9 @@ def _plot(curves: dict, layers: list, config: ReFreeKVConfig, n: int, out_dir: s
     for i, curve in curves.items():
         a.plot(np.arange(1, n + 1), curve, color=cmap(i / max(1, len(curves) - 1)), lw=0.8)
     a.axhline(config.threshold, color="red", ls="--", lw=1, label=f"T = {config.threshold}")
-    a.set(xscale="log", yscale="symlog", xlabel="kept prefix length j (sinks, then newest first)",
+    a.set_yscale("symlog", linthresh=1e-3)  # linear near 0 (exact zeros), logarithmic around T
+    a.set_ylim(0, 1.05)
+    a.set(xscale="log", xlabel="kept prefix length j (sinks, then newest first)",
           ylabel="norm ratio 1 - ||kept|| / ||full||", title="norm-ratio curve per layer (colour = layer)")
     a.legend()
     b.bar([x["layer"] for x in layers], [x["kept"] for x in layers],
