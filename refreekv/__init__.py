@@ -14,6 +14,7 @@ from .api import (
     attention_rows,
     compress_layer,
     evict,
+    evict_plan,
     fixed_budget_cut,
     h2o_scores,
     kept_positions,
@@ -33,6 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "BudgetReport", "CompressedLayer", "LayerPlan", "LayerReport", "ReFreeKVConfig", "ReFreeKVError",
     "attention_ranking", "attention_row", "attention_rows", "builtin_backend", "compress_layer",
-    "evict", "fixed_budget_cut", "get_backend", "h2o_scores", "kept_positions", "norm_ratio_curve",
+    "evict", "evict_plan", "fixed_budget_cut", "get_backend", "h2o_scores", "kept_positions", "norm_ratio_curve",
     "plan_layer", "position_ranking", "register_backend", "snapkv_scores", "threshold_cut",
 ]

@@ -251,6 +251,15 @@ def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None,
     return LayerPlan(a, order, ratio, cut.astype(np.int64), idx, valid, n_b.astype(np.int64), runs)
 
 
+def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Array]:
+    """Evict what ``plan`` keeps, the fastest valid way: two slices when the kept set is two
+    runs (position ranking, one sample), else one gather. (B, Hkv, J, d) x2."""
+    be = v.backend_of(keys, "keys")
+    if plan.runs is not None:
+        return _step(be, "evict_runs")(keys, values, *plan.runs)
+    return _step(be, "evict")(keys, values, plan.idx)
+
+
 class CompressedLayer(NamedTuple):
     """What ``compress_layer`` returns: keys/values (B, Hkv, J, d), ``valid`` (B, J) bool saying
     which slots hold a kept token (None when nothing was evicted), and the report."""
@@ -291,10 +300,7 @@ def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVCo
     plan = plan_layer(q, keys, cfg, values=values, start=host, scale=scale)
     if (plan.cut == n).all():
         return unchanged("the cut keeps every token")
-    if plan.runs is not None:
-        k2, v2 = _step(be, "evict_runs")(keys, values, *plan.runs)
-    else:
-        k2, v2 = _step(be, "evict")(keys, values, plan.idx)
+    k2, v2 = evict_plan(keys, values, plan)
     report = LayerReport(layer if layer is not None else -1, True, "", n_b, plan.cut.tolist(),
                          before, be.nbytes(k2) + be.nbytes(v2), time.perf_counter() - t0)
     return CompressedLayer(k2, v2, plan.valid, report)

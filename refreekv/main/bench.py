@@ -99,7 +99,7 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
             plan = refreekv.plan_layer(q, K, config, scale=m.scaling)
             J = int(plan.cut.max())
             plan_s += _median_s(lambda: refreekv.plan_layer(q, K, config, scale=m.scaling), repeat)
-            evict_s += _median_s(lambda: refreekv.evict(K, V, plan.idx), repeat)
+            evict_s += _median_s(lambda: refreekv.evict_plan(K, V, plan), repeat)  # what compress_layer runs
             copy_s += _median_s(lambda: (K[:, :, n - J:].clone(), V[:, :, n - J:].clone()), repeat)
 
         def decode(c):
