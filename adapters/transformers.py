@@ -180,10 +180,6 @@ class ReFreeKVCache(DynamicCache):
         n = [int(k.shape[-2])] * k.shape[0]
         self.report.layers.append(LayerReport(idx, False, reason, n, n, size, size, 0.0))
 
-    def kept_tokens(self) -> list[list[int]]:
-        """Per layer, tokens kept per sample (from the report)."""
-        return [r.kept for r in self.report.layers]
-
 
 def _left_padding(mask: torch.Tensor | None, n: int, batch: int) -> list[int]:
     """Per-sample left padding, read from the last prompt token's mask row."""
