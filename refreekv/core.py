@@ -142,6 +142,10 @@ def norm_ratio_curve(be: Backend, a: Array, order: Array, sinks: int, norm_scope
         n_b = n - start
         m_b = be.minimum(n_b, be.full((1,), sinks, like=n_b))
         ranked = be.where(j[None, None, :] < m_b[:, None, None], 0.0, ranked)  # sinks lead every ranking
+    # The ratio is unchanged by one scale factor shared by all heads of a sample; dividing by the
+    # sample's largest score keeps tiny scores (< 1e-19) from squaring to 0 in float32.
+    top = be.amax(be.amax(ranked, axis=-1, keepdims=True), axis=1, keepdims=True)  # (B, 1, 1)
+    ranked = ranked / be.where(top > 0, top, 1.0)
     kept = be.mean(be.sqrt(be.cumsum(ranked * ranked, axis=-1)), axis=1)  # (B, n)
     full = kept[:, n - 1:]  # padding ranks last with score 0, so the last prefix is the full norm
     safe = be.where(full > 0, full, 1.0)
