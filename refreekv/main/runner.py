@@ -7,7 +7,7 @@ of the paper are the same machinery with another ranking and a fixed halting rul
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,7 +56,6 @@ class Run:
     compress_s: float = 0.0
     decode_s: float = 0.0
     new_tokens: int = 0
-    kept: list[int] = field(default_factory=list)
 
 
 def _kv_bytes(cache) -> int:
@@ -71,7 +70,6 @@ def answer(model, tok, prompt: str, config: ReFreeKVConfig | None, max_new_token
     from refreekv.adapters.transformers import ReFreeKVCache, cache_kwarg, refreekv_hooks
 
     ids = tok([prompt], return_tensors="pt")
-    n = ids["input_ids"].shape[1]
     cache = DynamicCache(config=model.config) if config is None else ReFreeKVCache(model, config)
     key = cache_kwarg(model)
     with refreekv_hooks(model):
@@ -91,11 +89,9 @@ def answer(model, tok, prompt: str, config: ReFreeKVConfig | None, max_new_token
             nxt = logits.argmax(-1, keepdim=True)
         decode = time.perf_counter() - t
     report = getattr(cache, "report", None)
-    layers = model.config.num_hidden_layers
     return Run(text=tok.decode(tokens, skip_special_tokens=True), budget=report.budget[0] if report else 1.0,
                kv_bytes_full=report.bytes_before if report else held, kv_bytes=held, prefill_s=prefill,
-               compress_s=report.seconds if report else 0.0, decode_s=decode, new_tokens=len(tokens),
-               kept=[r.kept[0] for r in report.layers] if report else [n] * layers)
+               compress_s=report.seconds if report else 0.0, decode_s=decode, new_tokens=len(tokens))
 
 
 @torch.no_grad()
