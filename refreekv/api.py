@@ -209,16 +209,25 @@ def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None,
     be = v.backend_of(keys, "keys")
     q = v.q_rows_4d(be, q_rows)
     v.layer_inputs(be, q, keys, values)
+    host = v.start_host(be, start, be.shape(q)[0], be.shape(keys)[2])
+    return _plan(be, q, keys, values, cfg, host, scale)
+
+
+def _plan(be: Backend, q: Array, keys: Array, values: Array | None, cfg: ReFreeKVConfig,
+          host: np.ndarray, scale: float | None) -> LayerPlan:
+    """``plan_layer`` on inputs already validated (``compress_layer`` validates once)."""
     B, H, k, _ = be.shape(q)
     _, Hkv, n, _ = be.shape(keys)
-    host, st = v.start_offsets(be, start, B, n, keys)
+    st = be.from_numpy(host, "int64", like=keys)
     n_b = n - host
     need = max(cfg.rows_needed(int(x)) for x in n_b)
     if k < need:
         raise bad_input("q_rows", f"{k} query rows", f"at least {need} for ranking={cfg.ranking!r}, "
                         f"query_rows={cfg.query_rows!r} and n = {n}")
-    rows = be.from_numpy(np.array([cfg.rows_for(int(x)) for x in n_b], np.int64), "int64", like=st)
-    a = _step(be, "attention_row")(q, keys, st, rows, scale)
+    used = np.array([cfg.rows_for(int(x)) for x in n_b], np.int64)
+    # Only the last row counts when every sample uses one: score it alone (same a, fewer ops).
+    q_a = q[:, :, k - 1:, ...] if k > 1 and (used == 1).all() else q
+    a = _step(be, "attention_row")(q_a, keys, st, be.from_numpy(used, "int64", like=st), scale)
     if cfg.ranking == "position":
         order = _step(be, "position_ranking")(B, Hkv, n, cfg.sinks, st)
     else:
@@ -297,7 +306,7 @@ def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVCo
         return unchanged("retained layer")
     if max(n_b) <= cfg.sinks + 1:
         return unchanged(f"prompt too short (n <= sinks + 1 = {cfg.sinks + 1})")
-    plan = plan_layer(q, keys, cfg, values=values, start=host, scale=scale)
+    plan = _plan(be, q, keys, values, cfg, host, scale)
     if (plan.cut == n).all():
         return unchanged("the cut keeps every token")
     k2, v2 = evict_plan(keys, values, plan)

@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--mlx-lengths", type=_ints, default=[256, 512], help="MLX CPU prompt lengths ('' to skip)")
     b.add_argument("--decode-tokens", type=int, default=32)
     b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--device", default="cpu", help="torch device of the real-model rows: cpu (default), cuda, cuda:N")
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="real-model weights and KV dtype (default float32)")
     return p
 
 
@@ -116,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if min(a.lengths + a.synthetic + a.mlx_lengths, default=1) < 8:
                 p.error("--lengths/--synthetic/--mlx-lengths: received a length below 8; expected prompt lengths >= 8")
-            result = run_bench(a.lengths, a.synthetic, a.mlx_lengths, a.decode_tokens, a.repeat, a.out, a.json)
+            if a.device != "cpu":
+                import torch
+
+                if not (a.device.startswith("cuda") and torch.cuda.is_available()):
+                    p.error(f"--device: received {a.device!r}; expected cpu, or cuda[:N] on a machine with CUDA "
+                            f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
+            result = run_bench(a.lengths, a.synthetic, a.mlx_lengths, a.decode_tokens, a.repeat, a.out, a.json,
+                               a.device, a.dtype)
     except ReFreeKVError as err:
         p.error(str(err))
     if a.json:

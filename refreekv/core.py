@@ -38,11 +38,14 @@ def attention_rows(be: Backend, q_rows: Array, keys: Array, start: Array, rows: 
     logits = be.matmul(q, be.swap_last(be.astype(keys, ct))) * scale
     logits = be.reshape(logits, (B, H, k, n))
     pos = be.arange(n, like=start)
-    i = be.arange(k, like=start)
-    qpos = i + (n - k)
-    row_used = (qpos[None, :] >= start[:, None]) & (i[None, :] >= (k - rows)[:, None])  # (B, k)
-    visible = ((pos[None, None, :] >= start[:, None, None])
-               & (pos[None, None, :] <= qpos[None, :, None]) & row_used[:, :, None])[:, None, ...]
+    if k == 1:  # the default: the last token sees every real position (fewer small ops)
+        visible = ((pos[None, :] >= start[:, None]) & (rows >= 1)[:, None])[:, None, None, :]
+    else:
+        i = be.arange(k, like=start)
+        qpos = i + (n - k)
+        row_used = (qpos[None, :] >= start[:, None]) & (i[None, :] >= (k - rows)[:, None])  # (B, k)
+        visible = ((pos[None, None, :] >= start[:, None, None])
+                   & (pos[None, None, :] <= qpos[None, :, None]) & row_used[:, :, None])[:, None, ...]
     logits = be.where(visible, logits, NEG_INF)
     top = be.amax(logits, axis=-1, keepdims=True)
     top = be.where(top == NEG_INF, 0.0, top)  # an unused row has no visible key: keep it all 0
@@ -56,6 +59,9 @@ def attention_row(be: Backend, q_rows: Array, keys: Array, start: Array, rows: A
     """ReFreeKV's score row a (B, H, n): paper Eq. 2, the k rows' sum over each column divided
     by the number of rows that see that column (k = 1: the last token's attention row)."""
     A, visible = attention_rows(be, q_rows, keys, start, rows, scale)
+    B, H, k, n = be.shape(A)
+    if k == 1:  # one row: each visible column is seen once, so a is that row
+        return be.reshape(A, (B, H, n))
     count = be.sum(be.astype(visible, be.dtype_name(A)), axis=2)  # (B, 1, n)
     return be.sum(A, axis=2) / be.maximum(count, be.full((1,), 1.0, like=count))
 

@@ -23,6 +23,7 @@ def run_json(capsys, *argv) -> dict:
     (["demo", "--retained-layers", "0,99"], "retained_layers: received (0, 99); expected indices below the model's number of layers (30)"),
     (["bench", "--lengths", "1k"], "received '1k'; expected comma-separated integers"),
     (["bench", "--lengths", "4"], "--lengths/--synthetic/--mlx-lengths: received a length below 8"),
+    (["bench", "--device", "tpu"], "--device: received 'tpu'; expected cpu, or cuda[:N] on a machine with CUDA"),
     (["inspect", "--file", "/nonexistent.txt"], "--file: received '/nonexistent.txt'; expected an existing text file"),
     (["inspect", "  "], "text: received an empty prompt"),
     (["eval", "--methods", "everything"], "invalid choice: 'everything'"),
@@ -85,6 +86,8 @@ def test_bench_tiny(capsys, tmp_path):
     (row,) = out["model"]
     assert row["n"] == 256 and row["kv_bytes_refreekv"] < row["kv_bytes_full"]
     assert abs(row["bytes_ratio"] - row["budget"]) < 1e-9  # bytes held = budget x full bytes
+    assert out["device"] == "cpu" and row["overhead_ms"] == row["hook_ms"] > 0  # on CPU the hooks' own time
+    assert row["peak_mb_refreekv"] > 0 and row["peak_mb_full"] > 0
     assert {r["backend"] for r in out["planning_synthetic"]} >= {"numpy", "torch-cpu"}
     assert set(out["targets"][0]) == {"n", "overhead < 1% of prefill (n >= 2k)", "evict within 2x of a plain copy",
                                       "KV bytes = budget x full bytes", "decode not slower than full"}

