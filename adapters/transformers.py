@@ -160,12 +160,12 @@ class ReFreeKVCache(DynamicCache):
     def defer(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               mask: torch.Tensor | None) -> None:
         """Keep what layer ``module.layer_idx`` needs for ReFreeKV (its last prompt rows and the
-        padding) and compress every layer once the last one has been prefilled.
+        padding) and, once the last layer has been prefilled, compress every layer together.
 
-        Why wait: the layers' small steps then run back to back with warm CPU caches, which
-        measured about 1.5x faster than running each between two layers of the model (prefill
-        leaves the caches cold). The full cache is held until the end of prefill either way:
-        every layer's K/V exists once the last layer has run.
+        Why wait: ``compress_layers`` then plans all layers with one sequence of small array
+        operations and one host read, instead of one per layer run between two layers of the
+        model (where, on a CPU, they also found the caches cold). The full cache exists until
+        the end of prefill either way: every layer's K/V is there once the last layer has run.
         """
         t0 = time.perf_counter()
         idx = module.layer_idx
@@ -175,7 +175,7 @@ class ReFreeKVCache(DynamicCache):
             B, _, n, _ = layer.keys.shape
             if self._mask_start is None or self._mask_start[0] is not mask:  # layers share one mask
                 self._mask_start = (mask, _left_padding(mask, n, B))
-            # A retained layer needs no queries: the last row is enough for compress_layer's report.
+            # A retained layer needs no queries: the last row is enough for compress_layers' report.
             rows = 1 if self.refreekv_config.is_retained(idx) else self.refreekv_config.rows_needed(n)
             saved = (hidden[:, -rows:].clone(), cos[:, -rows:].clone(), sin[:, -rows:].clone())
             self._pending.append((module, saved, self._mask_start[1], time.perf_counter() - t0))
@@ -184,24 +184,33 @@ class ReFreeKVCache(DynamicCache):
         if idx == self.last_layer:
             self._mask_start = None
             pending, self._pending = self._pending, []
-            for module, saved, start, spent in pending:
-                self.compress(module, *saved, start, spent)
-            self.report.layers.sort(key=lambda r: r.layer)  # sliding-window layers were reported first
+            self.compress(pending)
 
-    def compress(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 start: list[int], spent: float = 0.0) -> None:
-        """ReFreeKV on layer ``module.layer_idx``, whose prompt K/V the cache holds."""
-        t0 = time.perf_counter()
-        idx = module.layer_idx
-        layer = self.layers[idx]
-        q = _queries(module, hidden, cos, sin)
-        n = layer.keys.shape[-2]
-        out = refreekv.compress_layer(q, layer.keys, layer.values, self.refreekv_config, layer=idx, start=start,
-                                      scale=module.scaling)
-        if out.valid is not None:
-            layer.store_compressed(out.keys, out.values, out.valid, n)
-        out.report.seconds = spent + time.perf_counter() - t0  # all of it: capture, queries, plan, eviction
-        self.report.layers.append(out.report)
+    def compress(self, pending: list[tuple]) -> None:
+        """ReFreeKV on the prefilled layers in ``pending``, planned together (per group of equal
+        shapes; one group in the usual model). Each layer's report time is its share of the
+        planning, plus its eviction, its query recompute and its capture in the hook."""
+        groups: dict[tuple, list[tuple]] = {}
+        for item in pending:
+            module, (hidden, _, _), start, _ = item
+            K = self.layers[module.layer_idx].keys
+            key = (tuple(K.shape), K.dtype, tuple(hidden.shape), module.head_dim, tuple(start))
+            groups.setdefault(key, []).append(item)
+        for items in groups.values():
+            t0 = time.perf_counter()
+            qs = [_queries(m, *saved) for m, saved, _, _ in items]
+            q_s = (time.perf_counter() - t0) / len(items)
+            layers = [self.layers[m.layer_idx] for m, _, _, _ in items]
+            outs = refreekv.compress_layers(
+                qs, [lay.keys for lay in layers], [lay.values for lay in layers], self.refreekv_config,
+                layers=[m.layer_idx for m, _, _, _ in items], start=items[0][2],
+                scale=[m.scaling for m, _, _, _ in items])
+            for (module, _, _, spent), layer, out in zip(items, layers, outs):
+                if out.valid is not None:
+                    layer.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])
+                out.report.seconds += spent + q_s
+                self.report.layers.append(out.report)
+        self.report.layers.sort(key=lambda r: r.layer)  # sliding-window layers were reported first
 
     def _record_skip(self, idx: int, layer, reason: str) -> None:
         k = layer.keys

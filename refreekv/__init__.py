@@ -13,6 +13,7 @@ from .api import (
     attention_row,
     attention_rows,
     compress_layer,
+    compress_layers,
     evict,
     evict_plan,
     fixed_budget_cut,
@@ -20,6 +21,7 @@ from .api import (
     kept_positions,
     norm_ratio_curve,
     plan_layer,
+    plan_layers,
     position_ranking,
     snapkv_scores,
     threshold_cut,
@@ -33,7 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "BudgetReport", "CompressedLayer", "LayerPlan", "LayerReport", "ReFreeKVConfig", "ReFreeKVError",
-    "attention_ranking", "attention_row", "attention_rows", "builtin_backend", "compress_layer",
+    "attention_ranking", "attention_row", "attention_rows", "builtin_backend", "compress_layer", "compress_layers",
     "evict", "evict_plan", "fixed_budget_cut", "get_backend", "h2o_scores", "kept_positions", "norm_ratio_curve",
-    "plan_layer", "position_ranking", "register_backend", "snapkv_scores", "threshold_cut",
+    "plan_layer", "plan_layers", "position_ranking", "register_backend", "snapkv_scores", "threshold_cut",
 ]

@@ -213,51 +213,129 @@ def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None,
     return _plan(be, q, keys, values, cfg, host, scale)
 
 
+def _layers_inputs(q_rows, keys, values, scale):
+    """Validate several layers of one prompt: same backend, same shapes in every layer."""
+    if not isinstance(keys, (list, tuple)) or not keys:
+        raise bad_input("keys", f"type {type(keys).__name__}", "a non-empty list of (B, Hkv, n, d) arrays, one per layer")
+    L = len(keys)
+    if not isinstance(q_rows, (list, tuple)) or len(q_rows) != L:
+        raise bad_input("q_rows", f"type {type(q_rows).__name__}" if not isinstance(q_rows, (list, tuple))
+                        else f"{len(q_rows)} layers", f"a list of {L} query arrays, one per layer of keys")
+    if values is not None and (not isinstance(values, (list, tuple)) or len(values) != L):
+        raise bad_input("values", f"type {type(values).__name__}" if not isinstance(values, (list, tuple))
+                        else f"{len(values)} layers", f"None or a list of {L} arrays, one per layer of keys")
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * L
+    if len(scales) != L:
+        raise bad_input("scale", f"{len(scales)} values", f"one float, or a list of {L} (one per layer)")
+    be = v.backend_of(keys[0], "keys")
+    qs = []
+    for i in range(L):
+        if v.backend_of(keys[i], "keys") is not be:
+            raise bad_input("keys", f"layer {i} of another array type ({type(keys[i]).__name__})",
+                            "every layer's arrays from one framework")
+        q = v.q_rows_4d(be, q_rows[i])
+        v.layer_inputs(be, q, keys[i], None if values is None else values[i])
+        if qs and (be.shape(q) != be.shape(qs[0]) or be.shape(keys[i]) != be.shape(keys[0])):
+            raise bad_input("keys", f"layer {i} with q_rows {be.shape(q)} and keys {be.shape(keys[i])}",
+                            f"the shapes of layer 0, {be.shape(qs[0])} and {be.shape(keys[0])} (one prompt)")
+        qs.append(q)
+    vals = [None] * L if values is None else list(values)
+    return be, qs, list(keys), vals, scales
+
+
+def plan_layers(q_rows: list, keys: list, config: ReFreeKVConfig | None = None, *, values: list | None = None,
+                start=None, scale=None) -> list[LayerPlan]:
+    """``plan_layer`` for several layers of one prompt at once: lists of per-layer arrays, all of the
+    same shapes (the full-attention layers of one model). ``scale``: one float or one per layer.
+
+    Each layer's plan equals ``plan_layer`` on that layer. The steps after scoring run once for all
+    layers, with one host read, so an engine that plans every layer after prefill pays the small
+    per-operation costs (Python, kernel launches, the sync) once instead of once per layer.
+    """
+    cfg = _config(config)
+    be, qs, ks, vs, scales = _layers_inputs(q_rows, keys, values, scale)
+    host = v.start_host(be, start, be.shape(qs[0])[0], be.shape(ks[0])[2])
+    return _plan_many(be, qs, ks, vs, cfg, host, scales)
+
+
 def _plan(be: Backend, q: Array, keys: Array, values: Array | None, cfg: ReFreeKVConfig,
           host: np.ndarray, scale: float | None) -> LayerPlan:
     """``plan_layer`` on inputs already validated (``compress_layer`` validates once)."""
-    B, H, k, _ = be.shape(q)
-    _, Hkv, n, _ = be.shape(keys)
-    st = be.from_numpy(host, "int64", like=keys)
+    return _plan_many(be, [q], [keys], [values], cfg, host, [scale])[0]
+
+
+def _plan_many(be: Backend, qs: list, keys: list, values: list, cfg: ReFreeKVConfig, host: np.ndarray,
+               scales: list) -> list[LayerPlan]:
+    """Plan L validated layers of one prompt, all of the same shapes.
+
+    Scores are computed layer by layer (each layer has its own keys). Everything after them runs
+    once for all layers, stacked along the batch axis as (layer, sample) rows: ranking, norm
+    ratios, cuts, and the one host read of all cuts and finiteness flags. Each row is computed
+    independently, so layer l's results are plan_layer's for that layer; only the number of
+    small array operations (and, on a GPU, of kernel launches and syncs) drops about L-fold.
+    """
+    L = len(qs)
+    B, H, k, _ = be.shape(qs[0])
+    _, Hkv, n, _ = be.shape(keys[0])
+    st = be.from_numpy(host, "int64", like=keys[0])
+    st_all = st if L == 1 else be.from_numpy(np.tile(host, L), "int64", like=keys[0])
     n_b = n - host
     need = max(cfg.rows_needed(int(x)) for x in n_b)
     if k < need:
         raise bad_input("q_rows", f"{k} query rows", f"at least {need} for ranking={cfg.ranking!r}, "
                         f"query_rows={cfg.query_rows!r} and n = {n}")
     used = np.array([cfg.rows_for(int(x)) for x in n_b], np.int64)
+    rows = be.from_numpy(used, "int64", like=st)
     # Only the last row counts when every sample uses one: score it alone (same a, fewer ops).
-    q_a = q[:, :, k - 1:, ...] if k > 1 and (used == 1).all() else q
-    a = _step(be, "attention_row")(q_a, keys, st, be.from_numpy(used, "int64", like=st), scale)
+    last_only = k > 1 and (used == 1).all()
+    stack = (lambda xs: xs[0]) if L == 1 else (lambda xs: be.concat(xs, axis=0))  # noqa: E731
+    a = stack([_step(be, "attention_row")(q[:, :, k - 1:, ...] if last_only else q, K, st, rows, sc)
+               for q, K, sc in zip(qs, keys, scales)])
     if cfg.ranking == "position":
-        order = _step(be, "position_ranking")(B, Hkv, n, cfg.sinks, st)
+        order = _step(be, "position_ranking")(L * B, Hkv, n, cfg.sinks, st_all)
     else:
         if cfg.ranking == "h2o":
-            scores = _step(be, "h2o_scores")(q, keys, st, be.from_numpy(n_b, "int64", like=st), scale)
+            n_dev = be.from_numpy(n_b, "int64", like=st)
+            scores = [_step(be, "h2o_scores")(q, K, st, n_dev, sc) for q, K, sc in zip(qs, keys, scales)]
         else:
-            scores = _step(be, "snapkv_scores")(q, keys, st, cfg.window, cfg.pool_kernel, scale)
-        order = _step(be, "attention_ranking")(scores, cfg.sinks, cfg.window, st)
-    ratio = _step(be, "norm_ratio_curve")(a, order, cfg.sinks, cfg.norm_scope, st)
-    checked = {"q_rows": q, "keys": keys} | ({} if values is None else {"values": values})
+            scores = [_step(be, "snapkv_scores")(q, K, st, cfg.window, cfg.pool_kernel, sc)
+                      for q, K, sc in zip(qs, keys, scales)]
+        order = _step(be, "attention_ranking")(stack(scores), cfg.sinks, cfg.window, st_all)
+    ratio = _step(be, "norm_ratio_curve")(a, order, cfg.sinks, cfg.norm_scope, st_all)
+    checked = {}
+    for i, (q, K, V) in enumerate(zip(qs, keys, values)):
+        tag = "" if L == 1 else f"[{i}]"  # which layer, in an error message
+        checked |= {f"q_rows{tag}": q, f"keys{tag}": K} | ({} if V is None else {f"values{tag}": V})
     names, flags = v.finite_flags(be, checked)
     flags = [be.reshape(f, (1,)) for f in flags]
+    host_all = np.tile(host, L)
     if cfg.halting == "threshold":
-        cut_dev = _step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st)
+        cut_dev = _step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st_all)
         packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64")] + flags, axis=0))  # the one read
-        cut, ok = packed[:B], packed[B:]
+        cut, ok = packed[:L * B], packed[L * B:]
     else:
         ok = be.to_numpy(be.concat(flags, axis=0))
-        cut = fixed_budget_cut(B, n, halting=cfg.halting, budget=cfg.budget, sinks=cfg.sinks, start=host)
+        cut = fixed_budget_cut(L * B, n, halting=cfg.halting, budget=cfg.budget, sinks=cfg.sinks, start=host_all)
         cut_dev = be.from_numpy(cut, "int64", like=st)
     v.raise_non_finite(names, ok)
+    J = int(cut.max())
     if cfg.ranking == "position":
-        idx, valid = _step(be, "position_kept_positions")(st, cut_dev, cfg.sinks, n, Hkv, int(cut.max()))
+        idx, valid = _step(be, "position_kept_positions")(st_all, cut_dev, cfg.sinks, n, Hkv, J)
     else:
-        idx, valid = _step(be, "kept_positions")(order, cut_dev, int(cut.max()))
-    runs = None
-    if cfg.ranking == "position" and B == 1:
-        m = min(cfg.sinks, int(n_b[0]))
-        runs = (int(host[0]), m, int(cut[0]) - m)
-    return LayerPlan(a, order, ratio, cut.astype(np.int64), idx, valid, n_b.astype(np.int64), runs)
+        idx, valid = _step(be, "kept_positions")(order, cut_dev, J)
+    plans = []
+    for i in range(L):
+        rows_i = slice(i * B, (i + 1) * B)
+        c = cut[rows_i].astype(np.int64)
+        J_i = int(c.max())  # a layer's slots are padded to its own largest cut, as plan_layer does
+        runs = None
+        if cfg.ranking == "position" and B == 1:
+            m = min(cfg.sinks, int(n_b[0]))
+            runs = (int(host[0]), m, int(c[0]) - m)
+        one = (lambda x, r=rows_i: x) if L == 1 else (lambda x, r=rows_i: x[r, ...])  # noqa: E731
+        plans.append(LayerPlan(one(a), one(order), one(ratio), c, one(idx)[..., :J_i],
+                               one(valid)[..., :J_i], n_b.astype(np.int64), runs))
+    return plans
 
 
 def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Array]:
@@ -288,28 +366,53 @@ def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVCo
     (n_b <= sinks + 1), or when the cut keeps every token. With a batch, J = max kept count;
     a shorter sample's extra slots hold position n - 1 and are False in ``valid``.
     """
+    return compress_layers([q_rows], [keys], [values], config, layers=None if layer is None else [layer],
+                           start=start, scale=scale)[0]
+
+
+def compress_layers(q_rows: list, keys: list, values: list, config: ReFreeKVConfig | None = None, *,
+                    layers: list[int] | None = None, start=None, scale=None) -> list[CompressedLayer]:
+    """``compress_layer`` for several layers of one prompt (same shapes in every layer), planned
+    together by ``plan_layers``: one host read for all of them. ``layers`` holds their indices in the
+    model (for ``retained_layers`` and the reports). A layer's ``report.seconds`` is its share of
+    the joint planning (split evenly) plus its own eviction.
+    """
     t0 = time.perf_counter()
     cfg = _config(config)
-    be = v.backend_of(keys, "keys")
-    q = v.q_rows_4d(be, q_rows)
-    v.layer_inputs(be, q, keys, values)
-    B, _, n, _ = be.shape(keys)
+    if values is None:
+        raise bad_input("values", "None", "a list of (B, Hkv, n, d_v) arrays, one per layer")
+    be, qs, ks, vs, scales = _layers_inputs(q_rows, keys, values, scale)
+    if layers is not None and (not isinstance(layers, (list, tuple)) or len(layers) != len(ks)):
+        raise bad_input("layers", repr(layers), f"None or {len(ks)} layer indices, one per layer")
+    index = [-1] * len(ks) if layers is None else [_positive_int(i, "layers") for i in layers]
+    B, _, n, _ = be.shape(ks[0])
     host = v.start_host(be, start, B, n)
     n_b = (n - host).tolist()
-    before = be.nbytes(keys) + be.nbytes(values)
+    out: list[CompressedLayer | None] = [None] * len(ks)
 
-    def unchanged(reason: str) -> CompressedLayer:
-        return CompressedLayer(keys, values, None, LayerReport(
-            layer if layer is not None else -1, False, reason, n_b, n_b, before, before, time.perf_counter() - t0))
+    def unchanged(i: int, reason: str, seconds: float) -> CompressedLayer:
+        size = be.nbytes(ks[i]) + be.nbytes(vs[i])
+        return CompressedLayer(ks[i], vs[i], None, LayerReport(index[i], False, reason, n_b, n_b, size, size, seconds))
 
-    if layer is not None and cfg.is_retained(layer):
-        return unchanged("retained layer")
-    if max(n_b) <= cfg.sinks + 1:
-        return unchanged(f"prompt too short (n <= sinks + 1 = {cfg.sinks + 1})")
-    plan = _plan(be, q, keys, values, cfg, host, scale)
-    if (plan.cut == n).all():
-        return unchanged("the cut keeps every token")
-    k2, v2 = evict_plan(keys, values, plan)
-    report = LayerReport(layer if layer is not None else -1, True, "", n_b, plan.cut.tolist(),
-                         before, be.nbytes(k2) + be.nbytes(v2), time.perf_counter() - t0)
-    return CompressedLayer(k2, v2, plan.valid, report)
+    todo = []
+    for i in range(len(ks)):
+        if layers is not None and cfg.is_retained(index[i]):
+            out[i] = unchanged(i, "retained layer", 0.0)
+        elif max(n_b) <= cfg.sinks + 1:
+            out[i] = unchanged(i, f"prompt too short (n <= sinks + 1 = {cfg.sinks + 1})", 0.0)
+        else:
+            todo.append(i)
+    if todo:
+        plans = _plan_many(be, [qs[i] for i in todo], [ks[i] for i in todo], [vs[i] for i in todo], cfg, host,
+                           [scales[i] for i in todo])
+        share = (time.perf_counter() - t0) / len(todo)
+        for i, plan in zip(todo, plans):
+            t1 = time.perf_counter()
+            if (plan.cut == n).all():
+                out[i] = unchanged(i, "the cut keeps every token", share)
+                continue
+            k2, v2 = evict_plan(ks[i], vs[i], plan)
+            out[i] = CompressedLayer(k2, v2, plan.valid, LayerReport(
+                index[i], True, "", n_b, plan.cut.tolist(), be.nbytes(ks[i]) + be.nbytes(vs[i]),
+                be.nbytes(k2) + be.nbytes(v2), share + time.perf_counter() - t1))
+    return out

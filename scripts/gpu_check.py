@@ -4,7 +4,7 @@
 
 1. The conformance suite on CUDA tensors (float32, float16, bfloat16), ci profile.
 2. Device hygiene: outputs stay on the GPU; CUDA sync-debug mode counts the host syncs of one
-   plan_layer call (expected: 1, the read of the cuts).
+   plan_layer call and of one plan_layers call on 8 layers (expected: 1 each, the read of the cuts).
 3. A tiny random Llama on CUDA through transformers generate: T = 0 gives the full-cache tokens
    (float32 and bfloat16) and the default T shrinks the cache.
 4. A timing table: planning (plan_layer) and eviction on synthetic Llama3-8B shapes (H = 32,
@@ -50,10 +50,18 @@ def hygiene() -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = refreekv.plan_layer(q, K, values=V, start=[0, 100])
-    torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    layers = 8  # plan_layers: still one read (one sync) for all the layers together
+    refreekv.plan_layers([q] * layers, [K] * layers, values=[V] * layers, start=[0, 100])
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refreekv.plan_layers([q] * layers, [K] * layers, values=[V] * layers, start=[0, 100])
+    torch.cuda.set_sync_debug_mode("default")
+    syncs_many = [w for w in caught if "synchroniz" in str(w.message).lower()]
     out = refreekv.compress_layer(q, K, V, start=[0, 100], layer=5)
     return {"syncs_in_plan_layer": len(syncs), "sync_messages": syncs[:4],
+            f"syncs_in_plan_layers_{layers}_layers": len(syncs_many),
             "devices": sorted({t.device.type for t in (plan.a, plan.order, plan.ratio, plan.idx, plan.valid,
                                                         out.keys, out.values, out.valid)})}
 

@@ -83,6 +83,7 @@ def test_default_threshold_shrinks_cache_to_the_reference_budget(smol, prompt):
         model(**prompt, cache=cache)  # prefill only
     n = prompt["input_ids"].shape[1]
     captured = _capture_queries_and_keys(model, prompt)
+    assert len(cache.report.layers) == len(captured) == 30  # every layer, once, in layer order
     for i, ((q, K), rep, layer) in enumerate(zip(captured, cache.report.layers, cache.layers)):
         assert rep.layer == i
         held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()

@@ -228,18 +228,14 @@ def check_kept_and_evict(target: Target, case: LayerCase, dtype: str) -> None:
     _equal("evict values", target, dtype, case, wv, target.numpy(v2))
 
 
-def check_plan(target: Target, case: LayerCase, dtype: str) -> None:
-    """The composed layer: plan_layer and compress_layer against the reference."""
-    (q, K, V), (qn, Kn, Vn) = inputs(target, case, dtype)
-    c, st, tol = case.config, list(case.start), tolerance(dtype)
-    with target.active():
-        plan = refreekv.plan_layer(q, K, c, values=V, start=st)
-        k2, v2, valid, report = refreekv.compress_layer(q, K, V, c, layer=5, start=st)
+def _plan_vs_reference(target: Target, dtype: str, case: LayerCase, plan, qn, Kn, what: str = "plan") -> np.ndarray:
+    """One LayerPlan against the reference plan of (qn, Kn); returns the reference's kept idx."""
+    c, tol = case.config, tolerance(dtype)
     want = ref.plan_layer(qn, Kn, c, start=case.start)
-    _close("plan a", target, dtype, case, want["a"], target.numpy(plan.a), atol=tol.score_atol, rtol=tol.score_rtol)
+    _close(f"{what} a", target, dtype, case, want["a"], target.numpy(plan.a), atol=tol.score_atol, rtol=tol.score_rtol)
     order = target.numpy(plan.order)
     if c.ranking == "position":
-        _equal("plan order", target, dtype, case, want["order"], order)
+        _equal(f"{what} order", target, dtype, case, want["order"], order)
     else:
         scores = (ref.h2o_scores(qn, Kn, start=case.start) if c.ranking == "h2o" else
                   ref.snapkv_scores(qn, Kn, window=c.window, pool_kernel=c.pool_kernel, start=case.start))
@@ -247,33 +243,62 @@ def check_plan(target: Target, case: LayerCase, dtype: str) -> None:
         _check_order(target, dtype, case, order, want["order"], scores, tol_abs, case.start, c.sinks, c.window)
     # The reference curve along the backend's own (valid) order decides which cuts are right.
     r = ref.norm_ratio_curve(want["a"], order, sinks=c.sinks, norm_scope=c.norm_scope, start=case.start)
-    _close("plan ratio", target, dtype, case, r, target.numpy(plan.ratio), atol=tol.ratio_atol, rtol=0)
+    _close(f"{what} ratio", target, dtype, case, r, target.numpy(plan.ratio), atol=tol.ratio_atol, rtol=0)
     for b, s in enumerate(case.start):
         if c.halting == "threshold":
             lo, hi = valid_cut_range(r[b], c.threshold, tol.ratio_atol, c.sinks, case.n - s)
         else:
             lo = hi = int(want["cut"][b])
         if not lo <= plan.cut[b] <= hi:
-            _fail("plan cut", target, dtype, case, f"{lo}" if lo == hi else f"one of {lo}..{hi}",
+            _fail(f"{what} cut", target, dtype, case, f"{lo}" if lo == hi else f"one of {lo}..{hi}",
                   int(plan.cut[b]), f"sample {b}; reference ratio near the cut: {r[b, max(0, lo - 3):hi + 2].tolist()}")
     want_idx, want_valid = ref.kept_positions(order, plan.cut)
-    _equal("plan kept positions", target, dtype, case, want_idx, target.numpy(plan.idx))
-    _equal("plan valid slots", target, dtype, case, want_valid, target.numpy(plan.valid))
-    _equal("compress_layer kept", target, dtype, case, plan.cut, np.asarray(report.kept))
+    _equal(f"{what} kept positions", target, dtype, case, want_idx, target.numpy(plan.idx))
+    _equal(f"{what} valid slots", target, dtype, case, want_valid, target.numpy(plan.valid))
+    return want_idx
+
+
+def _compressed_vs_reference(target: Target, dtype: str, case: LayerCase, plan, out, Kn, Vn, want_idx,
+                             what: str = "compress_layer") -> None:
+    """What compress_layer(s) returned for a layer, against the reference eviction of ``plan``."""
+    c = case.config
+    k2, v2, valid, report = out
+    _equal(f"{what} kept", target, dtype, case, plan.cut, np.asarray(report.kept))
     n_b = [case.n - s for s in case.start]
     if report.compressed:
         wk, wv = ref.evict(Kn, Vn, want_idx)
-        _equal("compress_layer valid slots", target, dtype, case, want_valid, target.numpy(valid))
-        _equal("compressed keys", target, dtype, case, wk, target.numpy(k2))
-        _equal("compressed values", target, dtype, case, wv, target.numpy(v2))
+        _equal(f"{what} valid slots", target, dtype, case, target.numpy(plan.valid), target.numpy(valid))
+        _equal(f"{what} keys", target, dtype, case, wk, target.numpy(k2))
+        _equal(f"{what} values", target, dtype, case, wv, target.numpy(v2))
         J = int(plan.cut.max())
     else:
         J = case.n
         if not (max(n_b) <= c.sinks + 1 or (plan.cut == case.n).all()):
-            _fail("compress_layer skipped", target, dtype, case, "compression", f"skipped: {report.reason}")
+            _fail(f"{what} skipped", target, dtype, case, "compression", f"skipped: {report.reason}")
     size = ref.kv_bytes(case.batch, case.kv_heads, J, case.d, ITEMSIZE[dtype])
-    _equal("report bytes_after", target, dtype, case, size, report.bytes_after)
-    _close("report budget", target, dtype, case, np.asarray(plan.cut) / np.asarray(n_b), report.budget, atol=0, rtol=0)
+    _equal(f"{what} report bytes_after", target, dtype, case, size, report.bytes_after)
+    _close(f"{what} report budget", target, dtype, case, np.asarray(plan.cut) / np.asarray(n_b), report.budget,
+           atol=0, rtol=0)
+
+
+def check_plan(target: Target, case: LayerCase, dtype: str) -> None:
+    """The composed layer: plan_layer and compress_layer against the reference, and the same for
+    two layers planned together (plan_layers, compress_layers): each layer as if alone."""
+    (q, K, V), (qn, Kn, Vn) = inputs(target, case, dtype)
+    c, st = case.config, list(case.start)
+    # A second layer of the same shapes with other scores: negated queries, keys reversed along d.
+    q2n, K2n, V2n = -qn, Kn[..., ::-1].copy(), Vn[..., ::-1].copy()
+    q2, K2, V2 = (target.array(x, dtype) for x in (q2n, K2n, V2n))
+    with target.active():
+        plan = refreekv.plan_layer(q, K, c, values=V, start=st)
+        one = refreekv.compress_layer(q, K, V, c, layer=5, start=st)
+        both = refreekv.plan_layers([q, q2], [K, K2], c, values=[V, V2], start=st)
+        pair = refreekv.compress_layers([q, q2], [K, K2], [V, V2], c, layers=[5, 6], start=st)
+    want_idx = _plan_vs_reference(target, dtype, case, plan, qn, Kn)
+    _compressed_vs_reference(target, dtype, case, plan, one, Kn, Vn, want_idx)
+    for i, (qi, Ki, Vi) in enumerate(((qn, Kn, Vn), (q2n, K2n, V2n))):
+        idx_i = _plan_vs_reference(target, dtype, case, both[i], qi, Ki, f"plan_layers[{i}]")
+        _compressed_vs_reference(target, dtype, case, both[i], pair[i], Ki, Vi, idx_i, f"compress_layers[{i}]")
 
 
 def check_batch_invariance(target: Target, case: LayerCase, dtype: str) -> None:
