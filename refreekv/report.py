@@ -17,7 +17,8 @@ class LayerReport:
         kept: tokens kept per sample.
         bytes_before / bytes_after: bytes of this layer's K plus V as stored, measured from the
             arrays (after >= the budget's share when a batch pads shorter samples).
-        seconds: wall time of planning plus eviction for this layer.
+        seconds: wall time of planning plus eviction for this layer (``compress_layers`` splits its
+            joint planning evenly over the layers it planned).
     """
 
     layer: int

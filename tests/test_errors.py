@@ -57,3 +57,36 @@ def test_short_prompts_are_returned_unchanged_with_a_reason():
     assert not report.compressed and report.reason == "prompt too short (n <= sinks + 1 = 5)"
     k2, _, _, report = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)
     assert not report.compressed and report.reason == "retained layer"
+
+
+def test_several_layers_are_checked_layer_by_layer():
+    q, K = np.zeros((1, 2, 1, 8)), np.zeros((1, 2, 10, 8))
+    with pytest.raises(ReFreeKVError, match=r"q_rows: received 1 layers; expected a list of 2 query arrays"):
+        refreekv.plan_layers([q], [K, K])
+    with pytest.raises(ReFreeKVError, match=r"keys: received layer 1 with q_rows \(1, 2, 1, 8\) and keys \(1, 2, 9, 8\)"):
+        refreekv.plan_layers([q, q], [K, K[:, :, 1:]])
+    with pytest.raises(ReFreeKVError, match=r"scale: received 3 values; expected one float, or a list of 2"):
+        refreekv.plan_layers([q, q], [K, K], scale=[1.0, 1.0, 1.0])
+    bad = K.copy()
+    bad[0, 0, 3, 0] = np.inf
+    with pytest.raises(ReFreeKVError, match=r"keys\[1\]: received NaN or infinite values"):  # names the layer
+        refreekv.plan_layers([q, q], [K, bad])
+    with pytest.raises(ReFreeKVError, match=r"layers: received \[3\]; expected None or 2 layer indices"):
+        refreekv.compress_layers([q, q], [K, K], [K, K], layers=[3])
+
+
+def test_layers_planned_together_equal_layers_planned_alone():
+    rng = np.random.default_rng(3)
+    qs = [rng.normal(size=(2, 4, 1, 8)) for _ in range(3)]
+    ks = [rng.normal(size=(2, 2, 40, 8)) * s for s in (0.5, 2.0, 4.0)]  # three different curves
+    vs = [rng.normal(size=(2, 2, 40, 8)) for _ in range(3)]
+    cfg = ReFreeKVConfig(threshold=0.05, sinks=2)
+    together = refreekv.compress_layers(qs, ks, vs, cfg, layers=[1, 4, 7], start=[0, 6])
+    assert not together[0].report.compressed and together[0].report.reason == "retained layer"
+    for i in (1, 2):
+        alone = refreekv.compress_layer(qs[i], ks[i], vs[i], cfg, layer=4, start=[0, 6])
+        assert together[i].report.kept == alone.report.kept
+        np.testing.assert_array_equal(together[i].keys, alone.keys)
+        np.testing.assert_array_equal(together[i].values, alone.values)
+        np.testing.assert_array_equal(together[i].valid, alone.valid)
+    assert len({tuple(t.report.kept) for t in together[1:]}) == 2  # the layers really got cuts of their own
