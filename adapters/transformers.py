@@ -196,7 +196,11 @@ class ReFreeKVCache(DynamicCache):
             K = self.layers[module.layer_idx].keys
             key = (tuple(K.shape), K.dtype, tuple(hidden.shape), module.head_dim, tuple(start))
             groups.setdefault(key, []).append(item)
+        chunks = []
         for items in groups.values():
+            size = _joint_layers(self.layers[items[0][0].layer_idx].keys, items[0][0]) or len(items)
+            chunks += [items[i:i + size] for i in range(0, len(items), size)]
+        for items in chunks:
             t0 = time.perf_counter()
             qs = [_queries(m, *saved) for m, saved, _, _ in items]
             q_s = (time.perf_counter() - t0) / len(items)
@@ -217,6 +221,23 @@ class ReFreeKVCache(DynamicCache):
         size = k.numel() * k.element_size() * 2
         n = [int(k.shape[-2])] * k.shape[0]
         self.report.layers.append(LayerReport(idx, False, reason, n, n, size, size, 0.0))
+
+
+#: On a CPU, plan at most this many bytes of stacked scores together (scripts/joint_planning_sweep.py,
+#: Llama3-8B shapes, 2 cores): at 32k tokens groups of 4-8 MiB were the fastest and larger ones slower
+#: (memory-bound once they leave the caches); at 4k, groups of 16-32 layers (8-16 MiB) were 1.5x faster
+#: than one by one. Small models and short prompts fit every layer in one group. A GPU has the bandwidth
+#: and is bound by launches: no cap there.
+CPU_JOINT_BYTES = 8 << 20
+
+
+def _joint_layers(keys: torch.Tensor, module) -> int | None:
+    """How many layers to plan together, or None for all."""
+    if keys.device.type != "cpu":
+        return None
+    B, _, n, _ = keys.shape
+    heads = module.config.num_attention_heads if hasattr(module, "config") else keys.shape[1]
+    return max(1, CPU_JOINT_BYTES // (B * heads * n * 4))
 
 
 def _left_padding(mask: torch.Tensor | None, n: int, batch: int) -> list[int]:

@@ -100,6 +100,26 @@ def test_default_threshold_shrinks_cache_to_the_reference_budget(smol, prompt):
 
 
 @torch.no_grad()
+def test_layers_planned_in_small_groups_give_the_same_cache(smol, prompt, monkeypatch):
+    """The CPU cap on jointly planned layers (CPU_JOINT_BYTES) changes speed, never the cache."""
+    import refreekv.adapters.transformers as T
+
+    model, _ = smol
+    caches = []
+    for cap in (T.CPU_JOINT_BYTES, 1):  # all layers in one group, then one layer per group
+        monkeypatch.setattr(T, "CPU_JOINT_BYTES", cap)
+        cache = ReFreeKVCache(model)
+        with refreekv_hooks(model):
+            model(**prompt, cache=cache)
+        caches.append(cache)
+    one, each = caches
+    assert [r.kept for r in one.report.layers] == [r.kept for r in each.report.layers]
+    assert any(r.compressed for r in one.report.layers)
+    for a, b in zip(one.layers, each.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@torch.no_grad()
 def test_left_padded_batch_matches_each_sample_alone(smol):
     model, tok = smol
     tok.padding_side = "left"
