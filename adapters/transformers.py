@@ -190,30 +190,29 @@ class ReFreeKVCache(DynamicCache):
         """ReFreeKV on the prefilled layers in ``pending``, planned together (per group of equal
         shapes; one group in the usual model). Each layer's report time is its share of the
         planning, plus its eviction, its query recompute and its capture in the hook."""
+        t0 = time.perf_counter()
+        qs = {module.layer_idx: _queries(module, *saved) for module, saved, _, _ in pending}
+        q_s = (time.perf_counter() - t0) / max(1, len(pending))  # each layer's share of the recompute
         groups: dict[tuple, list[tuple]] = {}
         for item in pending:
-            module, (hidden, _, _), start, _ = item
-            K = self.layers[module.layer_idx].keys
-            key = (tuple(K.shape), K.dtype, tuple(hidden.shape), module.head_dim, tuple(start))
-            groups.setdefault(key, []).append(item)
-        chunks = []
+            module, _, start, _ = item
+            K, q = self.layers[module.layer_idx].keys, qs[module.layer_idx]
+            groups.setdefault((tuple(K.shape), K.dtype, tuple(q.shape), tuple(start)), []).append(item)
         for items in groups.values():
-            size = _joint_layers(self.layers[items[0][0].layer_idx].keys, items[0][0]) or len(items)
-            chunks += [items[i:i + size] for i in range(0, len(items), size)]
-        for items in chunks:
-            t0 = time.perf_counter()
-            qs = [_queries(m, *saved) for m, saved, _, _ in items]
-            q_s = (time.perf_counter() - t0) / len(items)
-            layers = [self.layers[m.layer_idx] for m, _, _, _ in items]
-            outs = refreekv.compress_layers(
-                qs, [lay.keys for lay in layers], [lay.values for lay in layers], self.refreekv_config,
-                layers=[m.layer_idx for m, _, _, _ in items], start=items[0][2],
-                scale=[m.scaling for m, _, _, _ in items])
-            for (module, _, _, spent), layer, out in zip(items, layers, outs):
-                if out.valid is not None:
-                    layer.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])
-                out.report.seconds += spent + q_s
-                self.report.layers.append(out.report)
+            first = items[0][0].layer_idx
+            size = _joint_layers(self.layers[first].keys, qs[first]) or len(items)
+            for chunk in (items[i:i + size] for i in range(0, len(items), size)):
+                layers = [self.layers[m.layer_idx] for m, _, _, _ in chunk]
+                outs = refreekv.compress_layers(
+                    [qs[m.layer_idx] for m, _, _, _ in chunk], [lay.keys for lay in layers],
+                    [lay.values for lay in layers], self.refreekv_config,
+                    layers=[m.layer_idx for m, _, _, _ in chunk], start=chunk[0][2],
+                    scale=[m.scaling for m, _, _, _ in chunk])
+                for (_, _, _, spent), layer, out in zip(chunk, layers, outs):
+                    if out.valid is not None:
+                        layer.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])
+                    out.report.seconds += spent + q_s
+                    self.report.layers.append(out.report)
         self.report.layers.sort(key=lambda r: r.layer)  # sliding-window layers were reported first
 
     def _record_skip(self, idx: int, layer, reason: str) -> None:
@@ -231,13 +230,12 @@ class ReFreeKVCache(DynamicCache):
 CPU_JOINT_BYTES = 8 << 20
 
 
-def _joint_layers(keys: torch.Tensor, module) -> int | None:
-    """How many layers to plan together, or None for all."""
+def _joint_layers(keys: torch.Tensor, q: torch.Tensor) -> int | None:
+    """How many layers to plan together (their float32 scores are (B, H, n) each), or None for all."""
     if keys.device.type != "cpu":
         return None
-    B, _, n, _ = keys.shape
-    heads = module.config.num_attention_heads if hasattr(module, "config") else keys.shape[1]
-    return max(1, CPU_JOINT_BYTES // (B * heads * n * 4))
+    B, H = q.shape[:2]
+    return max(1, CPU_JOINT_BYTES // (B * H * keys.shape[-2] * 4))
 
 
 def _left_padding(mask: torch.Tensor | None, n: int, batch: int) -> list[int]:

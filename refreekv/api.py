@@ -205,12 +205,8 @@ def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None,
     ``values`` is only checked for NaN/inf. ``start`` (B,) left-padding offsets (default 0).
     The only host transfer is one read of the cuts together with the finiteness flags.
     """
-    cfg = _config(config)
-    be = v.backend_of(keys, "keys")
-    q = v.q_rows_4d(be, q_rows)
-    v.layer_inputs(be, q, keys, values)
-    host = v.start_host(be, start, be.shape(q)[0], be.shape(keys)[2])
-    return _plan(be, q, keys, values, cfg, host, scale)
+    return plan_layers([q_rows], [keys], config, values=None if values is None else [values], start=start,
+                       scale=scale)[0]
 
 
 def _layers_inputs(q_rows, keys, values, scale):
@@ -256,12 +252,6 @@ def plan_layers(q_rows: list, keys: list, config: ReFreeKVConfig | None = None, 
     be, qs, ks, vs, scales = _layers_inputs(q_rows, keys, values, scale)
     host = v.start_host(be, start, be.shape(qs[0])[0], be.shape(ks[0])[2])
     return _plan_many(be, qs, ks, vs, cfg, host, scales)
-
-
-def _plan(be: Backend, q: Array, keys: Array, values: Array | None, cfg: ReFreeKVConfig,
-          host: np.ndarray, scale: float | None) -> LayerPlan:
-    """``plan_layer`` on inputs already validated (``compress_layer`` validates once)."""
-    return _plan_many(be, [q], [keys], [values], cfg, host, [scale])[0]
 
 
 def _plan_many(be: Backend, qs: list, keys: list, values: list, cfg: ReFreeKVConfig, host: np.ndarray,

@@ -11,6 +11,7 @@ layer, and 32 layers planned together by plan_layers.
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
 from pathlib import Path
@@ -97,8 +98,8 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
         peak_ours = _peak_mb(device)
         full_cache, logits = prefill(None)
         # The hooks' own time (capture, queries, plan, evict) inside real prefills, median of
-        # `repeat`. On a GPU, plan_layer's one read of the cuts waits for the layer's queued
-        # work, so there this share also holds prefill work that was still running.
+        # `repeat`. On a GPU, the one read of the cuts waits for prefill work still queued, so
+        # there this time also holds prefill work (the overhead below is then a difference).
         hook_times = []
         for _ in range(repeat):
             cache, _ = prefill(config)
@@ -136,8 +137,6 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
                     nxt = model(input_ids=nxt, attention_mask=mask, **{key: c}).logits[:, -1:].argmax(-1)
             _sync(device)
             return decode_tokens / (time.perf_counter() - t)
-
-        import copy
 
         tps_full = float(np.median([decode(copy.deepcopy(full_cache)) for _ in range(repeat)]))
         tps_ours = float(np.median([decode(copy.deepcopy(cache)) for _ in range(repeat)]))
