@@ -1,4 +1,4 @@
-"""ReFreeKV for mlx-lm: a prompt cache that compresses itself once the prompt is prefilled.
+"""ReFreeKV for mlx-lm: a prompt cache that compresses itself once a prompt segment is prefilled.
 
 Usage::
 
@@ -10,28 +10,40 @@ Usage::
     text = mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache, max_tokens=64)
     print(budget_report(cache))
 
-mlx-lm's attention never shows queries to the cache, so ``attach(model)`` wraps each attention
-module's ``rope`` with a small probe that remembers the post-RoPE queries it rotates (models call
-``rope(queries)`` then ``rope(keys)`` right before ``cache.update_and_fetch``). ``detach(model)``
-puts the original ``rope`` back. Nothing is patched at import.
+The cache follows mlx-lm's duck-typed cache protocol (``update_and_fetch``, ``offset``,
+``make_mask``, ``state``, ``is_trimmable``/``trim``, ``size``, ``empty``, ``nbytes``); it
+subclasses nothing of mlx-lm's. mlx-lm's attention never shows queries to the cache, so
+``attach(model)`` wraps each attention module's ``rope`` with a small probe that remembers the
+post-RoPE queries it rotates (models call ``rope(queries)`` then ``rope(keys)`` right before
+``cache.update_and_fetch``). ``detach(model)`` puts the original ``rope`` back. Nothing is
+patched at import.
 
-When compression happens: ``mlx_lm.generate`` prefills the prompt in chunks and sends the last
-prompt token together with the first decode step, as a one-token call. The first one-token call
-is therefore where the cache knows the whole prompt: it appends that token, decides the budget on
-the whole prompt (queries of all chunks are buffered as needed), returns the FULL keys and
-values for that call's attention, and stores only the kept ones. ``offset`` always counts every
-token seen, so RoPE positions stay true. After a manual prefill (one ``model(prompt, cache)``
-call), call ``compress_prompt_cache(cache)``.
+When compression happens: ``mlx_lm.generate`` prefills a prompt in chunks and sends the last
+prompt token together with the first decode step, as a one-token call. That first one-token call
+is where a layer knows the whole prompt: it appends the token, returns the FULL keys and values
+for that call's attention, and hands itself to the prompt cache's planner. When the last layer has
+done so, every layer is planned together with one ``refreekv.compress_layers`` call (one host
+read) and each stores only what it keeps. ``offset`` always counts every token seen, so RoPE
+positions stay true. With ``replan="turns"`` the same happens again after every later prompt
+segment (a chat turn): the rule runs over the kept slots plus the new segment, with the new
+segment's queries; evicted tokens stay evicted. After a manual prefill (one
+``model(prompt, cache)`` call), call ``compress_prompt_cache(cache)``.
+
+Save and load use our own safetensors layout with per-array SHA-256 digests: a truncated or
+tampered file raises ``ReFreeKVError`` and loads nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
 import json
 from collections import deque
-from dataclasses import asdict
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 import refreekv
@@ -39,7 +51,10 @@ from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
 from refreekv.report import BudgetReport, LayerReport
 
+from . import engine
+
 STEP = 256  # grow storage like mlx-lm's KVCache: in steps, not one concatenation per token
+FORMAT = "refreekv-mlx-prompt-cache/1"
 
 
 class QueryProbe(nn.Module):
@@ -96,19 +111,66 @@ def detach(model) -> None:
             attn.rope = attn.rope.inner
 
 
-class ReFreeKVCache(mlx_cache._BaseCache):
-    """One full-attention layer's cache (batch size 1), compressed once after the prompt."""
+class Planner:
+    """Shared by the ReFreeKV caches of one prompt cache: collects the layers that are ready to be
+    planned and plans all of them together once the last one is."""
+
+    def __init__(self, caches: list):
+        self.caches = caches          # the ReFreeKV caches, in layer order
+        self.ready: dict[int, ReFreeKVCache] = {}
+        self.history = engine.History()
+
+    def submit(self, cache: ReFreeKVCache) -> None:
+        self.ready[cache.layer] = cache
+        if len(self.ready) == len(self.caches):
+            self.run()
+
+    def run(self) -> BudgetReport:
+        """Plan every ready layer with one ``compress_layers`` call per group of equal shapes."""
+        ready, self.ready = [self.ready[c.layer] for c in self.caches if c.layer in self.ready], {}
+        if not ready:
+            return self.history.report
+        items = [(c, c.planning_inputs()) for c in ready]
+        groups: dict[tuple, list] = {}
+        for c, (q, K, V, cfg) in items:
+            groups.setdefault((tuple(q.shape), tuple(K.shape), tuple(V.shape), cfg), []).append((c, q, K, V))
+        reports = []
+        for (_, _, _, cfg), group in groups.items():
+            mx.eval([x for _, q, K, V in group for x in (q, K, V)])  # the prefill's own lazy work, not timed
+            outs = refreekv.compress_layers([q for _, q, _, _ in group], [K for _, _, K, _ in group],
+                                            [V for _, _, _, V in group], cfg, layers=[c.layer for c, *_ in group],
+                                            scale=[c.scale for c, *_ in group])
+            for (c, *_), out in zip(group, outs):
+                c.store(out)
+                reports.append(out.report)
+        return self.history.add(reports)
+
+
+class ReFreeKVCache:
+    """One full-attention layer's cache (batch size 1), compressed after each planned segment."""
 
     def __init__(self, config: ReFreeKVConfig | None = None, layer: int = 0, probe: QueryProbe | None = None):
         self.config = config if config is not None else ReFreeKVConfig()
         self.layer = layer
         self.probe = probe
+        self.planner: Planner | None = None
         self.keys = self.values = None
         self.offset = 0            # every token seen: the RoPE position of the next one
         self.stored = 0            # slots in use in keys/values
-        self.prompt_length = 0     # n, once compressed
-        self.report: LayerReport | None = None
-        self._rows: list[mx.array] = []  # buffered query rows until the prompt is complete
+        self.planned = 0           # slots that were present at the last plan (0: never planned)
+        self.plans = 0             # how many plans this layer went through
+        self.reports: list[LayerReport] = []
+        self._rows: list[mx.array] = []  # the current segment's query rows, buffered until it is planned
+        self._segment = 0          # tokens added since the last plan
+        self._last_call = 0        # tokens added by the previous call
+
+    @property
+    def scale(self) -> float | None:
+        return None if self.probe is None else self.probe.scale
+
+    @property
+    def report(self) -> LayerReport | None:
+        return self.reports[-1] if self.reports else None
 
     # -- the protocol -------------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -116,17 +178,27 @@ class ReFreeKVCache(mlx_cache._BaseCache):
             raise bad_input("keys", f"batch {keys.shape[0]}", "batch size 1 (the MLX ReFreeKV cache "
                             "does not batch; use one prompt cache per prompt)")
         L = keys.shape[2]
-        if self.report is None:
-            q = self.probe.take_queries(keys) if self.probe is not None else None
+        cfg = self.config
+        wants_rows = self.plans == 0 or cfg.replan == "turns" or cfg.replan_every > 0
+        q = self.probe.take_queries(keys) if self.probe is not None else None
+        if wants_rows:
             if q is None:
                 raise bad_input("model", "no captured queries", "a model prepared with "
                                 "refreekv.adapters.mlx_lm.attach(model) (make_prompt_cache does it)")
             self._buffer_rows(q)
         self._append(keys, values)
-        if self.report is None and L == 1:
-            # The last prompt token: this call attends to everything; only storage shrinks.
+        # A one-token call right after a multi-token one ends a prompt segment (mlx-lm sends the last
+        # prompt token with the first decode step); replan_every counts generated tokens.
+        segment_end = L == 1 and self._last_call > 1 and (self.plans == 0 or cfg.replan == "turns")
+        generated = L == 1 and cfg.replan_every > 0 and self.plans > 0 and self._segment >= cfg.replan_every
+        self._last_call = L
+        if segment_end or generated:
+            # This call attends to everything; only storage shrinks, once every layer has come.
             full = self.keys[..., :self.stored, :], self.values[..., :self.stored, :]
-            self.compress()
+            if self.planner is None:
+                self.compress()
+            else:
+                self.planner.submit(self)
             return full
         return self.keys[..., :self.stored, :], self.values[..., :self.stored, :]
 
@@ -136,44 +208,32 @@ class ReFreeKVCache(mlx_cache._BaseCache):
 
     @property
     def state(self):
-        meta = json.dumps({"offset": self.offset, "stored": self.stored, "layer": self.layer,
-                           "prompt_length": self.prompt_length, "config": _config_dict(self.config),
-                           "report": None if self.report is None else asdict(self.report)})
+        """The stored K and V (what ``mx.eval`` needs after each prefill chunk)."""
         if self.keys is None:
-            return None, None, meta
-        return self.keys[..., :self.stored, :], self.values[..., :self.stored, :], meta
-
-    @state.setter
-    def state(self, v):
-        keys, values, meta = v
-        m = json.loads(meta)
-        self.keys, self.values = keys, values
-        self.offset, self.stored, self.layer = m["offset"], m["stored"], m["layer"]
-        self.prompt_length = m["prompt_length"]
-        self.config = ReFreeKVConfig(**{**m["config"], "retained_layers": tuple(m["config"]["retained_layers"])})
-        self.report = None if m["report"] is None else LayerReport(**m["report"])
-        self.probe, self._rows = None, []
-
-    @property
-    def meta_state(self):
-        return ""
+            return []
+        return [self.keys[..., :self.stored, :], self.values[..., :self.stored, :]]
 
     def is_trimmable(self) -> bool:
         return True
 
     def trim(self, n: int) -> int:
-        """Exact: removes the last n tokens. Refused (ReFreeKVError) if that would reach into a
-        compressed prompt, whose kept set was decided for the whole prompt."""
+        """Exact: removes the newest n tokens. Refused (ReFreeKVError) if that would reach into slots
+        that were planned, whose kept set was decided with them."""
         n = min(self.stored, n)
-        decoded = self.stored - (self.report.kept[0] if self.report and self.report.compressed else 0)
-        if self.report is not None and self.report.compressed and n > decoded:
-            raise bad_input("trim", n, f"at most {decoded} tokens (those decoded after the compressed prompt)")
+        if self.plans and n > self.stored - self.planned_kept:
+            raise bad_input("trim", n, f"at most {self.stored - self.planned_kept} tokens (those added after the last plan)")
         self.stored -= n
         self.offset -= n
-        if self.report is None and self._rows:
+        self._segment = max(0, self._segment - n)
+        if self._rows:
             rows = mx.concatenate(self._rows, axis=2)
-            self._rows = [rows[:, :, :max(0, rows.shape[2] - n)]]  # compress() refuses if too few remain
+            self._rows = [rows[:, :, :max(0, rows.shape[2] - n)]]
         return n
+
+    @property
+    def planned_kept(self) -> int:
+        """Slots kept by the last plan (the part of storage that ``trim`` may not touch)."""
+        return 0 if not self.reports else self.reports[-1].kept[0]
 
     def size(self) -> int:
         return self.stored
@@ -194,32 +254,43 @@ class ReFreeKVCache(mlx_cache._BaseCache):
         raise bad_input("kv_bits", bits, "None (quantizing a ReFreeKV cache is not supported)")
 
     # -- ReFreeKV -----------------------------------------------------------------------------
-    def compress(self) -> LayerReport:
-        """Run ReFreeKV on what is stored, using the buffered query rows. Once."""
-        if self.report is not None:
-            return self.report
+    def planning_inputs(self):
+        """(q rows, K, V, config) for planning what is stored now with the buffered rows. A later
+        segment scores with its own rows, at most as many as it has."""
         n = self.stored
-        keys, values = self.keys[..., :n, :], self.values[..., :n, :]
-        rows = self.config.rows_needed(n)
-        q = mx.concatenate(self._rows, axis=2)[:, :, -rows:]
+        q = mx.concatenate(self._rows, axis=2) if len(self._rows) > 1 else self._rows[0]
+        cfg = self.config
+        if cfg.rows_needed(n) > q.shape[2] and self.plans:
+            cfg = dataclasses.replace(cfg, query_rows=min(cfg.rows_for(n), q.shape[2]))
+        rows = cfg.rows_needed(n)
         if q.shape[2] < rows:
-            raise bad_input("query rows", q.shape[2], f"{rows} captured rows (call attach(model) before prefill)")
-        # MLX is lazy: finish the prefill's own work first, so the report times ReFreeKV alone.
-        mx.eval(q, keys, values)
-        out = refreekv.compress_layer(q.astype(mx.float32), keys, values, self.config, layer=self.layer,
-                                      scale=self.probe.scale if self.probe is not None else None)
-        self.prompt_length, self.report, self._rows = n, out.report, []
+            raise bad_input("query rows", q.shape[2], f"{rows} captured rows for ranking={cfg.ranking!r} "
+                            "(call attach(model) before prefill; a later segment must hold the ranking's rows)")
+        return q[:, :, -rows:].astype(mx.float32), self.keys[..., :n, :], self.values[..., :n, :], cfg
+
+    def compress(self) -> LayerReport:
+        """Plan this layer alone on what is stored, with the buffered query rows."""
+        q, K, V, cfg = self.planning_inputs()
+        mx.eval(q, K, V)  # the prefill's own lazy work, not timed
+        out = refreekv.compress_layers([q], [K], [V], cfg, layers=[self.layer], scale=[self.scale])[0]
+        self.store(out)
+        return out.report
+
+    def store(self, out) -> None:
+        """Keep what a plan kept; reset the segment."""
         if out.valid is not None:
             mx.eval(out.keys, out.values)
             self.keys, self.values, self.stored = out.keys, out.values, out.keys.shape[2]
-        return self.report
+        self.reports.append(out.report)
+        self.planned, self.plans = self.stored, self.plans + 1
+        self._rows, self._segment = [], 0
 
     def _buffer_rows(self, q: mx.array) -> None:
         self._rows.append(q)
         cfg = self.config
-        fixed = cfg.ranking != "h2o" and isinstance(cfg.query_rows, int)
-        if fixed:  # only the last max(k, window) rows can matter: drop older chunks' rows
-            keep = max(cfg.query_rows, cfg.window if cfg.ranking == "snapkv" else 1)
+        if isinstance(cfg.query_rows, int) and cfg.ranking != "h2o":
+            # Only the newest rows can matter: drop older chunks' rows.
+            keep = cfg.rows_needed(10 ** 9)
             q_all = mx.concatenate(self._rows, axis=2) if len(self._rows) > 1 else q
             self._rows = [q_all[:, :, -keep:]]
 
@@ -239,72 +310,166 @@ class ReFreeKVCache(mlx_cache._BaseCache):
         self.values[..., self.stored:self.stored + L, :] = values
         self.stored += L
         self.offset += L
-
-
-def _config_dict(cfg: ReFreeKVConfig) -> dict:
-    d = asdict(cfg)
-    d["retained_layers"] = list(d["retained_layers"])
-    return d
+        self._segment += L
 
 
 def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
-    """mlx-lm's prompt cache for ``model`` with every plain full-attention ``KVCache`` replaced by
-    a ReFreeKV cache (sliding-window and other caches are kept as they are). Attaches the probes."""
-    cfg = config if config is not None else ReFreeKVConfig()
-    if not isinstance(cfg, ReFreeKVConfig):
-        raise bad_input("config", f"type {type(cfg).__name__}", "a refreekv.ReFreeKVConfig")
+    """mlx-lm's prompt cache for ``model`` with every plain full-attention ``KVCache`` replaced by a
+    ReFreeKV cache (sliding-window and other caches are kept as they are), all planned together
+    (``config.replan`` says when). Attaches the probes."""
     base = mlx_cache.make_prompt_cache(model)
-    cfg.check_layers(len(base))
+    cfg = engine.checked_config(config, len(base))
     probes = attach(model)
-    return [ReFreeKVCache(cfg, i, probes[i]) if type(c) is mlx_cache.KVCache else c for i, c in enumerate(base)]
+    cache = [ReFreeKVCache(cfg, i, probes[i]) if type(c) is mlx_cache.KVCache else c
+             for i, c in enumerate(base)]
+    _connect(cache)
+    return cache
+
+
+def _connect(prompt_cache: list) -> Planner:
+    ours = [c for c in prompt_cache if isinstance(c, ReFreeKVCache)]
+    planner = Planner(ours)
+    for c in ours:
+        c.planner = planner
+    return planner
 
 
 def compress_prompt_cache(prompt_cache: list) -> BudgetReport:
-    """Compress after a manual prefill (``model(prompt[None], cache=prompt_cache)``)."""
+    """Compress after a manual prefill (``model(prompt[None], cache=prompt_cache)``): every layer
+    with buffered rows is planned, all together."""
+    planner = next((c.planner for c in prompt_cache if isinstance(c, ReFreeKVCache) and c.planner), None)
+    if planner is None:
+        planner = _connect(prompt_cache)
     for c in prompt_cache:
-        if isinstance(c, ReFreeKVCache):
-            c.compress()
+        if isinstance(c, ReFreeKVCache) and c._rows and c.layer not in planner.ready:
+            planner.ready[c.layer] = c
+    planner.run()
     return budget_report(prompt_cache)
 
 
 def budget_report(prompt_cache: list) -> BudgetReport:
-    """The per-layer report, in the same form as the torch path (layers not yet compressed and
-    non-ReFreeKV layers are reported as skipped)."""
+    """The newest plan's per-layer report, in the same form as the torch path (layers not planned
+    yet and non-ReFreeKV layers are reported as skipped)."""
     report = BudgetReport()
     for i, c in enumerate(prompt_cache):
         if isinstance(c, ReFreeKVCache) and c.report is not None:
             report.layers.append(c.report)  # measured on the arrays kept at compression
         else:
-            size = getattr(c, "nbytes", 0)
-            n = [c.size()]
             why = "not compressed yet" if isinstance(c, ReFreeKVCache) else f"{type(c).__name__} (left alone)"
-            report.layers.append(LayerReport(i, False, why, n, n, size, size))
+            size = int(getattr(c, "nbytes", 0))
+            report.layers.append(LayerReport(i, False, why, [c.size()], [c.size()], size, size))
     return report
 
 
+def plan_history(prompt_cache: list) -> list[BudgetReport]:
+    """Every plan the prompt cache went through (one per planned segment), oldest first."""
+    ours = [c for c in prompt_cache if isinstance(c, ReFreeKVCache)]
+    plans = max((len(c.reports) for c in ours), default=0)
+    return [BudgetReport([c.reports[p] for c in ours if p < len(c.reports)]) for p in range(plans)]
+
+
+# -- save and load: our own layout, checked on load ----------------------------------------------
+
+def _digest(a: mx.array) -> str:
+    return hashlib.sha256(np.ascontiguousarray(np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)).tobytes()).hexdigest()
+
+
+def _encode_state(i: int, state) -> tuple[dict, list]:
+    """Arrays of a non-ReFreeKV cache's ``state`` under ``i.state.j`` keys; other leaves as JSON."""
+    arrays, leaves = {}, []
+    for j, x in enumerate(state if isinstance(state, (list, tuple)) else [state]):
+        if isinstance(x, mx.array):
+            arrays[f"{i}.state.{j}"] = x
+            leaves.append({"array": f"{i}.state.{j}"})
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            leaves.append({"value": x})
+        else:
+            raise bad_input("prompt_cache", f"layer {i} state with a {type(x).__name__}", "arrays, numbers or strings")
+    return arrays, leaves
+
+
 def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None = None) -> None:
-    """Save to safetensors (no pickle): mlx-lm's own format and writer."""
-    mlx_cache.save_prompt_cache(file_name, prompt_cache, metadata)
+    """Save to safetensors (no pickle): every layer's arrays, and a JSON header with the layers'
+    bookkeeping and the SHA-256 of every array (``load_prompt_cache`` checks them)."""
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise bad_input("metadata", repr(metadata), "None or a dict of str to str")
+    arrays: dict[str, mx.array] = {}
+    layers = []
+    for i, c in enumerate(prompt_cache):
+        if isinstance(c, ReFreeKVCache):
+            entry = {"class": "ReFreeKVCache", "offset": c.offset, "stored": c.stored, "planned": c.planned,
+                     "plans": c.plans, "layer": c.layer, "config": c.config.to_dict(),
+                     "reports": [r.__dict__ for r in c.reports], "pending": bool(c._rows)}
+            if c.keys is not None:
+                arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.stored, :], c.values[..., :c.stored, :]
+        else:
+            name = type(c).__name__
+            if getattr(mlx_cache, name, None) is not type(c):
+                raise bad_input("prompt_cache", f"layer {i} of class {name}", "caches of mlx_lm.models.cache or ReFreeKV")
+            extra, leaves = _encode_state(i, c.state)
+            arrays.update(extra)
+            entry = {"class": name, "state": leaves, "meta_state": getattr(c, "meta_state", None)}
+        layers.append(entry)
+    mx.eval(list(arrays.values()))
+    header = {"format": FORMAT, "layers": layers, "metadata": metadata or {},
+              "digests": {k: _digest(v) for k, v in arrays.items()}}
+    mx.save_safetensors(file_name, arrays, metadata={"refreekv": json.dumps(header)})
+
+
+def _corrupt(file_name: str, what: str) -> Exception:
+    return bad_input("file", f"{file_name!r}: {what}", "a prompt cache written by refreekv.adapters.mlx_lm."
+                     "save_prompt_cache, intact (nothing was loaded)")
 
 
 def load_prompt_cache(file_name: str, model=None, return_metadata: bool = False):
-    """Load a prompt cache saved by ``save_prompt_cache``. mlx-lm's loader only rebuilds its own
-    classes; this one also rebuilds ReFreeKV caches, and re-attaches them to ``model`` (needed
-    only if the loaded cache has not been compressed yet)."""
-    arrays, meta = mx.load(file_name, return_metadata=True)
-    from mlx.utils import tree_unflatten
-
-    metadata, classes, scalars = tree_unflatten(list(meta.items()))
-    for pos, kind in scalars[1:]:
-        a = arrays[pos]
-        arrays[pos] = {"scalar": lambda: a.item(), "string": lambda: "".join(chr(i) for i in a.tolist()),
-                       "none": lambda: None}[kind]()
-    states = tree_unflatten(list(arrays.items()))
-    known = {"ReFreeKVCache": ReFreeKVCache}
-    cache = [(known.get(c) or getattr(mlx_cache, c)).from_state(s) for c, s in zip(classes, states)]
+    """Load a prompt cache saved by ``save_prompt_cache``, after checking the whole file: a missing,
+    truncated or tampered file raises ReFreeKVError and nothing is loaded. ``model`` re-attaches
+    the probes (needed to keep generating with a cache that still plans)."""
+    try:
+        arrays, meta = mx.load(str(file_name), return_metadata=True)
+    except Exception as err:  # noqa: BLE001 - mlx raises several types for unreadable files
+        raise _corrupt(str(file_name), f"unreadable ({type(err).__name__}: {err})") from err
+    try:
+        header = json.loads(meta["refreekv"])
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}")
+        digests, layers = header["digests"], header["layers"]
+        if set(digests) != set(arrays):
+            raise ValueError("the arrays are not the ones listed")
+        for k, d in digests.items():
+            if _digest(arrays[k]) != d:
+                raise ValueError(f"array {k} does not match its checksum")
+        cache = [_rebuild(i, entry, arrays) for i, entry in enumerate(layers)]
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        raise _corrupt(str(file_name), f"{type(err).__name__}: {err}") from err
+    _connect(cache)
     if model is not None:
         probes = attach(model)
         for i, c in enumerate(cache):
             if isinstance(c, ReFreeKVCache):
                 c.probe = probes[i]
-    return (cache, metadata) if return_metadata else cache
+    return (cache, header["metadata"]) if return_metadata else cache
+
+
+def _rebuild(i: int, entry: dict, arrays: dict):
+    if entry["class"] == "ReFreeKVCache":
+        c = ReFreeKVCache(ReFreeKVConfig.from_dict(entry["config"]), int(entry["layer"]), None)
+        c.offset, c.stored, c.planned, c.plans = (int(entry[k]) for k in ("offset", "stored", "planned", "plans"))
+        c.reports = [LayerReport(**r) for r in entry["reports"]]
+        if f"{i}.keys" in arrays:
+            c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+            if c.keys.shape[2] != c.stored or c.values.shape[2] != c.stored:
+                raise ValueError(f"layer {i} holds {c.keys.shape[2]} slots, its header says {c.stored}")
+        elif c.stored:
+            raise ValueError(f"layer {i} has no arrays but {c.stored} stored slots")
+        if entry.get("pending"):
+            raise ValueError(f"layer {i} was saved in the middle of a prompt segment (its query rows are not saved)")
+        return c
+    cls = getattr(mlx_cache, entry["class"], None)
+    if cls is None or not inspect.isclass(cls):
+        raise ValueError(f"layer {i}: unknown cache class {entry['class']!r}")
+    state = [arrays[leaf["array"]] if "array" in leaf else leaf["value"] for leaf in entry["state"]]
+    if entry.get("meta_state") is not None and len(inspect.signature(cls.from_state).parameters) >= 2:
+        return cls.from_state(state, entry["meta_state"])
+    return cls.from_state(state)

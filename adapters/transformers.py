@@ -10,26 +10,32 @@ Usage::
     print(cache.report)                                   # per-layer kept tokens and bytes
 
 What happens: when a full-attention layer has run on the prompt (prefill), a forward hook keeps
-that layer's last input rows; once the last layer has run, the hook recomputes each layer's last
-prompt queries exactly as the model does (q_proj, optional q_norm, RoPE), runs ReFreeKV on the
-keys the cache holds, and keeps K/V at the kept positions only, at ``Hkv`` heads. Prefill itself
-is untouched, so SDPA works as usual.
+that layer's newest input rows; once the last layer has run, the cache recomputes each layer's
+newest prompt queries exactly as the model does (q_proj, optional q_norm, RoPE), plans every
+layer with ``refreekv.compress_layers`` on the keys it holds, and keeps K/V at the kept positions
+only, at ``Hkv`` heads. Prefill itself is untouched, so SDPA works as usual.
+
+To compare configurations on one prompt, prefill once with ``capture_prefill`` and build a
+compressed cache per configuration with ``ReFreeKVCache.from_prefill`` (the full cache is never
+modified).
 
 After eviction every layer holds a different number of tokens while transformers builds one
 attention mask for all layers. Each compressed layer therefore reports its *uncompressed*
 length (so positions, RoPE and the shared mask keep counting from ``n``), and a forward
-pre-hook hands that layer a mask of its own: its kept slots (per sample) plus the decoded
-tokens, cut from the shared mask's columns past the prompt.
+pre-hook hands that layer a mask of its own: its kept slots (per sample) plus the tokens added
+since, cut from the shared mask's columns past the prompt.
 
 Nothing is patched at import; the hooks act only on calls whose cache is a ``ReFreeKVCache``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -37,7 +43,10 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 import refreekv
 from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
-from refreekv.report import BudgetReport, LayerReport
+from refreekv.planner import ORDER_FIELDS
+from refreekv.report import BudgetReport
+
+from . import engine
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -52,18 +61,31 @@ def _text_config(model):
     return model.config.get_text_config(decoder=True)
 
 
+def _check_model(model, config) -> ReFreeKVConfig:
+    """The engine checks shared by the cache and ``capture_prefill``."""
+    text = _text_config(model)
+    cfg = engine.checked_config(config, text.num_hidden_layers, getattr(text, "max_position_embeddings", None))
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in SUPPORTED_ATTENTION:
+        raise bad_input("model", f"attn_implementation {impl!r}",
+                        f"one of {SUPPORTED_ATTENTION} (each compressed layer needs its own mask)")
+    if not attention_modules(model):
+        raise bad_input("model", type(model).__name__, "a causal LM whose attention modules have q_proj")
+    return cfg
+
+
 class ReFreeKVLayer(DynamicLayer):
     """A full-attention cache layer that can be compressed once, after prefill.
 
-    Stores ``(B, Hkv, J + D, d)``: J kept prompt slots (padded to the batch's largest cut;
-    ``slot_valid`` (B, J) marks the real ones) then D decoded tokens. ``get_seq_length``
-    returns the uncompressed length ``n + D`` so that positions never drift.
+    Stores ``(B, Hkv, J + D, d)``: J kept slots (padded to the batch's largest cut; ``slot_valid``
+    (B, J) marks the real ones) then D tokens added since the last plan. ``get_seq_length`` returns
+    the uncompressed (virtual) length, so positions never drift.
     """
 
     def __init__(self):
         super().__init__()
-        self.evicted = 0              # n - J: slots removed from the prompt
-        self.prompt_length = 0        # n
+        self.evicted = 0              # positions removed so far (the virtual length minus the slots)
+        self.compressed_at = 0        # the virtual length when it was last planned (n after the prompt)
         self.kept_slots = 0           # J
         self.slot_valid: torch.Tensor | None = None
         self.all_slots_valid = True   # read once at compression: no host sync while decoding
@@ -91,21 +113,22 @@ class ReFreeKVLayer(DynamicLayer):
         if self.compressed:
             self.slot_valid = self.slot_valid[indices]
 
-    def store_compressed(self, keys, values, valid, prompt_length: int) -> None:
+    def store_compressed(self, keys, values, valid, virtual_length: int) -> None:
+        """Keep ``keys``/``values`` (B, Hkv, J, d) for the first ``virtual_length`` positions."""
         self.keys, self.values = keys, values
-        self.prompt_length, self.kept_slots = prompt_length, keys.shape[-2]
-        self.evicted = prompt_length - self.kept_slots
+        self.compressed_at, self.kept_slots = virtual_length, keys.shape[-2]
+        self.evicted = virtual_length - self.kept_slots
         self.slot_valid = valid
         self.all_slots_valid = bool(valid.all())
 
     def layer_mask(self, shared: torch.Tensor | None, q_len: int, dtype: torch.dtype, additive: bool):
         """This layer's mask (B, 1, q, J + D) for a call adding ``q_len`` tokens.
 
-        Kept slots: visible where valid. Decoded tokens: the shared mask's columns past the
-        prompt (they carry causality and any user padding), or plain causality without one.
+        Kept slots: visible where valid. Added tokens: the shared mask's columns past the last
+        plan (they carry causality and any user padding), or plain causality without one.
         """
         B, J = self.slot_valid.shape
-        D = self.keys.shape[-2] - J + q_len  # decoded tokens after this call's update
+        D = self.keys.shape[-2] - J + q_len  # tokens added after the prompt, this call's included
         kept = self.slot_valid[:, None, None, :].expand(B, 1, q_len, J)
         if shared is None:
             t = torch.arange(q_len, device=kept.device)[:, None]
@@ -115,11 +138,26 @@ class ReFreeKVLayer(DynamicLayer):
             if not additive:
                 return mask
             return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        new = shared[..., self.prompt_length:self.prompt_length + D].expand(B, 1, q_len, D)
+        new = shared[..., self.compressed_at:self.compressed_at + D].expand(B, 1, q_len, D)
         if shared.dtype == torch.bool:
             return torch.cat([kept, new], dim=-1)
         kept_add = torch.zeros(kept.shape, dtype=shared.dtype, device=shared.device)
         return torch.cat([kept_add.masked_fill(~kept, torch.finfo(shared.dtype).min), new], dim=-1)
+
+
+@dataclass
+class Captured:
+    """What one layer needs to be planned after prefill: its newest input rows and their RoPE."""
+
+    module: torch.nn.Module
+    hidden: torch.Tensor   # (B, R, hidden)
+    cos: torch.Tensor      # (B, R, head_dim)
+    sin: torch.Tensor
+    seconds: float = 0.0   # time spent capturing it (reported with the layer)
+
+    def queries(self, rows: int) -> torch.Tensor:
+        """Post-RoPE queries (B, H, rows, d) of the newest ``rows`` positions."""
+        return _queries(self.module, self.hidden[:, -rows:], self.cos[:, -rows:], self.sin[:, -rows:])
 
 
 class ReFreeKVCache(DynamicCache):
@@ -131,95 +169,159 @@ class ReFreeKVCache(DynamicCache):
     """
 
     def __init__(self, model, config: ReFreeKVConfig | None = None):
-        cfg = config if config is not None else ReFreeKVConfig()
-        if not isinstance(cfg, ReFreeKVConfig):
-            raise bad_input("config", f"type {type(cfg).__name__}", "a refreekv.ReFreeKVConfig")
-        text = _text_config(model)
-        cfg.check_layers(text.num_hidden_layers)
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl not in SUPPORTED_ATTENTION:
-            raise bad_input("model", f"attn_implementation {impl!r}",
-                            f"one of {SUPPORTED_ATTENTION} (each compressed layer needs its own mask)")
-        max_pos = getattr(text, "max_position_embeddings", None)
-        if max_pos is not None and cfg.sinks >= max_pos:
-            raise bad_input("sinks", cfg.sinks, f"fewer sinks than the model's context ({max_pos})")
-        if not attention_modules(model):
-            raise bad_input("model", type(model).__name__, "a causal LM whose attention modules have q_proj")
+        cfg = _check_model(model, config)
         super().__init__(config=model.config)
         self.layers = [ReFreeKVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         self.refreekv_config = cfg
-        self.additive_mask = impl == "eager"
-        self.report = BudgetReport()
+        self.additive_mask = model.config._attn_implementation == "eager"
+        self.history = engine.History()
         self.planned_layers: set[int] = set()  # layers seen at prefill (ReFreeKV runs once each)
         self.last_layer = attention_modules(model)[-1].layer_idx
-        # Layers prefilled but not compressed yet: (module, queries' inputs, start, seconds spent).
-        self._pending: list[tuple] = []
+        self._pending: list[Captured] = []
         self._mask_start: tuple[torch.Tensor | None, list[int]] | None = None
+        self._start: list[int] = []
+        self._skips: list = []  # reports of layers left alone, added to the next compression's report
+        self._generated: dict[int, list] = {}  # replan_every: each layer's newest generated rows
+
+    @property
+    def report(self) -> BudgetReport:
+        """The newest compression's per-layer report (empty before the prefill)."""
+        return self.history.report
+
+    @classmethod
+    def from_prefill(cls, prefill: Prefill, config: ReFreeKVConfig | None = None) -> ReFreeKVCache:
+        """A compressed cache built from a captured plain prefill, as if ``config`` had been
+        active during it: same plan, same K/V, same report. ``prefill`` is not modified (tensors
+        it holds are shared, never written), so one prefill serves many configurations."""
+        if not isinstance(prefill, Prefill):
+            raise bad_input("prefill", f"type {type(prefill).__name__}", "a Prefill from capture_prefill(...)")
+        cache = cls(prefill.model, config)
+        for i, (mine, src) in enumerate(zip(cache.layers, prefill.cache.layers)):
+            if src.keys is None:
+                continue
+            mine.lazy_initialization(src.keys, src.values)
+            mine.keys, mine.values = src.keys, src.values
+            cache.planned_layers.add(i)
+        need = cache.refreekv_config.rows_needed(int(prefill.lengths.max()))
+        if need > prefill.rows:
+            raise bad_input("config", f"a configuration that needs {need} query rows",
+                            f"at most the {prefill.rows} rows captured (capture_prefill(..., configs=[config]))")
+        items = []
+        for cap in prefill.captured:
+            layer = cache.layers[cap.module.layer_idx]
+            if isinstance(layer, ReFreeKVLayer):
+                items.append(cap)
+            else:
+                cache._record_skip(cap.module.layer_idx, layer)
+        cache._compress(items, prefill.start, prefill.plans)
+        return cache
 
     # -- called by the hooks ------------------------------------------------------------------
     def defer(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               mask: torch.Tensor | None) -> None:
-        """Keep what layer ``module.layer_idx`` needs for ReFreeKV (its last prompt rows and the
-        padding) and, once the last layer has been prefilled, compress every layer together.
+        """Keep what layer ``module.layer_idx`` needs (its newest rows and the padding) and, once
+        the last layer has run, compress every layer together: after the prefill, and (with
+        ``replan="turns"``) after every later segment of two or more tokens.
 
-        Why wait: ``compress_layers`` then plans all layers with one sequence of small array
-        operations and one host read, instead of one per layer run between two layers of the
-        model (where, on a CPU, they also found the caches cold). The full cache exists until
-        the end of prefill either way: every layer's K/V is there once the last layer has run.
+        Why wait for the last layer: ``compress_layers`` then plans all layers as one batch with
+        one host read, instead of once per layer between two layers of the model. The full cache
+        exists until the end of the call either way: every layer's K/V is there once the last
+        layer has run.
         """
         t0 = time.perf_counter()
         idx = module.layer_idx
-        self.planned_layers.add(idx)
         layer = self.layers[idx]
+        first = idx not in self.planned_layers
+        self.planned_layers.add(idx)
         if isinstance(layer, ReFreeKVLayer):
             B, _, n, _ = layer.keys.shape
-            if self._mask_start is None or self._mask_start[0] is not mask:  # layers share one mask
+            if first and (self._mask_start is None or self._mask_start[0] is not mask):  # layers share one mask
                 self._mask_start = (mask, _left_padding(mask, n, B))
-            # A retained layer needs no queries: the last row is enough for compress_layers' report.
-            rows = 1 if self.refreekv_config.is_retained(idx) else self.refreekv_config.rows_needed(n)
-            saved = (hidden[:, -rows:].clone(), cos[:, -rows:].clone(), sin[:, -rows:].clone())
-            self._pending.append((module, saved, self._mask_start[1], time.perf_counter() - t0))
-        else:
-            self._record_skip(idx, layer, "sliding-window layer (left alone)")
+            # A retained layer needs no queries: its last row is enough for the report.
+            rows = 1 if self.refreekv_config.is_retained(idx) else engine.capture_rows(self.refreekv_config, n)
+            self._pending.append(Captured(module, hidden[:, -rows:].clone(), cos[:, -rows:].clone(),
+                                          sin[:, -rows:].clone(), time.perf_counter() - t0))
+            self._start = self._mask_start[1] if first else [0]
+        elif first:
+            self._record_skip(idx, layer)
         if idx == self.last_layer:
             self._mask_start = None
             pending, self._pending = self._pending, []
-            self.compress(pending)
+            self._compress(pending, self._start)
 
-    def compress(self, pending: list[tuple]) -> None:
-        """ReFreeKV on the prefilled layers in ``pending``, planned together (per group of equal
-        shapes; one group in the usual model). Each layer's report time is its share of the
-        planning, plus its eviction, its query recompute and its capture in the hook."""
+    def segment(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """A call on an already planned cache: a new prompt segment (two or more tokens) is planned
+        with ``replan="turns"``; generated tokens are counted and buffered for ``replan_every``."""
+        cfg = self.refreekv_config
+        q_len, B = hidden.shape[1], hidden.shape[0]
+        if q_len >= 2 and cfg.replan == "turns":
+            if B != 1:
+                raise bad_input("replan", repr(cfg.replan), f'"once" for a batch of {B} (re-planning needs batch size 1)')
+            self._generated.clear()
+            self.defer(module, hidden, cos, sin, None)
+        elif q_len == 1 and cfg.replan_every > 0 and B == 1:
+            buf = self._generated.setdefault(module.layer_idx, [])
+            buf.append((module, hidden, cos, sin))
+            del buf[:-engine.capture_rows(cfg, 1 << 30)]
+            if module.layer_idx == self.last_layer and len(buf) >= cfg.replan_every:
+                items = [Captured(m, torch.cat([h for _, h, _, _ in b], 1), torch.cat([c for _, _, c, _ in b], 1),
+                                  torch.cat([s for _, _, _, s in b], 1)) for b in self._generated.values()
+                         for m in [b[0][0]] if isinstance(self.layers[m.layer_idx], ReFreeKVLayer)]
+                self._generated.clear()
+                self._compress(items, [0])
+
+    def _record_skip(self, idx: int, layer) -> None:
+        n = [int(layer.keys.shape[-2])] * layer.keys.shape[0]
+        self._skips.append(engine.skipped(idx, engine.SLIDING, n, layer.keys, layer.values))
+
+    def _compress(self, items: list[Captured], start: list[int], memo: dict | None = None) -> None:
+        """Plan the captured layers together (per group of equal shapes; one group after a prefill)
+        and store what each keeps. Each layer's report time is its share of the planning, its
+        eviction, its query recompute and its capture in the hook. A later segment scores with its
+        own rows, at most as many as it has."""
         t0 = time.perf_counter()
-        qs = {module.layer_idx: _queries(module, *saved) for module, saved, _, _ in pending}
-        q_s = (time.perf_counter() - t0) / max(1, len(pending))  # each layer's share of the recompute
-        groups: dict[tuple, list[tuple]] = {}
-        for item in pending:
-            module, _, start, _ = item
-            K, q = self.layers[module.layer_idx].keys, qs[module.layer_idx]
-            groups.setdefault((tuple(K.shape), K.dtype, tuple(q.shape), tuple(start)), []).append(item)
-        for items in groups.values():
-            first = items[0][0].layer_idx
-            size = _joint_layers(self.layers[first].keys, qs[first]) or len(items)
-            for chunk in (items[i:i + size] for i in range(0, len(items), size)):
-                layers = [self.layers[m.layer_idx] for m, _, _, _ in chunk]
-                outs = refreekv.compress_layers(
-                    [qs[m.layer_idx] for m, _, _, _ in chunk], [lay.keys for lay in layers],
-                    [lay.values for lay in layers], self.refreekv_config,
-                    layers=[m.layer_idx for m, _, _, _ in chunk], start=chunk[0][2],
-                    scale=[m.scaling for m, _, _, _ in chunk])
-                for (_, _, _, spent), layer, out in zip(chunk, layers, outs):
+        cfg = self.refreekv_config
+        planned = [c for c in items if not cfg.is_retained(c.module.layer_idx)]
+        captured = min((c.hidden.shape[1] for c in planned), default=1)
+        most = max((self.layers[c.module.layer_idx].keys.shape[-2] for c in planned), default=1)
+        if planned and cfg.rows_needed(most) > captured:
+            cfg = dataclasses.replace(cfg, query_rows=min(cfg.rows_for(most), captured))
+        if planned and cfg.rows_needed(most) > captured:
+            raise bad_input("replan", repr(self.refreekv_config.replan), f"a ranking whose rows a {captured}-token "
+                            f"segment holds (ranking={cfg.ranking!r} needs {cfg.rows_needed(most)})")
+        qs = {}
+        for cap in items:
+            n = self.layers[cap.module.layer_idx].keys.shape[-2]
+            rows = 1 if cfg.is_retained(cap.module.layer_idx) else cfg.rows_needed(n)
+            qs[cap.module.layer_idx] = cap.queries(min(rows, cap.hidden.shape[1]))
+        q_s = (time.perf_counter() - t0) / max(1, len(items))  # each layer's share of the recompute
+        groups: dict[tuple, list[Captured]] = {}
+        for cap in items:
+            K, q = self.layers[cap.module.layer_idx].keys, qs[cap.module.layer_idx]
+            groups.setdefault((tuple(K.shape), K.dtype, tuple(q.shape)), []).append(cap)
+        reports, self._skips = self._skips, []
+        for group in groups.values():
+            first = group[0].module.layer_idx
+            size = _joint_layers(self.layers[first].keys, qs[first]) or len(group)
+            for chunk in (group[i:i + size] for i in range(0, len(group), size)):
+                layers = [self.layers[c.module.layer_idx] for c in chunk]
+                args = ([qs[c.module.layer_idx] for c in chunk], [lay.keys for lay in layers],
+                        [lay.values for lay in layers], cfg)
+                kw = dict(start=start, scale=[c.module.scaling for c in chunk])
+                reuse = None
+                if memo is not None and not all(cfg.is_retained(c.module.layer_idx) for c in chunk):
+                    # one prefill, many configurations: score each ranking once
+                    key = (tuple(getattr(cfg, f) for f in ORDER_FIELDS), tuple(c.module.layer_idx for c in chunk))
+                    if key not in memo:
+                        memo[key] = refreekv.plan_layers(*args[:2], cfg, **kw)
+                    reuse = memo[key]
+                outs = refreekv.compress_layers(*args, layers=[c.module.layer_idx for c in chunk], reuse=reuse, **kw)
+                for cap, layer, out in zip(chunk, layers, outs):
                     if out.valid is not None:
-                        layer.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])
-                    out.report.seconds += spent + q_s
-                    self.report.layers.append(out.report)
-        self.report.layers.sort(key=lambda r: r.layer)  # sliding-window layers were reported first
-
-    def _record_skip(self, idx: int, layer, reason: str) -> None:
-        k = layer.keys
-        size = k.numel() * k.element_size() * 2
-        n = [int(k.shape[-2])] * k.shape[0]
-        self.report.layers.append(LayerReport(idx, False, reason, n, n, size, size, 0.0))
+                        layer.store_compressed(out.keys, out.values, out.valid, layer.get_seq_length())
+                    out.report.seconds += cap.seconds + q_s
+                    reports.append(out.report)
+        self.history.add(reports)
 
 
 #: On a CPU, plan at most this many bytes of stacked scores together (scripts/joint_planning_sweep.py,
@@ -231,11 +333,11 @@ CPU_JOINT_BYTES = 8 << 20
 
 
 def _joint_layers(keys: torch.Tensor, q: torch.Tensor) -> int | None:
-    """How many layers to plan together (their float32 scores are (B, H, n) each), or None for all."""
+    """How many layers to plan together (their float32 scores are (B, H, k, n) each), or None for all."""
     if keys.device.type != "cpu":
         return None
-    B, H = q.shape[:2]
-    return max(1, CPU_JOINT_BYTES // (B * H * keys.shape[-2] * 4))
+    B, H, k = q.shape[:3]
+    return max(1, CPU_JOINT_BYTES // (B * H * k * keys.shape[-2] * 4))
 
 
 def _left_padding(mask: torch.Tensor | None, n: int, batch: int) -> list[int]:
@@ -270,7 +372,7 @@ def _cache_of(kwargs) -> ReFreeKVCache | None:
 
 
 def _pre_hook(module, args, kwargs):
-    """Give a compressed layer a mask of its own for this decode call."""
+    """Give a compressed layer a mask of its own for this call."""
     cache = _cache_of(kwargs)
     if cache is None or module.layer_idx >= len(cache.layers):
         return None
@@ -286,22 +388,26 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    """Compress this layer right after its prefill (the first call that fills it)."""
+    """Capture this layer's newest rows after its prefill (the first call that fills it), and after
+    later calls when the configuration re-plans."""
     cache = _cache_of(kwargs)
     if cache is None:
         return None
-    if module.layer_idx in cache.planned_layers:
-        return None
     cos, sin = kwargs["position_embeddings"]
+    cfg = cache.refreekv_config
     with torch.no_grad():
-        cache.defer(module, kwargs["hidden_states"], cos, sin, kwargs.get("attention_mask"))
+        if module.layer_idx not in cache.planned_layers:
+            cache.defer(module, kwargs["hidden_states"], cos, sin, kwargs.get("attention_mask"))
+        elif cfg.replan != "once" or cfg.replan_every > 0:
+            cache.segment(module, kwargs["hidden_states"], cos, sin)
     return None
 
 
 @contextmanager
 def refreekv_hooks(model):
     """Switch ReFreeKV on for ``model`` inside the block: registers a forward pre-hook and a
-    forward hook on every attention module, and removes them on exit (also on error)."""
+    forward hook on every attention module, and removes them on exit (also on error or
+    KeyboardInterrupt)."""
     handles = []
     try:
         for m in attention_modules(model):
@@ -314,7 +420,7 @@ def refreekv_hooks(model):
 
 
 def cache_kwarg(model) -> str:
-    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier 5.x)."""
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (earlier versions)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -324,3 +430,65 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
     with refreekv_hooks(model):
         out = model.generate(**generate_kwargs, **{cache_kwarg(model): cache})
     return out, cache
+
+
+# -- prefill once, compress many ways ------------------------------------------------------------
+
+@dataclass
+class Prefill:
+    """A plain full-cache prefill with each full-attention layer's newest input rows captured.
+
+    ``cache`` is the full ``DynamicCache``; ``logits`` (B, V) the last position's; ``captured``
+    one ``Captured`` per attention layer; ``start`` per-sample left padding; ``lengths`` the real
+    prompt length per sample; ``rows`` how many rows were captured per layer.
+    """
+
+    model: torch.nn.Module
+    cache: DynamicCache
+    logits: torch.Tensor
+    captured: list[Captured]
+    start: list[int]
+    lengths: torch.Tensor
+    rows: int
+    #: plans already made from this prefill, by ranking settings: reused by ``from_prefill``
+    plans: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def capture_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    configs: ReFreeKVConfig | list[ReFreeKVConfig] | None = None, rows: int | None = None) -> Prefill:
+    """Prefill ``input_ids`` (B, n) with a plain cache, keeping what ``ReFreeKVCache.from_prefill``
+    needs for every configuration in ``configs`` (or the newest ``rows`` rows per layer)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise bad_input("input_ids", f"{type(input_ids).__name__} of shape {getattr(input_ids, 'shape', None)}",
+                        "a (B, n) LongTensor with n >= 1")
+    cfgs = [_check_model(model, None)] if configs is None else \
+        [_check_model(model, c) for c in ([configs] if isinstance(configs, ReFreeKVConfig) else configs)]
+    n = input_ids.shape[1]
+    R = rows if rows is not None else engine.capture_rows(cfgs, n)
+    R = min(n, int(R))
+    captured, masks = [], []
+
+    def grab(module, args, kwargs, output):
+        t0 = time.perf_counter()
+        cos, sin = kwargs["position_embeddings"]
+        hidden = kwargs["hidden_states"]
+        captured.append(Captured(module, hidden[:, -R:].clone(), cos[:, -R:].clone(), sin[:, -R:].clone()))
+        captured[-1].seconds = time.perf_counter() - t0
+        masks.append(kwargs.get("attention_mask"))
+
+    cache = DynamicCache(config=model.config)
+    handles = [m.register_forward_hook(grab, with_kwargs=True) for m in attention_modules(model)]
+    try:
+        kwargs = {cache_kwarg(model): cache}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        logits = model(input_ids=input_ids, **kwargs).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    B = input_ids.shape[0]
+    full = [m for cap, m in zip(captured, masks) if not getattr(cache.layers[cap.module.layer_idx], "is_sliding", False)]
+    start = _left_padding(full[0], n, B) if attention_mask is not None and full else [0] * B
+    lengths = n - torch.tensor(start)
+    return Prefill(model, cache, logits, captured, start, lengths, R)

@@ -12,7 +12,10 @@ from .steps import (
     model_budget,
     norm_ratio_curve,
     plan_layer,
+    pooled_scores,
     position_ranking,
+    ranking_scores,
+    rows_for,
     snapkv_scores,
     threshold_cut,
 )
@@ -20,5 +23,6 @@ from .steps import (
 __all__ = [
     "attention_ranking", "attention_row", "attention_rows", "evict", "fixed_budget_cut",
     "h2o_scores", "kept_positions", "kv_bytes", "model_budget", "norm_ratio_curve", "plan_layer",
-    "position_ranking", "snapkv_scores", "threshold_cut",
+    "pooled_scores", "position_ranking", "ranking_scores", "rows_for",
+    "snapkv_scores", "threshold_cut",
 ]

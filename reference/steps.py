@@ -58,12 +58,13 @@ def attention_rows(q_rows, keys, *, start=None, scale=None, rows=None) -> np.nda
     return out
 
 
-def attention_row(q_rows, keys, *, start=None, scale=None, rows=None) -> np.ndarray:
+def attention_row(q_rows, keys, *, start=None, scale=None, rows=None, combine="mean") -> np.ndarray:
     """The score row ``a`` of ReFreeKV (SPEC §2, paper Eq. 2).
 
-    With ``k = 1`` this is the attention row of the last prompt token. With ``k > 1`` it is the
-    mean of the last ``k`` causal rows where each column is divided by its number of causally
-    visible rows: ``a[p] = sum_i A[i, p] / #{used rows i : p <= n - k + i}``. ``rows`` as in
+    With ``k = 1`` this is the attention row of the last prompt token. With ``k > 1`` and
+    ``combine="mean"`` it is the mean of the last ``k`` causal rows where each column is divided
+    by its number of causally visible rows: ``a[p] = sum_i A[i, p] / #{used rows i : p <= n - k + i}``.
+    With ``combine="max"``: ``a[p] = max_i A[i, p]`` over the used rows. ``rows`` as in
     ``attention_rows``.
 
     q_rows: (B, H, k, d); keys: (B, Hkv, n, d) -> (B, H, n) float64.
@@ -75,8 +76,11 @@ def attention_row(q_rows, keys, *, start=None, scale=None, rows=None) -> np.ndar
     for b, s in enumerate(_starts(start, B)):
         for p in range(s, n):
             visible = [i for i in range(k - used[b], k) if n - k + i >= p and n - k + i >= s]
-            if visible:
-                a[b, :, p] = A[b, :, visible, p].sum(axis=0) / len(visible)
+            if not visible:
+                continue
+            for h in range(H):
+                column = [A[b, h, i, p] for i in visible]
+                a[b, h, p] = max(column) if combine == "max" else sum(column) / len(column)
     return a
 
 
@@ -125,6 +129,23 @@ def snapkv_scores(q_rows, keys, *, window: int, pool_kernel: int, start=None, sc
     return pooled
 
 
+def pooled_scores(a, num_kv_heads: int, *, pool_kernel: int, start=None) -> np.ndarray:
+    """The "pooled" ranking's importance: the score row ``a`` itself, averaged over each KV
+    group's query heads, then max-pooled over positions with a centred window of
+    ``pool_kernel`` (clipped at the sample's ends). a: (B, H, n) -> (B, Hkv, n)."""
+    a = np.asarray(a, dtype=np.float64)
+    B, H, n = a.shape
+    g = H // num_kv_heads
+    out = np.zeros((B, num_kv_heads, n))
+    r = pool_kernel // 2
+    for b, s in enumerate(_starts(start, B)):
+        for j in range(num_kv_heads):
+            mean = [sum(a[b, h, p] for h in range(j * g, (j + 1) * g)) / g for p in range(n)]
+            for p in range(s, n):
+                out[b, j, p] = max(mean[max(s, p - r):min(n, p + r + 1)])
+    return out
+
+
 def attention_ranking(scores, *, sinks: int, window: int, start=None) -> np.ndarray:
     """An attention-based ranking (the baselines' and the paper's ablation, SPEC §5).
 
@@ -149,12 +170,16 @@ def attention_ranking(scores, *, sinks: int, window: int, start=None) -> np.ndar
     return order
 
 
-def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", start=None) -> np.ndarray:
-    """The Uni-Metric for every prefix length (SPEC §3.3-3.4).
+def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", start=None, norm: str = "l2",
+                     heads: str = "mean") -> np.ndarray:
+    """The halting quantity for every prefix length (SPEC §3.3-3.4).
 
-    For head ``h`` and a prefix of length ``j`` of its KV group's ranking,
-    ``kept[h, j] = sqrt(sum_{first j ranked p} a[h, p]^2)``; ``full[h] = kept[h, n_b]``.
-    ``ratio[j] = 1 - mean_h kept[h, j] / mean_h full[h]`` (0 when the full norm is 0).
+    For head ``h`` and a prefix of length ``j`` of its KV group's ranking, with ``norm="l2"``
+    (the paper): ``kept[h, j] = sqrt(sum_{first j ranked p} a[h, p]^2)``; with ``norm="l1"``:
+    ``kept[h, j] = sum_{first j ranked p} a[h, p]`` (the attention mass). ``full[h] = kept[h, n_b]``.
+    ``heads="mean"`` (the paper's Uni-Metric): ``ratio[j] = 1 - mean_h kept[h, j] / mean_h full[h]``
+    (0 when the full norm is 0). ``heads="max"``: ``ratio[j] = max_h (1 - kept[h, j] / full[h])``,
+    a head with ``full[h] = 0`` counting 0.
     With ``norm_scope="candidates"`` the sinks contribute 0 to both norms (research code);
     with ``"all"`` every position counts (paper text).
     a: (B, H, n), order: (B, Hkv, n) -> ratio (B, n) where ``ratio[b, j-1]`` is prefix length j
@@ -174,8 +199,13 @@ def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", st
             for j in range(n_b):
                 p = order[b, h // g, j]
                 in_scope = norm_scope == "all" or j >= m  # sinks are the first m ranked positions
-                total += a[b, h, p] ** 2 if in_scope else 0.0
-                kept[h, j] = math.sqrt(total)
+                if in_scope:
+                    total += a[b, h, p] ** 2 if norm == "l2" else a[b, h, p]
+                kept[h, j] = math.sqrt(total) if norm == "l2" else total
+        if heads == "max":
+            for j in range(n_b):
+                ratio[b, j] = max(1.0 - kept[h, j] / kept[h, -1] if kept[h, -1] > 0 else 0.0 for h in range(H))
+            continue
         mean_kept = [sum(kept[h, j] for h in range(H)) / H for j in range(n_b)]
         full = mean_kept[-1]  # mean_h full[h], with full[h] = kept[h, n_b]
         if full > 0:
@@ -262,28 +292,51 @@ def model_budget(kept, prompt_lengths, retained) -> np.ndarray:
     return out
 
 
+def rows_for(config, n: int) -> int:
+    """k, the newest prompt queries that make the score row for a prompt of ``n`` tokens: the
+    count ``query_rows``, or the fraction ``query_rows`` of n rounded (at least 1), at most n."""
+    k = config.query_rows
+    rows = k if isinstance(k, int) else max(1, round(k * n))
+    return min(rows, n)
+
+
+def ranking_scores(config, q_rows, keys, a, *, start=None, scale=None):
+    """The scores an attention ranking orders by (None for the position ranking): H2O over
+    every given query, SnapKV over the last ``window`` queries, or "pooled" from the score row a.
+    -> (B, Hkv, n) or None."""
+    if config.ranking == "position":
+        return None
+    if config.ranking == "h2o":
+        return h2o_scores(q_rows, keys, start=start, scale=scale)
+    if config.ranking == "snapkv":
+        return snapkv_scores(q_rows, keys, window=config.window, pool_kernel=config.pool_kernel,
+                             start=start, scale=scale)
+    if config.ranking == "pooled":
+        return pooled_scores(a, np.asarray(keys).shape[1], pool_kernel=config.pool_kernel, start=start)
+    raise ValueError(f"the reference has no ranking {config.ranking!r}")
+
+
 def plan_layer(q_rows, keys, config, *, start=None, scale=None) -> dict:
     """One layer's decision, composed from the steps above exactly as SPEC §3 orders them.
 
     ``config`` is any object with the attributes of ``refreekv.ReFreeKVConfig``; ``q_rows`` must
-    hold at least ``config.rows_needed(n)`` rows (the last prompt queries).
+    hold the newest prompt queries (at least as many as the configuration needs).
     Returns ``{"a", "order", "ratio", "cut", "idx", "valid"}``.
     """
     q = _q4(q_rows)
     K = np.asarray(keys, dtype=np.float64)
     B, Hkv, n = K.shape[0], K.shape[1], K.shape[2]
-    rows = [config.rows_for(n - s) for s in _starts(start, B)]  # k per sample, from its own n_b
-    a = attention_row(q, K, start=start, scale=scale, rows=rows)
-    if config.ranking == "position":
+    rows = [rows_for(config, n - s) for s in _starts(start, B)]  # k per sample, from its own n_b
+    k_score = max(rows)
+    a = attention_row(q[:, :, q.shape[2] - k_score:], K, start=start, scale=scale, rows=rows,
+                      combine=config.combine)
+    scores = ranking_scores(config, q, K, a, start=start, scale=scale)
+    if scores is None:
         order = position_ranking(B, Hkv, n, sinks=config.sinks, start=start)
-    elif config.ranking == "h2o":
-        order = attention_ranking(h2o_scores(q, K, start=start, scale=scale),
-                                  sinks=config.sinks, window=config.window, start=start)
     else:
-        scores = snapkv_scores(q, K, window=config.window, pool_kernel=config.pool_kernel,
-                               start=start, scale=scale)
         order = attention_ranking(scores, sinks=config.sinks, window=config.window, start=start)
-    ratio = norm_ratio_curve(a, order, sinks=config.sinks, norm_scope=config.norm_scope, start=start)
+    ratio = norm_ratio_curve(a, order, sinks=config.sinks, norm_scope=config.norm_scope, start=start,
+                             norm=config.norm, heads=config.heads)
     if config.halting == "threshold":
         cut = threshold_cut(ratio, threshold=config.threshold, sinks=config.sinks, start=start)
     else:

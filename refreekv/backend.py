@@ -1,143 +1,248 @@
 """The small array interface the core is written against, and dispatch by array type.
 
-Like einops' ``_backends``: a backend is a small class, its framework is imported in its
-``__init__``, and dispatch looks at ``sys.modules`` first so that nothing unused is imported.
-Arithmetic, comparisons and basic indexing (``x[:, None]``, ``x[..., :J]``) use the arrays' own
-operators, which NumPy, torch and MLX share; everything else goes through these methods.
+Like einops' ``_backends``: a backend is a small class, its framework is imported in its module,
+and dispatch looks at ``sys.modules`` first so that nothing unused is imported.
 
-An adapter may also override a whole step of ``refreekv.core`` (e.g. with a fused kernel) by
-defining a method of the same name; the conformance suite then holds it to the same results.
+Two levels:
+
+- ``Backend`` names every primitive the core uses (about 25: conversion, ``matmul``, ``where``,
+  ``cumsum``, a stable ``argsort``, ...). Arithmetic, comparisons and basic indexing
+  (``x[:, None]``, ``x[..., :J]``) use the arrays' own operators.
+- ``ArrayAPIBackend`` implements all of them with the Python array API standard's names on a
+  namespace ``xp``. A library that follows the standard needs only ``name``, ``framework``,
+  ``xp`` and ``is_appropriate``; NumPy, torch and MLX override only what differs
+  (``refreekv/adapters/backends/``).
+
+A backend may replace whole steps of ``refreekv.core`` (a fused kernel) by *declaring* them:
+``steps = {"evict": my_evict}``, each function taking the backend first, like the core's. Only
+names in ``STEPS`` are accepted, checked when the class is created: a misspelt step is an
+error, never a silent fallback. The conformance suite holds a declared step to the reference.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import numpy as np
 
 Array = Any
 
 #: dtype names the core accepts as model tensors.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
+#: The steps of ``refreekv.core`` a backend may replace with its own function (same signature).
+STEPS = ("attention_scores", "attention_rows", "attention_row", "position_ranking", "h2o_scores",
+         "snapkv_scores", "window_scores", "attention_ranking", "norm_ratio_curve", "threshold_cut",
+         "kept_positions", "position_kept_positions", "evict", "evict_runs")
 
-class Backend(ABC):
-    """Array operations for one framework. Subclass, implement every abstract method, and
-    ``register_backend`` the class (or name it to the conformance suite)."""
+
+class Backend:
+    """Array operations for one framework: the contract the core relies on.
+
+    Subclass ``ArrayAPIBackend`` when your arrays follow the array API standard (override what
+    differs), or this class to write every primitive yourself. Register it with
+    ``refreekv.register_backend`` or name it to the conformance suite.
+    """
 
     #: short name used in messages and reports ("numpy", "torch", "mlx", ...)
-    name: str = "abstract"
+    name: ClassVar[str] = "abstract"
     #: the module that must already be imported for this backend to be considered
-    framework: str = ""
+    framework: ClassVar[str] = ""
+    #: input dtypes the conformance suite tests by default
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    #: declared fused steps: step name (one of ``STEPS``) -> function(backend, *step args)
+    steps: ClassVar[Mapping[str, Callable]] = MappingProxyType({})
 
-    @abstractmethod
-    def is_appropriate(self, x: Array) -> bool: ...
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.steps) - set(STEPS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.steps: received {unknown}; expected step names from "
+                            f"refreekv.backend.STEPS {STEPS}")
+        cls.steps = MappingProxyType(dict(cls.steps))
+
+    def is_appropriate(self, x: Array) -> bool:
+        raise NotImplementedError
 
     # -- conversion ---------------------------------------------------------------------------
-    @abstractmethod
     def from_numpy(self, a, dtype: str | None = None, like: Array | None = None) -> Array:
         """A native array from a NumPy array (on ``like``'s device when given)."""
+        raise NotImplementedError
 
-    @abstractmethod
-    def to_numpy(self, x: Array):
-        """A NumPy copy (the only host transfer the core makes is of the cut)."""
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """A NumPy copy (the core reads the host once per plan: the cuts and the finiteness flags)."""
+        raise NotImplementedError
 
-    @abstractmethod
-    def dtype_name(self, x: Array) -> str: ...
+    def dtype_name(self, x: Array) -> str:
+        raise NotImplementedError
 
-    @abstractmethod
-    def astype(self, x: Array, dtype: str) -> Array: ...
+    def astype(self, x: Array, dtype: str) -> Array:
+        raise NotImplementedError
 
     def shape(self, x: Array) -> tuple[int, ...]:
         return tuple(int(s) for s in x.shape)
 
-    @abstractmethod
-    def nbytes(self, x: Array) -> int: ...
+    def nbytes(self, x: Array) -> int:
+        raise NotImplementedError
 
-    # -- creation -----------------------------------------------------------------------------
-    @abstractmethod
     def arange(self, n: int, like: Array) -> Array:
         """int64 ``[0, n)`` on ``like``'s device."""
+        raise NotImplementedError
 
-    # -- math ---------------------------------------------------------------------------------
-    @abstractmethod
-    def matmul(self, a: Array, b: Array) -> Array: ...
-
-    @abstractmethod
-    def swap_last(self, x: Array) -> Array:
-        """Swap the last two axes (a view where the framework has views)."""
-
-    @abstractmethod
-    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array: ...
-
-    @abstractmethod
-    def where(self, cond: Array, a: Array | float, b: Array | float) -> Array: ...
-
-    @abstractmethod
-    def exp(self, x: Array) -> Array: ...
-
-    @abstractmethod
-    def sqrt(self, x: Array) -> Array: ...
-
-    @abstractmethod
-    def maximum(self, a: Array, b: Array) -> Array: ...
-
-    @abstractmethod
-    def minimum(self, a: Array, b: Array) -> Array: ...
-
-    @abstractmethod
-    def amax(self, x: Array, axis: int, keepdims: bool = False) -> Array: ...
-
-    @abstractmethod
-    def sum(self, x: Array, axis: int, keepdims: bool = False) -> Array: ...
-
-    @abstractmethod
-    def mean(self, x: Array, axis: int, keepdims: bool = False) -> Array: ...
-
-    @abstractmethod
-    def cumsum(self, x: Array, axis: int) -> Array: ...
-
-    @abstractmethod
-    def all_finite(self, x: Array) -> Array:
-        """A 1-element int array: 1 if every value is finite (stays on device). A float sum is
-        enough: NaN and inf propagate through it (it could only overflow for values near 1e33)."""
-
-    # -- indexing and ordering ----------------------------------------------------------------
-    @abstractmethod
-    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
-        """``idx`` has x's rank; sizes other than ``axis`` may be 1 and broadcast."""
-
-    @abstractmethod
-    def argsort_stable(self, x: Array, axis: int = -1) -> Array:
-        """Ascending, equal keys keep their order (int64). Tie order is part of the spec."""
-
-    @abstractmethod
-    def sort(self, x: Array, axis: int = -1) -> Array: ...
-
-    @abstractmethod
-    def argmax(self, x: Array, axis: int) -> Array:
-        """Index of the FIRST maximum (int64)."""
-
-    @abstractmethod
-    def concat(self, xs: list[Array], axis: int) -> Array: ...
-
-    @abstractmethod
     def full(self, shape: tuple[int, ...], value: float, like: Array) -> Array:
         """An array of ``like``'s dtype and device."""
+        raise NotImplementedError
 
-    @abstractmethod
-    def broadcast_to(self, x: Array, shape: tuple[int, ...]) -> Array: ...
+    # -- math ---------------------------------------------------------------------------------
+    def matmul(self, a: Array, b: Array) -> Array: raise NotImplementedError
+    def swap_last(self, x: Array) -> Array: raise NotImplementedError
+    def reshape(self, x: Array, shape: tuple[int, ...]) -> Array: raise NotImplementedError
+    def where(self, cond: Array, a, b) -> Array: raise NotImplementedError
+    def exp(self, x: Array) -> Array: raise NotImplementedError
+    def sqrt(self, x: Array) -> Array: raise NotImplementedError
+    def maximum(self, a: Array, b: Array) -> Array: raise NotImplementedError
+    def minimum(self, a: Array, b: Array) -> Array: raise NotImplementedError
+    def amax(self, x: Array, axis: int, keepdims: bool = False) -> Array: raise NotImplementedError
+    def sum(self, x: Array, axis: int, keepdims: bool = False) -> Array: raise NotImplementedError
+    def mean(self, x: Array, axis: int, keepdims: bool = False) -> Array: raise NotImplementedError
+    def cumsum(self, x: Array, axis: int) -> Array: raise NotImplementedError
 
-    @abstractmethod
-    def flip(self, x: Array, axis: int) -> Array: ...
+    def all_finite(self, x: Array) -> Array:
+        """A 1-element int64 array: 1 if every value of ``x`` is finite (stays on device)."""
+        raise NotImplementedError
+
+    # -- indexing and ordering ----------------------------------------------------------------
+    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
+        """``idx`` has x's rank; sizes other than ``axis`` may be 1 and broadcast."""
+        raise NotImplementedError
+
+    def argsort_stable(self, x: Array, axis: int = -1) -> Array:
+        """Ascending, equal keys keep their order (int64). Tie order is part of the spec."""
+        raise NotImplementedError
+
+    def sort(self, x: Array, axis: int = -1) -> Array: raise NotImplementedError
+
+    def argmax(self, x: Array, axis: int) -> Array:
+        """Index of the FIRST maximum (int64)."""
+        raise NotImplementedError
+
+    def concat(self, xs: list[Array], axis: int) -> Array: raise NotImplementedError
+    def broadcast_to(self, x: Array, shape: tuple[int, ...]) -> Array: raise NotImplementedError
+    def flip(self, x: Array, axis: int) -> Array: raise NotImplementedError
+
+
+class ArrayAPIBackend(Backend):
+    """Every primitive through the array API standard's names on the namespace ``xp``."""
+
+    #: the array namespace (``numpy``, ``array_api_strict``, ...)
+    xp: ClassVar[Any] = None
+
+    def _dtype(self, name: str):
+        return getattr(self.xp, name)
+
+    def from_numpy(self, a, dtype=None, like=None):
+        a = np.asarray(a)
+        x = self.xp.asarray(a if dtype in (None, "bfloat16") else a.astype(dtype))
+        return x if dtype != "bfloat16" else self.astype(x, dtype)
+
+    def to_numpy(self, x):
+        return np.asarray(x)
+
+    def dtype_name(self, x) -> str:
+        return str(x.dtype).rsplit(".", 1)[-1]
+
+    def astype(self, x, dtype):
+        return self.xp.astype(x, self._dtype(dtype))
+
+    def nbytes(self, x) -> int:
+        return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(self.dtype_name(x)).itemsize
+
+    def arange(self, n, like):
+        return self.xp.arange(n, dtype=self.xp.int64, device=getattr(like, "device", None))
+
+    def full(self, shape, value, like):
+        return self.xp.full(shape, value, dtype=like.dtype, device=getattr(like, "device", None))
+
+    def matmul(self, a, b):
+        return self.xp.matmul(a, b)
+
+    def swap_last(self, x):
+        return self.xp.matrix_transpose(x)
+
+    def reshape(self, x, shape):
+        return self.xp.reshape(x, shape)
+
+    def where(self, cond, a, b):
+        return self.xp.where(cond, a, b)
+
+    def exp(self, x):
+        return self.xp.exp(x)
+
+    def sqrt(self, x):
+        return self.xp.sqrt(x)
+
+    def maximum(self, a, b):
+        return self.xp.maximum(a, b)
+
+    def minimum(self, a, b):
+        return self.xp.minimum(a, b)
+
+    def amax(self, x, axis, keepdims=False):
+        return self.xp.max(x, axis=axis, keepdims=keepdims)
+
+    def sum(self, x, axis, keepdims=False):
+        return self.xp.sum(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x, axis, keepdims=False):
+        return self.xp.mean(x, axis=axis, keepdims=keepdims)
+
+    def cumsum(self, x, axis):
+        return self.xp.cumulative_sum(x, axis=axis)
+
+    def all_finite(self, x):
+        # NaN and inf survive a sum, so one reduction replaces an element-wise isfinite pass.
+        # Summing finite values could overflow only near 1e38 (float32); the score guard then
+        # reports it as an overflow, which it is.
+        xp = self.xp
+        return xp.reshape(xp.astype(xp.isfinite(xp.sum(x)), xp.int64), (1,))
+
+    def take_along_axis(self, x, idx, axis):
+        # The standard's take_along_axis does not broadcast: expand the size-1 axes first.
+        axis = axis % len(x.shape)
+        other = [max(a, b) for a, b in zip(x.shape, idx.shape)]
+        xs, ids = list(other), list(other)
+        xs[axis], ids[axis] = x.shape[axis], idx.shape[axis]
+        xp = self.xp
+        return xp.take_along_axis(xp.broadcast_to(x, tuple(xs)), xp.broadcast_to(idx, tuple(ids)), axis=axis)
+
+    def argsort_stable(self, x, axis=-1):
+        return self.xp.argsort(x, axis=axis, stable=True)
+
+    def sort(self, x, axis=-1):
+        return self.xp.sort(x, axis=axis)
+
+    def argmax(self, x, axis):
+        return self.xp.argmax(x, axis=axis)
+
+    def concat(self, xs, axis):
+        return self.xp.concat(xs, axis=axis)
+
+    def broadcast_to(self, x, shape):
+        return self.xp.broadcast_to(x, shape)
+
+    def flip(self, x, axis):
+        return self.xp.flip(x, axis=axis)
 
 
 # Built-in backends, imported only once their framework is (einops' trick).
 _BUILTIN = {
-    "numpy": "refreekv.adapters.numpy_backend:NumpyBackend",
-    "torch": "refreekv.adapters.torch_backend:TorchBackend",
-    "mlx": "refreekv.adapters.mlx_backend:MLXBackend",
+    "numpy": "refreekv.adapters.backends.numpy:NumpyBackend",
+    "torch": "refreekv.adapters.backends.torch:TorchBackend",
+    "mlx": "refreekv.adapters.backends.mlx:MLXBackend",
 }
 _registered: list[Backend] = []
 _builtin_loaded: dict[str, Backend] = {}
@@ -146,6 +251,10 @@ _builtin_loaded: dict[str, Backend] = {}
 def register_backend(backend: Backend | type[Backend]) -> Backend:
     """Make refreekv dispatch arrays of another framework to ``backend`` (tried first)."""
     inst = backend() if isinstance(backend, type) else backend
+    if not isinstance(inst, Backend):
+        from .errors import bad_input
+
+        raise bad_input("backend", f"an object of type {type(inst).__name__}", "a refreekv.Backend subclass or instance")
     _registered.insert(0, inst)
     return inst
 
@@ -164,18 +273,26 @@ def builtin_backend(name: str) -> Backend:
     return _builtin_loaded[name]
 
 
-def get_backend(x: Array) -> Backend:
-    """The backend for array ``x``: registered ones first, then the built-ins whose
-    framework is already imported."""
+def find_backend(x: Array) -> Backend | None:
+    """The backend for array ``x`` (registered ones first, then the built-ins whose framework is
+    already imported), or None."""
     for be in _registered:
         if be.is_appropriate(x):
             return be
-    for name in _BUILTIN:
+    for name, path in _BUILTIN.items():
         if name in sys.modules:
             be = builtin_backend(name)
             if be.is_appropriate(x):
                 return be
-    from .errors import bad_input
+    return None
 
-    raise bad_input("array", f"an object of type {type(x).__module__}.{type(x).__name__}",
-                    "a numpy.ndarray, torch.Tensor or mlx.core.array (or a registered backend's array)")
+
+def get_backend(x: Array) -> Backend:
+    """The backend for array ``x``; ReFreeKVError if no backend takes it."""
+    be = find_backend(x)
+    if be is None:
+        from .errors import bad_input
+
+        raise bad_input("array", f"an object of type {type(x).__module__}.{type(x).__name__}",
+                        "a numpy.ndarray, torch.Tensor or mlx.core.array (or a registered backend's array)")
+    return be

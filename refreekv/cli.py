@@ -1,4 +1,8 @@
-"""The ``refreekv`` command: demo, inspect, eval, bench (see ``refreekv <command> --help``)."""
+"""The ``refreekv`` command: demo, inspect, eval, bench (see ``refreekv <command> --help``).
+
+Every command takes the same configuration options, built from ``ReFreeKVConfig``'s fields and
+the rule tables in ``refreekv.rules``: the choices and help lines below are those tables.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import rules
 from .config import ReFreeKVConfig
 from .errors import ReFreeKVError
 
@@ -18,76 +23,114 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"received {text!r}; expected comma-separated integers, e.g. 1024,2048")
 
 
-def _query_rows(text: str) -> int | float:
+def _number(text: str) -> int | float:
     try:
         return int(text)
     except ValueError:
         try:
             return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"received {text!r}; expected an int (count) or a float in (0, 1)")
+            raise argparse.ArgumentTypeError(f"received {text!r}; expected an int (a count) or a float in (0, 1)")
 
 
-def _budget(text: str) -> int | float:
-    return _query_rows(text)
+def _choices(table: dict) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in table.items())
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ReFreeKV configuration (defaults: the paper's)")
-    g.add_argument("--threshold", type=float, default=0.01, help="T, tolerated norm ratio (default 0.01)")
-    g.add_argument("--sinks", type=int, default=4, help="attention-sink tokens always kept (default 4)")
-    g.add_argument("--retained-layers", type=_ints, default=[0, 1], help="layers never compressed (default 0,1)")
-    g.add_argument("--norm-scope", choices=["candidates", "all"], default="candidates")
-    g.add_argument("--query-rows", type=_query_rows, default=1, help="k: int count or fraction of n (default 1)")
-    g.add_argument("--ranking", choices=["position", "h2o", "snapkv"], default="position")
-    g.add_argument("--window", type=int, default=8, help="recent window of the attention rankings")
-    g.add_argument("--halting", choices=["threshold", "ratio", "count"], default="threshold")
-    g.add_argument("--budget", type=_budget, default=None, help="fixed budget for --halting ratio|count")
+    d = ReFreeKVConfig()
+    g = p.add_argument_group("ReFreeKV configuration (defaults: the library's default, ReFreeKVConfig())")
+    g.add_argument("--paper", action="store_true",
+                   help="start from the paper's exact configuration (ReFreeKVConfig.paper()) instead of the default")
+    g.add_argument("--threshold", type=float, help=f"T, the tolerated norm ratio (default {d.threshold})")
+    g.add_argument("--sinks", type=int, help=f"attention-sink tokens always kept (default {d.sinks})")
+    g.add_argument("--retained-layers", type=_ints,
+                   help=f"layers never compressed, comma-separated (default {','.join(map(str, d.retained_layers))})")
+    g.add_argument("--query-rows", type=_number, help=f"k: newest queries that score positions, a count or a "
+                   f"fraction of n (default {d.query_rows})")
+    g.add_argument("--combine", choices=list(rules.COMBINES), help=f"{_choices(rules.COMBINES)} (default {d.combine})")
+    g.add_argument("--norm", choices=list(rules.NORMS), help=f"{_choices(rules.NORMS)} (default {d.norm})")
+    g.add_argument("--heads", choices=list(rules.HEADS), help=f"{_choices(rules.HEADS)} (default {d.heads})")
+    g.add_argument("--norm-scope", choices=list(rules.NORM_SCOPES),
+                   help=f"{_choices(rules.NORM_SCOPES)} (default {d.norm_scope})")
+    g.add_argument("--ranking", choices=list(rules.RANKINGS),
+                   help="; ".join(f"{r.name}: {r.summary}" for r in rules.RANKINGS.values()) + f" (default {d.ranking})")
+    g.add_argument("--window", type=int, help=f"newest tokens kept first by attention rankings (default {d.window})")
+    g.add_argument("--pool-kernel", type=int, help=f"max-pool width of snapkv/pooled (default {d.pool_kernel})")
+    g.add_argument("--halting", choices=list(rules.HALTINGS), help=f"{_choices(rules.HALTINGS)} (default {d.halting})")
+    g.add_argument("--budget", type=_number, help="the fixed budget for --halting ratio|count")
 
 
-def _config(a: argparse.Namespace) -> ReFreeKVConfig:
-    return ReFreeKVConfig(threshold=a.threshold, sinks=a.sinks, retained_layers=tuple(a.retained_layers),
-                          norm_scope=a.norm_scope, query_rows=a.query_rows, ranking=a.ranking, window=a.window,
-                          halting=a.halting, budget=a.budget)
+_FIELDS = ("threshold", "sinks", "retained_layers", "query_rows", "combine", "norm", "heads", "norm_scope",
+           "ranking", "window", "pool_kernel", "halting", "budget")
+
+
+def config_from(a: argparse.Namespace) -> ReFreeKVConfig:
+    """The configuration the options describe: the default (or the paper's) with the given changes."""
+    changes = {f: getattr(a, f) for f in _FIELDS if getattr(a, f, None) is not None}
+    if "retained_layers" in changes:
+        changes["retained_layers"] = tuple(changes["retained_layers"])
+    return ReFreeKVConfig.paper(**changes) if a.paper else ReFreeKVConfig(**changes)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where it has none (None, or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refreekv", description="Threshold-free KV-cache compression (ReFreeKV) "
-                                "on the packaged SmolLM2-135M-Instruct.")
+    fmt = _Help
+    p = argparse.ArgumentParser(prog="refreekv", formatter_class=fmt, description="Threshold-free KV-cache compression "
+                                "(ReFreeKV) on the packaged SmolLM2-135M-Instruct.")
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", default="results", help="folder for JSON, Markdown and PNG results (default results/)")
+    common.add_argument("--out", default="results", help="folder for JSON, Markdown and PNG results")
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress on stderr)")
 
-    d = sub.add_parser("demo", parents=[common], help="full cache vs ReFreeKV on a handful of prompts")
+    d = sub.add_parser("demo", parents=[common], formatter_class=fmt,
+                       help="full cache vs ReFreeKV on a handful of prompts (about 2 minutes here)")
     _config_args(d)
-    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per answer")
     d.add_argument("--quick", action="store_true", help="two short prompts only (a smoke test)")
 
-    i = sub.add_parser("inspect", parents=[common], help="per-layer kept counts and norm-ratio curves for a prompt")
+    i = sub.add_parser("inspect", parents=[common], formatter_class=fmt,
+                       help="per-layer kept counts and norm-ratio curves for a prompt")
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("text", nargs="?", help="the prompt text")
     src.add_argument("--file", type=Path, help="read the prompt from a file")
     i.add_argument("--raw", action="store_true", help="use the text as-is, without the chat template")
-    i.add_argument("--no-plot", action="store_true")
+    i.add_argument("--no-plot", action="store_true", help="skip inspect.png")
     _config_args(i)
 
-    e = sub.add_parser("eval", parents=[common], help="quality: full vs ReFreeKV vs fixed budgets, and ablations")
-    e.add_argument("--methods", choices=["main", "ablations", "quick"], default="main")
+    e = sub.add_parser("eval", parents=[common], formatter_class=fmt,
+                       help="quality: full cache vs ReFreeKV vs the fixed-budget front, on the dev or test split")
+    e.add_argument("--methods", choices=["main", "front", "variants", "ablations", "quick"], default="main",
+                   help="main: default, paper and the fixed-budget front; variants: the threshold-free design space")
+    e.add_argument("--split", choices=["dev", "test"], default="test", help="dev: choose on it; test: report on it")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
-                   help="task sizes: full (1k-4k needles), medium (1k-2k), quick (tiny, for CI)")
-    e.add_argument("--no-plot", action="store_true")
+                   help="full: 60 needles at 1k-7.5k tokens + 16 other prompts; medium: 1k-2k; quick: a smoke test")
+    e.add_argument("--limit", type=int, help="only the first N prompts")
+    e.add_argument("--no-cache", action="store_true", help="recompute everything (ignore <out>/eval_cache.jsonl)")
+    e.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    _config_args(e)
 
-    b = sub.add_parser("bench", parents=[common], help="speed and memory: prefill overhead, planning, eviction, decode")
+    b = sub.add_parser("bench", parents=[common], formatter_class=fmt,
+                       help="speed and memory: prefill overhead, planning, eviction, decode, operator counts")
+    b.add_argument("--quick", action="store_true", help="one short length per part, one repeat (about a minute)")
     b.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="real-model prompt lengths")
     b.add_argument("--synthetic", type=_ints, default=[1024, 4096, 16384, 32768],
-                   help="Llama3-8B-shaped planning lengths")
+                   help="Llama3-8B-shaped planning lengths ('' to skip)")
     b.add_argument("--mlx-lengths", type=_ints, default=[256, 512], help="MLX CPU prompt lengths ('' to skip)")
-    b.add_argument("--decode-tokens", type=int, default=32)
-    b.add_argument("--repeat", type=int, default=3)
-    b.add_argument("--device", default="cpu", help="torch device of the real-model rows: cpu (default), cuda, cuda:N")
+    b.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per decode measurement")
+    b.add_argument("--repeat", type=int, default=3, help="repeats per timing (median)")
+    b.add_argument("--device", default="cpu", help="torch device of the real-model rows: cpu, cuda, cuda:N")
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="real-model weights and KV dtype (default float32)")
+                   help="real-model weights and KV dtype")
+    _config_args(b)
     return p
 
 
@@ -95,30 +138,38 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
     try:
+        config = config_from(a)
         if a.command == "demo":
-            from .main.demo import run_demo
+            from .commands.demo import run_demo
 
             if a.max_new_tokens < 1:
                 p.error(f"--max-new-tokens: received {a.max_new_tokens}; expected an int >= 1")
-            result = run_demo(_config(a), a.out, a.max_new_tokens, a.json, a.quick)
+            result = run_demo(config, a.out, a.max_new_tokens, a.json, a.quick)
         elif a.command == "inspect":
-            from .main.inspect_prompt import inspect_prompt
+            from .commands.inspect_prompt import inspect_prompt
 
             if a.file is not None and not a.file.is_file():
                 p.error(f"--file: received {str(a.file)!r}; expected an existing text file")
             text = a.file.read_text() if a.file is not None else a.text
             if not text.strip():
                 p.error("text: received an empty prompt; expected some text")
-            result = inspect_prompt(text, _config(a), a.out, raw=a.raw, plot=not a.no_plot, as_json=a.json)
+            result = inspect_prompt(text, config, a.out, raw=a.raw, plot=not a.no_plot, as_json=a.json)
         elif a.command == "eval":
-            from .main.evaluate import evaluate
+            from .commands.evaluate import evaluate
 
-            result = evaluate(a.methods, a.size, a.out, plot=not a.no_plot, as_json=a.json)
+            if a.limit is not None and a.limit < 1:
+                p.error(f"--limit: received {a.limit}; expected an int >= 1")
+            result = evaluate(a.methods, a.split, a.size, a.out, default=config, plot=not a.no_plot, as_json=a.json,
+                              use_cache=not a.no_cache, limit=a.limit)
         else:
-            from .main.bench import run_bench
+            from .commands.bench import run_bench
 
-            if min(a.lengths + a.synthetic + a.mlx_lengths, default=1) < 8:
+            if a.quick:
+                a.lengths, a.synthetic, a.mlx_lengths, a.repeat, a.decode_tokens = [512], [1024], [], 1, 8
+            if min(a.lengths + a.synthetic + a.mlx_lengths, default=8) < 8:
                 p.error("--lengths/--synthetic/--mlx-lengths: received a length below 8; expected prompt lengths >= 8")
+            if a.repeat < 1 or a.decode_tokens < 1:
+                p.error(f"--repeat/--decode-tokens: received {a.repeat}/{a.decode_tokens}; expected ints >= 1")
             if a.device != "cpu":
                 import torch
 
@@ -126,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     p.error(f"--device: received {a.device!r}; expected cpu, or cuda[:N] on a machine with CUDA "
                             f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
             result = run_bench(a.lengths, a.synthetic, a.mlx_lengths, a.decode_tokens, a.repeat, a.out, a.json,
-                               a.device, a.dtype)
+                               a.device, a.dtype, config)
     except ReFreeKVError as err:
         p.error(str(err))
     if a.json:

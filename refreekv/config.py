@@ -1,25 +1,37 @@
-"""ReFreeKV configuration: the paper's knobs, validated on construction (SPEC.md §4)."""
+"""ReFreeKV configuration: every knob that decides which K/V positions survive prefill, validated
+on construction against the rule tables of ``refreekv.rules`` (SPEC.md §4, docs/spec.md)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+import numbers
+from dataclasses import asdict, dataclass, fields
 
+from . import rules
 from .errors import bad_input
 
-Ranking = Literal["position", "h2o", "snapkv"]
-Halting = Literal["threshold", "ratio", "count"]
-NormScope = Literal["candidates", "all"]
+
+def _int(x: object) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and type(x).__name__ != "bool_"
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _real(x: object) -> bool:
+    """A Python or NumPy real number, not a bool (strings are refused, never parsed)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_"
+
+
+def _choice(name: str, value: object, table: dict) -> None:
+    if not isinstance(value, str) or value not in table:
+        raise bad_input(name, repr(value), " or ".join(f'"{k}"' for k in table))
 
 
 @dataclass(frozen=True)
 class ReFreeKVConfig:
     """Everything that decides which K/V positions survive prefill.
+
+    ``ReFreeKVConfig()`` is the library's default; ``ReFreeKVConfig.paper()`` the paper's exact
+    configuration. NumPy scalars are accepted wherever a Python number is, and stored as one.
 
     Attributes:
         threshold: T, the largest tolerated norm ratio ``1 - ||kept|| / ||full||`` (paper: 1 %).
@@ -27,81 +39,111 @@ class ReFreeKVConfig:
         retained_layers: layer indices never compressed (paper §2.3 keeps layers 0 and 1).
         norm_scope: "candidates" masks the sinks out of both norms (the research code, which
             produced the published budgets); "all" uses the whole row (the paper's text).
-        query_rows: k, how many of the last prompt queries score the positions (paper Eq. 2).
+        query_rows: k, how many of the newest prompt queries make the score row a (paper Eq. 2).
             An int is a count; a float in (0, 1) is a fraction of the prompt length.
-        ranking: "position" (sinks, then newest to oldest: ReFreeKV), or the attention rankings
-            of the baselines: "h2o" (attention accumulated over all prompt queries) and
-            "snapkv" (attention from the last ``window`` queries, max-pooled).
-        window: for the attention rankings, the most recent tokens kept first (observation window).
-        pool_kernel: SnapKV's max-pool width over positions (odd).
+        combine: how those rows combine into a: "mean" (Eq. 2) or "max" (``rules.COMBINES``).
+        norm: the halting quantity: "l2" (the paper's norm) or "l1" (attention mass).
+        heads: how a layer's heads share one cut: "mean" (the paper's Uni-Metric) or "max" (the
+            most demanding head decides).
+        ranking: a rule of ``refreekv.rules.RANKINGS``: "position" (sinks, then newest to oldest:
+            the paper), "h2o", "snapkv" (the baselines' attention rankings) or "pooled".
+        window: for the attention rankings, the newest tokens kept first (and SnapKV's
+            observation window).
+        pool_kernel: the max-pool width over positions of "snapkv" and "pooled" (odd).
         halting: "threshold" (threshold-free ReFreeKV), or a fixed budget: "ratio" keeps
             ``ceil(budget * n)`` tokens, "count" keeps ``budget`` tokens.
         budget: the fixed budget for halting "ratio" (0 < budget <= 1) or "count" (int >= 1).
+        replan: for engines whose cache lives on (chats, agents): "once" plans after the first
+            prompt only (the paper); "turns" plans again after every later prompt segment of two or
+            more tokens, over the kept slots plus the segment, with the segment's queries.
+        replan_every: also plan again every this many generated tokens, with the newest generated
+            tokens' queries (0: never; opt-in for long generations).
     """
 
     threshold: float = 0.01
     sinks: int = 4
     retained_layers: tuple[int, ...] = (0, 1)
-    norm_scope: NormScope = "candidates"
+    norm_scope: str = "candidates"
     query_rows: int | float = 1
-    ranking: Ranking = "position"
+    combine: str = "mean"
+    norm: str = "l2"
+    heads: str = "mean"
+    ranking: str = "position"
     window: int = 8
     pool_kernel: int = 7
-    halting: Halting = "threshold"
+    halting: str = "threshold"
     budget: float | int | None = None
+    replan: str = "once"
+    replan_every: int = 0
+
+    @classmethod
+    def paper(cls, **changes) -> ReFreeKVConfig:
+        """The paper's exact configuration: T = 1 %, 4 sinks, one query row (the last prompt
+        token), position ranking, L2 norm, mean over heads, layers 0 and 1 retained, the research
+        code's "candidates" scope. Per layer it keeps what the authors' code keeps."""
+        return cls(**{**dict(threshold=0.01, sinks=4, retained_layers=(0, 1), norm_scope="candidates",
+                             query_rows=1, combine="mean", norm="l2", heads="mean", ranking="position",
+                             halting="threshold", budget=None, replan="once", replan_every=0), **changes})
 
     def __post_init__(self) -> None:
         t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t < 1:
+        if not _real(t) or not math.isfinite(t) or not 0 <= t < 1:
             raise bad_input("threshold", repr(t), "a number T with 0 <= T < 1 (the paper uses 0.01)")
-        if not _is_int(self.sinks) or self.sinks < 0:
-            raise bad_input("sinks", repr(self.sinks), "an int >= 0 (default 4)")
+        object.__setattr__(self, "threshold", float(t))
+        for name, low in (("sinks", 0), ("window", 1)):
+            value = getattr(self, name)
+            if not _int(value) or value < low:
+                raise bad_input(name, repr(value), f"an int >= {low}")
+            object.__setattr__(self, name, int(value))
         layers = self.retained_layers
         if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
             raise bad_input("retained_layers", repr(layers), "a sequence of layer indices, e.g. (0, 1)")
         layers = tuple(layers)
-        if not all(_is_int(i) and i >= 0 for i in layers):
+        if not all(_int(i) and i >= 0 for i in layers):
             raise bad_input("retained_layers", repr(layers), "non-negative int layer indices")
-        object.__setattr__(self, "retained_layers", tuple(sorted(set(layers))))
-        if self.norm_scope not in ("candidates", "all"):
-            raise bad_input("norm_scope", repr(self.norm_scope), '"candidates" or "all"')
+        object.__setattr__(self, "retained_layers", tuple(sorted({int(i) for i in layers})))
+        _choice("norm_scope", self.norm_scope, rules.NORM_SCOPES)
+        _choice("combine", self.combine, rules.COMBINES)
+        _choice("norm", self.norm, rules.NORMS)
+        _choice("heads", self.heads, rules.HEADS)
+        _choice("ranking", self.ranking, rules.RANKINGS)
+        _choice("halting", self.halting, rules.HALTINGS)
+        _choice("replan", self.replan, rules.REPLANS)
+        if not _int(self.replan_every) or self.replan_every < 0:
+            raise bad_input("replan_every", repr(self.replan_every), "an int >= 0 (0: never during generation)")
+        object.__setattr__(self, "replan_every", int(self.replan_every))
         k = self.query_rows
-        ok_int = _is_int(k) and k >= 1
-        ok_frac = isinstance(k, float) and 0 < k < 1
-        if not (ok_int or ok_frac):
-            raise bad_input("query_rows", repr(k), "an int >= 1 (a count) or a float in (0, 1) (a fraction of n)")
-        if self.ranking not in ("position", "h2o", "snapkv"):
-            raise bad_input("ranking", repr(self.ranking), '"position", "h2o" or "snapkv"')
-        if not _is_int(self.window) or self.window < 1:
-            raise bad_input("window", repr(self.window), "an int >= 1")
-        if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise bad_input("pool_kernel", repr(self.pool_kernel), "an odd int >= 1")
-        if self.halting == "threshold":
-            if self.budget is not None:
-                raise bad_input("budget", repr(self.budget), 'None when halting="threshold" (set halting="ratio" or "count")')
-        elif self.halting == "ratio":
-            b = self.budget
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-                raise bad_input("budget", repr(b), 'a ratio 0 < budget <= 1 for halting="ratio"')
-        elif self.halting == "count":
-            if not _is_int(self.budget) or self.budget < 1:
-                raise bad_input("budget", repr(self.budget), 'an int >= 1 for halting="count"')
+        if _int(k) and k >= 1:
+            object.__setattr__(self, "query_rows", int(k))
+        elif _real(k) and not _int(k) and 0 < k < 1:
+            object.__setattr__(self, "query_rows", float(k))
         else:
-            raise bad_input("halting", repr(self.halting), '"threshold", "ratio" or "count"')
+            raise bad_input("query_rows", repr(k), "an int >= 1 (a count) or a float in (0, 1) (a fraction of n)")
+        p = self.pool_kernel
+        if not _int(p) or p < 1 or p % 2 == 0:
+            raise bad_input("pool_kernel", repr(p), "an odd int >= 1")
+        object.__setattr__(self, "pool_kernel", int(p))
+        b = self.budget
+        if self.halting == "threshold":
+            if b is not None:
+                raise bad_input("budget", repr(b), 'None when halting="threshold" (set halting="ratio" or "count")')
+        elif self.halting == "ratio":
+            if not _real(b) or not math.isfinite(b) or not 0 < b <= 1:
+                raise bad_input("budget", repr(b), 'a ratio 0 < budget <= 1 for halting="ratio"')
+            object.__setattr__(self, "budget", float(b))
+        elif not _int(b) or b < 1:
+            raise bad_input("budget", repr(b), 'an int >= 1 for halting="count"')
+        else:
+            object.__setattr__(self, "budget", int(b))
 
+    # -- what engines ask ---------------------------------------------------------------------
     def rows_for(self, n: int) -> int:
-        """k, the number of last prompt queries that score positions for a prompt of n tokens."""
-        k = self.query_rows
-        rows = k if _is_int(k) else max(1, round(k * n))
-        return min(rows, n)
+        """k, the newest prompt queries that make the score row a, for a prompt of n tokens."""
+        return rules.rows_for(self, n)
 
     def rows_needed(self, n: int) -> int:
-        """Query rows an engine must capture: k, the SnapKV window, or every row for H2O."""
-        if self.ranking == "h2o":
-            return n
-        if self.ranking == "snapkv":
-            return min(n, max(self.rows_for(n), self.window))
-        return self.rows_for(n)
+        """Query rows an engine must capture for a prompt of n tokens (``rules.rows_needed``)."""
+        return rules.rows_needed(self, n)
 
     def check_layers(self, num_layers: int) -> None:
         """Raise if a retained layer index does not exist in a model of ``num_layers`` layers."""
@@ -112,3 +154,20 @@ class ReFreeKVConfig:
 
     def is_retained(self, layer: int) -> bool:
         return layer in self.retained_layers
+
+    # -- plain data (saved caches, the CLI, results files) ------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["retained_layers"] = list(d["retained_layers"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReFreeKVConfig:
+        """The inverse of ``to_dict``; unknown keys are an error (a file from another version)."""
+        if not isinstance(data, dict):
+            raise bad_input("config", f"type {type(data).__name__}", "a dict from ReFreeKVConfig.to_dict()")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise bad_input("config", f"unknown keys {unknown}", f"keys among {sorted(names)}")
+        return cls(**data)

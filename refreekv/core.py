@@ -1,20 +1,34 @@
-"""ReFreeKV once, fast and vectorised, against the ``Backend`` interface.
+"""ReFreeKV's steps once, fast and vectorised, against the ``Backend`` interface.
 
-Every function takes the backend first and native arrays after; validation happens in
-``refreekv.api``. Indexing stays within the Python array API standard (every partial index
-ends in ``...``), so any standard-conforming array library can be a backend. The names and semantics match ``refreekv.reference`` step by step, but the
-code is independent of it: no loops over samples or heads, one batched matmul for the scores,
-one cumulative sum for every prefix norm, no search. Scores are computed in float32 (float64
-inputs stay float64). ``start`` is a (B,) int64 native array of left-padding offsets.
+Every function takes the backend first and native arrays after; validation happens at the
+public entry (``refreekv.api``) and composition in ``refreekv.planner``. Indexing stays within
+the Python array API standard (every partial index ends in ``...``), so any standard-conforming
+array library can be a backend. Names and semantics match ``refreekv.reference`` step by step,
+but the code is independent of it: no loops over samples or heads, one batched matmul for the
+scores, one cumulative sum for every prefix norm, no search. Scores are computed in float32
+(float64 inputs stay float64). ``start`` is a (B,) int64 native array of left-padding offsets.
+
+Several layers of one prompt are planned as one batch of ``L * B`` rows: every step after the
+logits treats a (layer, sample) pair as one row, so the number of array operations does not
+grow with the number of layers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 from .backend import Array, Backend
 
 NEG_INF = float("-inf")
+
+
+def step(be: Backend, name: str) -> Callable:
+    """Step ``name`` for backend ``be``: its declared version (``Backend.steps``), else this module's.
+    Steps that compose other steps call them through here, so a declared step is used everywhere."""
+    own = be.steps.get(name)
+    return partial(own, be) if own is not None else partial(globals()[name], be)
 
 
 def compute_dtype(be: Backend, x: Array) -> str:
@@ -22,30 +36,43 @@ def compute_dtype(be: Backend, x: Array) -> str:
     return "float64" if be.dtype_name(x) == "float64" else "float32"
 
 
-def attention_rows(be: Backend, q_rows: Array, keys: Array, start: Array, rows: Array,
-                   scale: float | None = None) -> tuple[Array, Array]:
-    """Causal attention of the last k queries: (B, H, k, n), plus the visibility mask (B, 1, k, n).
+def attention_scores(be: Backend, q_rows: Array, keys: Array, scale: float | None = None) -> Array:
+    """Scaled logits ``q . K^T * scale`` of k query rows: (B, H, k, d) x (B, Hkv, n, d) -> (B, H, k, n).
 
     GQA by group indexing: the H query heads are viewed as (Hkv, g) so that one matmul reads
     each KV head once; K is never repeated.
     """
     B, H, k, d = be.shape(q_rows)
     _, Hkv, n, _ = be.shape(keys)
-    g = H // Hkv
     ct = compute_dtype(be, keys)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    q = be.reshape(be.astype(q_rows, ct), (B, Hkv, g * k, d))
-    logits = be.matmul(q, be.swap_last(be.astype(keys, ct))) * scale
-    logits = be.reshape(logits, (B, H, k, n))
+    q = be.reshape(be.astype(q_rows, ct), (B, Hkv, (H // Hkv) * k, d))
+    logits = be.matmul(q, be.swap_last(be.astype(keys, ct)))
+    return be.reshape(logits if scale == 1.0 else logits * scale, (B, H, k, n))  # x 1.0 is exact: skip it
+
+
+def visibility(be: Backend, k: int, n: int, start: Array, rows: Array, lo: int = 0, hi: int | None = None) -> Array:
+    """Which position each of query rows ``lo..hi-1`` of the last k sees: (B, 1, hi - lo, n) bool.
+    Row i sits at position ``n - k + i``; sample b uses its last ``rows[b]`` rows and positions
+    from ``start[b]``."""
+    hi = k if hi is None else hi
     pos = be.arange(n, like=start)
     if k == 1:  # the default: the last token sees every real position (fewer small ops)
-        visible = ((pos[None, :] >= start[:, None]) & (rows >= 1)[:, None])[:, None, None, :]
-    else:
-        i = be.arange(k, like=start)
-        qpos = i + (n - k)
-        row_used = (qpos[None, :] >= start[:, None]) & (i[None, :] >= (k - rows)[:, None])  # (B, k)
-        visible = ((pos[None, None, :] >= start[:, None, None])
-                   & (pos[None, None, :] <= qpos[None, :, None]) & row_used[:, :, None])[:, None, ...]
+        return ((pos[None, :] >= start[:, None]) & (rows >= 1)[:, None])[:, None, None, :]
+    i = be.arange(hi - lo, like=start) + lo
+    qpos = i + (n - k)
+    row_used = (qpos[None, :] >= start[:, None]) & (i[None, :] >= (k - rows)[:, None])  # (B, hi - lo)
+    return ((pos[None, None, :] >= start[:, None, None])
+            & (pos[None, None, :] <= qpos[None, :, None]) & row_used[:, :, None])[:, None, ...]
+
+
+def softmax_rows(be: Backend, logits: Array, start: Array, rows: Array, k: int | None = None,
+                 lo: int = 0) -> tuple[Array, Array]:
+    """Causal softmax of logits (B, H, r, n) over the visible positions, max-subtracted: the r rows
+    are rows ``lo..lo+r-1`` of the last ``k`` (default: all of them).
+    Returns (A (B, H, r, n), visible (B, 1, r, n)); a row that sees nothing is all 0."""
+    _, _, r, n = be.shape(logits)
+    visible = visibility(be, r if k is None else k, n, start, rows, lo, lo + r)
     logits = be.where(visible, logits, NEG_INF)
     top = be.amax(logits, axis=-1, keepdims=True)
     top = be.where(top == NEG_INF, 0.0, top)  # an unused row has no visible key: keep it all 0
@@ -54,16 +81,32 @@ def attention_rows(be: Backend, q_rows: Array, keys: Array, start: Array, rows: 
     return e / be.where(total > 0, total, 1.0), visible
 
 
-def attention_row(be: Backend, q_rows: Array, keys: Array, start: Array, rows: Array,
-                  scale: float | None = None) -> Array:
-    """ReFreeKV's score row a (B, H, n): paper Eq. 2, the k rows' sum over each column divided
-    by the number of rows that see that column (k = 1: the last token's attention row)."""
-    A, visible = attention_rows(be, q_rows, keys, start, rows, scale)
+def attention_rows(be: Backend, q_rows: Array, keys: Array, start: Array, rows: Array,
+                   scale: float | None = None) -> tuple[Array, Array]:
+    """Causal attention of the last k queries: (B, H, k, n), plus the visibility mask (B, 1, k, n)."""
+    return softmax_rows(be, step(be, "attention_scores")(q_rows, keys, scale), start, rows)
+
+
+def combine_rows(be: Backend, A: Array, visible: Array, combine: str = "mean") -> Array:
+    """The score row a (B, H, n) from k attention rows (B, H, k, n).
+
+    ``"mean"`` is the paper's Eq. 2: each column's sum divided by the number of rows that see
+    it. ``"max"``: each column's largest attention over the rows. With k = 1 both are the row.
+    """
     B, H, k, n = be.shape(A)
-    if k == 1:  # one row: each visible column is seen once, so a is that row
+    if k == 1:
         return be.reshape(A, (B, H, n))
+    if combine == "max":
+        return be.amax(A, axis=2)
     count = be.sum(be.astype(visible, be.dtype_name(A)), axis=2)  # (B, 1, n)
     return be.sum(A, axis=2) / be.maximum(count, be.full((1,), 1.0, like=count))
+
+
+def attention_row(be: Backend, q_rows: Array, keys: Array, start: Array, rows: Array,
+                  scale: float | None = None, combine: str = "mean") -> Array:
+    """ReFreeKV's score row a (B, H, n) (paper Eq. 2; k = 1: the last token's attention row)."""
+    A, visible = step(be, "attention_rows")(q_rows, keys, start, rows, scale)
+    return combine_rows(be, A, visible, combine)
 
 
 def position_ranking(be: Backend, batch: int, num_kv_heads: int, n: int, sinks: int,
@@ -77,35 +120,73 @@ def position_ranking(be: Backend, batch: int, num_kv_heads: int, n: int, sinks: 
     return be.broadcast_to(order[:, None, :], (batch, num_kv_heads, n))
 
 
+def group_mean(be: Backend, x: Array, num_kv_heads: int) -> Array:
+    """(B, H, n) -> (B, Hkv, n): the mean over each KV head's group of query heads."""
+    B, H, n = be.shape(x)
+    return be.mean(be.reshape(x, (B, num_kv_heads, H // num_kv_heads, n)), axis=2)
+
+
+#: H2O scores at most this many float32 attention values at once (rows are processed in chunks).
+H2O_CHUNK_VALUES = 1 << 25
+
+
 def h2o_scores(be: Backend, q_rows: Array, keys: Array, start: Array, rows: Array,
                scale: float | None = None) -> Array:
-    """Attention accumulated over the given queries, mean over each KV group. (B, Hkv, n)."""
-    A, _ = attention_rows(be, q_rows, keys, start, rows, scale)
-    B, H, _, n = be.shape(A)
-    Hkv = be.shape(keys)[1]
-    return be.mean(be.reshape(be.sum(A, axis=2), (B, Hkv, H // Hkv, n)), axis=2)
+    """Attention accumulated over the given queries, mean over each KV group. (B, Hkv, n).
+
+    The k x n attention of all prompt queries is summed in chunks of rows, so memory stays
+    bounded by ``H2O_CHUNK_VALUES`` whatever the prompt length (the visible mask and the
+    softmax of a row do not depend on the other rows).
+    """
+    B, H, k, _ = be.shape(q_rows)
+    _, Hkv, n, _ = be.shape(keys)
+    chunk = max(1, H2O_CHUNK_VALUES // max(1, B * H * n))
+    acc = None
+    for lo in range(0, k, chunk):
+        hi = min(k, lo + chunk)
+        logits = step(be, "attention_scores")(q_rows[:, :, lo:hi, ...], keys, scale)
+        A, _ = softmax_rows(be, logits, start, rows, k, lo)
+        s = be.sum(A, axis=2)
+        acc = s if acc is None else acc + s
+    return group_mean(be, acc, Hkv)
+
+
+def max_pool(be: Backend, x: Array, kernel: int) -> Array:
+    """A centred max-pool of width ``kernel`` (odd) along the last axis, edges not padded in."""
+    r = kernel // 2
+    if not r:
+        return x
+    n = be.shape(x)[-1]
+    edge = be.full(be.shape(x)[:-1] + (r,), NEG_INF, like=x)
+    padded = be.concat([edge, x, edge], axis=-1)
+    pooled = padded[..., 0:n]
+    for t in range(1, 2 * r + 1):
+        pooled = be.maximum(pooled, padded[..., t:t + n])
+    return pooled
+
+
+def zero_padding(be: Backend, scores: Array, start: Array) -> Array:
+    """Scores (B, Hkv, n) with the left-padding positions set to 0."""
+    pos = be.arange(be.shape(scores)[-1], like=start)
+    return be.where(pos[None, None, :] >= start[:, None, None], scores, 0.0)
 
 
 def snapkv_scores(be: Backend, q_rows: Array, keys: Array, start: Array, window: int,
                   pool_kernel: int, scale: float | None = None) -> Array:
-    """Observation-window attention (last ``window`` queries), max-pooled over positions."""
+    """Observation-window attention (last ``window`` queries, summed), max-pooled over positions."""
     k = be.shape(q_rows)[2]
     w = min(window, k)
     rows = be.full(be.shape(start), w, like=start)
-    raw = h2o_scores(be, q_rows[:, :, k - w:, ...], keys, start, rows, scale)
-    r = pool_kernel // 2
-    n = be.shape(raw)[-1]
-    if r:
-        edge = be.full(be.shape(raw)[:2] + (r,), NEG_INF, like=raw)
-        padded = be.concat([edge, raw, edge], axis=-1)
-        pooled = padded[..., 0:n]
-        for t in range(1, 2 * r + 1):
-            pooled = be.maximum(pooled, padded[..., t:t + n])
-        raw = pooled
+    raw = step(be, "h2o_scores")(q_rows[:, :, k - w:, ...], keys, start, rows, scale)
     # Scores are >= 0 and padding scores 0, so pooling across the padding edge changes nothing
     # for real tokens; padding positions themselves are zeroed.
-    pos = be.arange(n, like=start)
-    return be.where(pos[None, None, :] >= start[:, None, None], raw, 0.0)
+    return zero_padding(be, max_pool(be, raw, pool_kernel), start)
+
+
+def window_scores(be: Backend, a: Array, num_kv_heads: int, pool_kernel: int, start: Array) -> Array:
+    """The "pooled" ranking's scores: the score row a (B, H, n), averaged over each KV group and
+    max-pooled over positions. (B, Hkv, n). Many rows stacked as one batch are fine."""
+    return zero_padding(be, max_pool(be, group_mean(be, a, num_kv_heads), pool_kernel), start)
 
 
 def attention_ranking(be: Backend, scores: Array, sinks: int, window: int, start: Array) -> Array:
@@ -135,9 +216,16 @@ def attention_ranking(be: Backend, scores: Array, sinks: int, window: int, start
 
 
 def norm_ratio_curve(be: Backend, a: Array, order: Array, sinks: int, norm_scope: str,
-                     start: Array) -> Array:
-    """``ratio[b, j-1] = 1 - mean_h ||a[h, first j ranked]|| / mean_h ||a[h, all]||`` for every j
-    at once: gather in ranked order, square, one cumulative sum, sqrt. (B, n)."""
+                     start: Array, norm: str = "l2", heads: str = "mean") -> Array:
+    """The halting quantity for every prefix length j at once: gather in ranked order, one
+    cumulative sum, (B, n) where ``ratio[b, j-1]`` is prefix length j.
+
+    ``norm="l2"`` (the paper): ``kept[h, j] = sqrt(sum of a[h, p]^2 over the first j ranked p)``;
+    ``"l1"``: the attention mass ``sum of a[h, p]``. ``heads="mean"`` (the paper's Uni-Metric):
+    ``ratio = 1 - mean_h kept[h, j] / mean_h full[h]``; ``"max"``: ``max_h (1 - kept[h, j] /
+    full[h])``, so the layer's cut is that of its most demanding head (a head whose row is all 0
+    counts 0).
+    """
     B, H, n = be.shape(a)
     Hkv = be.shape(order)[1]
     g = H // Hkv
@@ -148,12 +236,19 @@ def norm_ratio_curve(be: Backend, a: Array, order: Array, sinks: int, norm_scope
         n_b = n - start
         m_b = be.minimum(n_b, be.full((1,), sinks, like=n_b))
         ranked = be.where(j[None, None, :] < m_b[:, None, None], 0.0, ranked)  # sinks lead every ranking
-    # The ratio is unchanged by one scale factor shared by all heads of a sample; dividing by the
-    # sample's largest score keeps tiny scores (< 1e-19) from squaring to 0 in float32.
-    top = be.amax(be.amax(ranked, axis=-1, keepdims=True), axis=1, keepdims=True)  # (B, 1, 1)
-    ranked = ranked / be.where(top > 0, top, 1.0)
-    kept = be.mean(be.sqrt(be.cumsum(ranked * ranked, axis=-1)), axis=1)  # (B, n)
-    full = kept[:, n - 1:]  # padding ranks last with score 0, so the last prefix is the full norm
+    if norm == "l1":
+        kept = be.cumsum(ranked, axis=-1)  # (B, H, n)
+    else:
+        # The ratio is unchanged by one scale factor shared by all heads of a sample; dividing by the
+        # sample's largest score keeps tiny scores (< 1e-19) from squaring to 0 in float32.
+        top = be.amax(be.amax(ranked, axis=-1, keepdims=True), axis=1, keepdims=True)  # (B, 1, 1)
+        ranked = ranked / be.where(top > 0, top, 1.0)
+        kept = be.sqrt(be.cumsum(ranked * ranked, axis=-1))
+    full = kept[..., n - 1:]  # padding ranks last with score 0, so the last prefix is the full norm
+    if heads == "max":
+        safe = be.where(full > 0, full, 1.0)
+        return be.amax(be.where(full > 0, 1.0 - kept / safe, 0.0), axis=1)
+    kept, full = be.mean(kept, axis=1), be.mean(full, axis=1)
     safe = be.where(full > 0, full, 1.0)
     return be.where(full > 0, 1.0 - kept / safe, 0.0)
 

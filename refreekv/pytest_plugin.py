@@ -4,15 +4,28 @@
 ``--refreekv-dtypes=float32,bfloat16`` the input dtypes. Hypothesis profiles ``ci``
 (derandomized, no deadline) and ``thorough`` are registered here; pick one with
 ``--hypothesis-profile``.
+
+Installed with refreekv, this plugin loads in every pytest run of the environment, so it imports
+nothing beyond pytest at load: without hypothesis (refreekv installed without the ``[test]``
+extra) it adds its options and fixture and registers no profile, and other projects' test runs
+are unaffected.
 """
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings
 
-settings.register_profile("ci", derandomize=True, deadline=None, max_examples=150, print_blob=True)
-settings.register_profile("thorough", deadline=None, max_examples=1000, print_blob=True)
+
+def _register_profiles() -> None:
+    try:
+        from hypothesis import settings
+    except ImportError:  # refreekv without the [test] extra: the suite is not usable, nothing to set up
+        return
+    settings.register_profile("ci", derandomize=True, deadline=None, max_examples=150, print_blob=True)
+    settings.register_profile("thorough", deadline=None, max_examples=1000, print_blob=True)
+
+
+_register_profiles()
 
 
 def pytest_addoption(parser):
@@ -23,23 +36,14 @@ def pytest_addoption(parser):
                     help="comma-separated input dtypes (default: the backend's own list)")
 
 
-DEFAULT_DTYPES = {
-    "numpy": ("float64", "float32", "float16"),
-    "torch": ("float32", "float16", "bfloat16"),
-    "mlx": ("float32", "float16", "bfloat16"),
-}
-
-
 @pytest.fixture(scope="session")
 def refreekv_target(request):
     """The backend under test, from ``--refreekv-backend`` (NumPy when not given)."""
     from refreekv.backend import builtin_backend, load_backend
-
     from refreekv.testing.checks import Target
 
     name = request.config.getoption("--refreekv-backend") or "numpy"
-    backend = builtin_backend(name) if name in DEFAULT_DTYPES else load_backend(name)
+    backend = builtin_backend(name) if name in ("numpy", "torch", "mlx") else load_backend(name)
     option = request.config.getoption("--refreekv-dtypes")
-    dtypes = tuple(option.split(",")) if option else getattr(backend, "dtypes", None) or \
-        DEFAULT_DTYPES.get(name, ("float32",))
-    return Target(backend, tuple(dtypes))
+    dtypes = tuple(option.split(",")) if option else tuple(backend.dtypes)
+    return Target(backend, dtypes)

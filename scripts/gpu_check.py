@@ -31,7 +31,7 @@ from refreekv import ReFreeKVConfig
 
 def conformance() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "refreekv.testing.suite",
-           "--refreekv-backend=refreekv.adapters.torch_backend:cuda_backend",
+           "--refreekv-backend=refreekv.adapters.backends.torch:cuda_backend",
            "--refreekv-dtypes=float32,float16,bfloat16", "--hypothesis-profile=ci", "-W", "ignore::DeprecationWarning"]
     t = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd="/")

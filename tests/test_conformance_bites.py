@@ -1,13 +1,21 @@
-"""The conformance suite catches deliberately broken backends, each with a clear message."""
+"""The conformance suite catches realistic porting bugs, each at the ``ci`` profile.
+
+Every bug below is planted in a copy of the NumPy backend, by declaring a step (``steps = {...}``)
+or overriding a primitive, the way a porting mistake would enter a real backend. Each one is run
+through the shipped suite's own test (its own strategies, the ``ci`` profile's derandomized
+examples, no shrinking) and must fail it with a ConformanceError that says expected, found and how
+to reproduce. docs/conformance.md lists which check catches which bug.
+"""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, settings
 
 from refreekv import core
-from refreekv.adapters.numpy_backend import NumpyBackend
-from refreekv.testing import (ConformanceError, Target, check_attention_ranking_ties, check_attention_row,
-                              check_plan, check_ratio_and_cut, layer_cases, tied_scores)
+from refreekv.adapters.backends.numpy import NumpyBackend
+from refreekv.testing import ConformanceError, ConformanceSuite, Target
 
 
 class UnstableTies(NumpyBackend):
@@ -18,30 +26,32 @@ class UnstableTies(NumpyBackend):
         return (n - 1) - np.flip(np.argsort(np.flip(x, axis), axis=axis, kind="stable"), axis)
 
 
+def _off_by_one(be, ratio, threshold, sinks, start):
+    return np.minimum(core.threshold_cut(be, ratio, threshold, sinks, start) + 1, ratio.shape[-1] - start)
+
+
 class OffByOneCut(NumpyBackend):
     name = "broken-off-by-one"
-
-    def threshold_cut(self, ratio, threshold, sinks, start):
-        return np.minimum(core.threshold_cut(self, ratio, threshold, sinks, start) + 1, ratio.shape[-1] - start)
+    steps = {"threshold_cut": _off_by_one}
 
 
 class SinksDropped(NumpyBackend):
     name = "broken-no-sinks"
+    steps = {"position_ranking": lambda be, batch, num_kv_heads, n, sinks, start:
+             core.position_ranking(be, batch, num_kv_heads, n, 0, start)}
 
-    def position_ranking(self, batch, num_kv_heads, n, sinks, start):
-        return core.position_ranking(self, batch, num_kv_heads, n, 0, start)
+
+def _interleaved_scores(be, q_rows, keys, scale=None):
+    # Query head h reads KV head h % Hkv (interleaved) instead of h // g.
+    B, H, k, d = q_rows.shape
+    Hkv = keys.shape[1]
+    perm = np.arange(H).reshape(H // Hkv, Hkv).T.reshape(-1)  # new head order grouped by h % Hkv
+    return core.attention_scores(be, q_rows[:, perm], keys, scale)[:, np.argsort(perm)]
 
 
 class WrongGroup(NumpyBackend):
     name = "broken-gqa-group"
-
-    def attention_rows(self, q_rows, keys, start, rows, scale=None):
-        # Query head h reads KV head h % Hkv (interleaved) instead of h // g.
-        B, H, k, d = q_rows.shape
-        Hkv = keys.shape[1]
-        perm = np.arange(H).reshape(H // Hkv, Hkv).T.reshape(-1)  # new head order grouped by h % Hkv
-        A, vis = core.attention_rows(self, q_rows[:, perm], keys, start, rows, scale)
-        return A[:, np.argsort(perm)], vis
+    steps = {"attention_scores": _interleaved_scores}
 
 
 class HalfSoftmax(NumpyBackend):
@@ -51,76 +61,212 @@ class HalfSoftmax(NumpyBackend):
         return np.exp(x.astype(np.float16)).astype(x.dtype)
 
 
+def _strict_less(be, ratio, threshold, sinks, start):
+    n = ratio.shape[-1]
+    n_b = n - start
+    ok = (ratio < threshold) | (np.arange(n)[None, :] >= (n_b - 1)[:, None])
+    return np.minimum(np.maximum(np.argmax(ok, axis=-1) + 1, np.minimum(n_b, sinks + 1)), n_b)
+
+
 class StrictLess(NumpyBackend):
     name = "broken-strict-less"
+    steps = {"threshold_cut": _strict_less}
 
-    def threshold_cut(self, ratio, threshold, sinks, start):
-        n = ratio.shape[-1]
-        n_b = n - start
-        ok = (ratio < threshold) | (np.arange(n)[None, :] >= (n_b - 1)[:, None])
-        return np.minimum(np.maximum(np.argmax(ok, axis=-1) + 1, np.minimum(n_b, sinks + 1)), n_b)
+
+def _batch_leak(be, ratio, threshold, sinks, start):
+    cut = core.threshold_cut(be, ratio, threshold, sinks, start)
+    return np.minimum(np.full_like(cut, cut.max()), ratio.shape[-1] - start)  # one cut for all
 
 
 class BatchLeak(NumpyBackend):
     name = "broken-batch-leak"
-
-    def threshold_cut(self, ratio, threshold, sinks, start):
-        cut = core.threshold_cut(self, ratio, threshold, sinks, start)
-        return np.minimum(np.full_like(cut, cut.max()), ratio.shape[-1] - start)  # one cut for all
+    steps = {"threshold_cut": _batch_leak}
 
 
-def first_failure(check, backend, strategy, dtype="float32", unpack=False) -> str:
-    target = Target(backend, (dtype,))
-
-    @settings(max_examples=400, derandomize=True, deadline=None, database=None, phases=[Phase.generate])
-    @given(case=strategy)
-    def run(case):
-        if unpack:
-            check(target, *case, dtype)
-        else:
-            check(target, case, dtype)
-
-    with pytest.raises(ConformanceError) as info:
-        run()
-    return str(info.value)
+def _softmax_unshifted(be, q_rows, keys, start, rows, scale=None):
+    # exp(logits) / sum without subtracting the row maximum: overflows for logits above ~88.
+    logits = core.attention_scores(be, q_rows, keys, scale)
+    _, _, k, n = logits.shape
+    visible = core.visibility(be, k, n, start, rows)
+    with np.errstate(all="ignore"):
+        e = np.where(visible, np.exp(logits.astype(np.float32)), 0.0)
+        return (e / np.where(e.sum(-1, keepdims=True) > 0, e.sum(-1, keepdims=True), 1.0)), visible
 
 
-def _assert_clear(msg: str, backend, what: str) -> None:
-    assert what in msg
-    assert f"backend: {backend.name}" in msg and "expected:" in msg and "found:" in msg and "reproduce:" in msg
+class NoMaxSubtraction(NumpyBackend):
+    name = "broken-softmax-without-max"
+    steps = {"attention_rows": _softmax_unshifted}
 
 
-def test_unstable_tie_order_is_caught():
-    be = UnstableTies()
-    _assert_clear(first_failure(check_attention_ranking_ties, be, tied_scores(), unpack=True), be, "attention_ranking ties")
+def _unscaled_norms(be, a, order, sinks, norm_scope, start, norm="l2", heads="mean"):
+    # Squares the raw scores: in float32, scores under ~1e-19 square to 0.
+    B, H, n = a.shape
+    g = H // order.shape[1]
+    ranked = np.take_along_axis(a.reshape(B, order.shape[1], g, n), order[:, :, None, :], -1).reshape(B, H, n)
+    if norm_scope == "candidates":
+        m = np.minimum(n - start, sinks)
+        ranked = np.where(np.arange(n)[None, None, :] < m[:, None, None], 0.0, ranked).astype(a.dtype)
+    kept = np.cumsum(ranked, -1) if norm == "l1" else np.sqrt(np.cumsum(ranked * ranked, -1))
+    full = kept[..., -1:]
+    if heads == "max":
+        return np.max(np.where(full > 0, 1 - kept / np.where(full > 0, full, 1), 0.0), axis=1)
+    kept, full = kept.mean(1), full.mean(1)
+    return np.where(full > 0, 1 - kept / np.where(full > 0, full, 1), 0.0)
 
 
-def test_off_by_one_cut_is_caught():
-    be = OffByOneCut()
-    _assert_clear(first_failure(check_plan, be, layer_cases(ranking="position")), be, "cut")
+class NoScaleBeforeSquares(NumpyBackend):
+    name = "broken-unscaled-squares"
+    steps = {"norm_ratio_curve": _unscaled_norms}
 
 
-def test_dropped_sinks_are_caught():
-    be = SinksDropped()
-    _assert_clear(first_failure(check_plan, be, layer_cases(ranking="position")), be, "plan order")
+def _rows_without_causality(be, q_rows, keys, start, rows, scale=None):
+    # Eq. 2's rows without the causal mask: every row sees every real position (the research code's bug).
+    logits = core.attention_scores(be, q_rows, keys, scale)
+    B, H, k, n = logits.shape
+    visible = np.broadcast_to((np.arange(n)[None, :] >= start[:, None])[:, None, None, :], (B, 1, k, n))
+    m = np.where(visible, logits, -np.inf)
+    e = np.exp(m - m.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True), visible
 
 
-def test_wrong_gqa_group_is_caught():
-    be = WrongGroup()
-    _assert_clear(first_failure(check_attention_row, be, layer_cases(ranking="position")), be, "attention_row")
+class NoCausalMask(NumpyBackend):
+    name = "broken-eq2-no-causal-mask"
+    steps = {"attention_rows": _rows_without_causality}
 
 
-def test_half_precision_softmax_is_caught():
-    be = HalfSoftmax()
-    _assert_clear(first_failure(check_attention_row, be, layer_cases(ranking="position")), be, "attention_row")
+def _mean_over_k(be, q_rows, keys, start, rows, scale=None, combine="mean"):
+    # Eq. 2 divided by k instead of each column's count of rows that see it.
+    A, visible = core.attention_rows(be, q_rows, keys, start, rows, scale)
+    if A.shape[2] == 1 or combine == "max":
+        return core.combine_rows(be, A, visible, combine)
+    return A.sum(2) / np.maximum(rows, 1)[:, None, None]
 
 
-def test_strict_less_than_is_caught():
-    be = StrictLess()
-    _assert_clear(first_failure(check_ratio_and_cut, be, layer_cases(ranking="position", styles=("local",))),
-                  be, "threshold_cut")
+class EqTwoDividedByK(NumpyBackend):
+    name = "broken-eq2-divided-by-k"
+    steps = {"attention_row": _mean_over_k}
 
 
-def test_batch_leak_is_caught():
-    be = BatchLeak()
-    _assert_clear(first_failure(check_plan, be, layer_cases(ranking="position", batch=3)), be, "cut")
+class PaddingIgnored(NumpyBackend):
+    name = "broken-padding-ignored"
+    steps = {"position_ranking": lambda be, batch, num_kv_heads, n, sinks, start:
+             core.position_ranking(be, batch, num_kv_heads, n, sinks, np.zeros_like(start))}
+
+
+class SinksInTheNorm(NumpyBackend):
+    name = "broken-sinks-in-candidates-norm"
+    steps = {"norm_ratio_curve": lambda be, a, order, sinks, norm_scope, start, norm="l2", heads="mean":
+             core.norm_ratio_curve(be, a, order, sinks, "all", start, norm, heads)}
+
+
+def _mean_of_ratios(be, a, order, sinks, norm_scope, start, norm="l2", heads="mean"):
+    # Averages per-head ratios instead of taking the ratio of the mean norms (the Uni-Metric).
+    if heads == "max":
+        return core.norm_ratio_curve(be, a, order, sinks, norm_scope, start, norm, heads)
+    per_head = [core.norm_ratio_curve(be, a[:, h:h + 1], order[:, h // (a.shape[1] // order.shape[1])][:, None],
+                                      sinks, norm_scope, start, norm, heads) for h in range(a.shape[1])]
+    return np.mean(per_head, axis=0)
+
+
+class MeanOfRatios(NumpyBackend):
+    name = "broken-mean-of-ratios"
+    steps = {"norm_ratio_curve": _mean_of_ratios}
+
+
+def _unsorted_kept(be, order, cut, J):
+    idx, valid = core.kept_positions(be, order, cut, J)
+    return np.flip(idx, -1).copy() if J > 1 else idx, valid  # in rank order, not ascending
+
+
+class UnsortedKept(NumpyBackend):
+    name = "broken-unsorted-kept-positions"
+    steps = {"kept_positions": _unsorted_kept,
+             "position_kept_positions": lambda be, start, cut, sinks, n, Hkv, J: _unsorted_kept(
+                 be, core.position_ranking(be, len(cut), Hkv, n, sinks, start), cut, J)}
+
+
+def _values_from_keys(be, keys, values, idx):
+    k2, _ = core.evict(be, keys, values, idx)
+    return k2, k2.copy()
+
+
+class ValuesFromKeys(NumpyBackend):
+    name = "broken-values-gathered-from-keys"
+    steps = {"evict": _values_from_keys, "evict_runs": lambda be, keys, values, start, sinks, recent:
+             (core.evict_runs(be, keys, values, start, sinks, recent)[0],) * 2}
+
+
+class ScaleByD(NumpyBackend):
+    name = "broken-scale-1-over-d"
+    steps = {"attention_scores": lambda be, q, K, scale=None: core.attention_scores(
+        be, q, K, 1.0 / q.shape[-1] if scale is None else scale)}
+
+
+class HalfCumsum(NumpyBackend):
+    name = "broken-cumsum-in-half"
+
+    def cumsum(self, x, axis):
+        return np.cumsum(x.astype(np.float16), axis=axis).astype(x.dtype)
+
+
+class LongestPrefix(NumpyBackend):
+    name = "broken-last-crossing"
+    steps = {"threshold_cut": lambda be, ratio, threshold, sinks, start: np.minimum(np.maximum(
+        ratio.shape[-1] - np.argmax(np.flip(ratio > threshold, -1), -1), np.minimum(ratio.shape[-1] - start, sinks + 1)),
+        ratio.shape[-1] - start)}
+
+
+#: bug -> the shipped suite test that must catch it (docs/conformance.md lists the same table)
+PLANTED = [
+    (UnstableTies, "test_attention_ranking_ties"),
+    (OffByOneCut, "test_plan_matches_reference"),
+    (SinksDropped, "test_plan_matches_reference"),
+    (WrongGroup, "test_attention_row"),
+    (HalfSoftmax, "test_attention_row"),
+    (StrictLess, "test_threshold_boundary"),
+    (BatchLeak, "test_batch_invariance"),
+    (NoMaxSubtraction, "test_attention_row"),
+    (NoScaleBeforeSquares, "test_ratio_and_cut"),
+    (NoCausalMask, "test_attention_row"),
+    (EqTwoDividedByK, "test_attention_row"),
+    (PaddingIgnored, "test_plan_matches_reference"),
+    (SinksInTheNorm, "test_ratio_and_cut"),
+    (MeanOfRatios, "test_ratio_and_cut"),
+    (UnsortedKept, "test_plan_matches_reference"),
+    (ValuesFromKeys, "test_plan_matches_reference"),
+    (ScaleByD, "test_attention_row"),
+    (HalfCumsum, "test_ratio_and_cut"),
+    (LongestPrefix, "test_threshold_boundary"),
+]
+
+# The ci profile's examples, without the shrink phase (a bug is caught or not before shrinking).
+settings.register_profile("ci-no-shrink", settings.get_profile("ci"), phases=[Phase.explicit, Phase.generate],
+                          database=None)
+
+
+@pytest.mark.parametrize("backend,test", PLANTED, ids=[b.name for b, _ in PLANTED])
+def test_planted_bug_is_caught_at_the_ci_profile(backend, test):
+    settings.load_profile("ci-no-shrink")
+    try:
+        target = Target(backend(), ("float32",))
+        with pytest.raises(ConformanceError) as info:
+            getattr(ConformanceSuite(), test)(target)
+    finally:
+        settings.load_profile("ci")
+    msg = str(info.value)
+    assert f"backend: {backend.name}" in msg
+    assert "expected:" in msg and "found:" in msg and "reproduce: refreekv.testing.check_" in msg
+
+
+def test_enough_planted_bugs():
+    assert len(PLANTED) >= 15 and len({b for b, _ in PLANTED}) == len(PLANTED)
+
+
+def test_the_real_backend_passes_the_same_tests():
+    """Guard against checks that fail everything: the unbroken NumPy backend passes each test used above."""
+    settings.load_profile("ci-no-shrink")
+    try:
+        for name in sorted({t for _, t in PLANTED}):
+            getattr(ConformanceSuite(), name)(Target(NumpyBackend(), ("float32",)))
+    finally:
+        settings.load_profile("ci")

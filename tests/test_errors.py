@@ -61,11 +61,11 @@ def test_short_prompts_are_returned_unchanged_with_a_reason():
 
 def test_several_layers_are_checked_layer_by_layer():
     q, K = np.zeros((1, 2, 1, 8)), np.zeros((1, 2, 10, 8))
-    with pytest.raises(ReFreeKVError, match=r"q_rows: received 1 layers; expected a list of 2 query arrays"):
+    with pytest.raises(ReFreeKVError, match=r"q_rows: received 1 layers; expected a list of 2 arrays, one per layer of keys"):
         refreekv.plan_layers([q], [K, K])
-    with pytest.raises(ReFreeKVError, match=r"keys: received layer 1 with q_rows \(1, 2, 1, 8\) and keys \(1, 2, 9, 8\)"):
+    with pytest.raises(ReFreeKVError, match=r"keys\[1\]: received layer 1 with q_rows \(1, 2, 1, 8\) and keys \(1, 2, 9, 8\)"):
         refreekv.plan_layers([q, q], [K, K[:, :, 1:]])
-    with pytest.raises(ReFreeKVError, match=r"scale: received 3 values; expected one float, or a list of 2"):
+    with pytest.raises(ReFreeKVError, match=r"scale: received 3 values; expected one number, or a list of 2"):
         refreekv.plan_layers([q, q], [K, K], scale=[1.0, 1.0, 1.0])
     bad = K.copy()
     bad[0, 0, 3, 0] = np.inf

@@ -15,8 +15,8 @@ from refreekv import ReFreeKVConfig, ReFreeKVError
 from refreekv import reference as R
 from refreekv.adapters.mlx_lm import (ReFreeKVCache, attach, budget_report, compress_prompt_cache, detach,
                                       load_prompt_cache, make_prompt_cache, save_prompt_cache)
-from refreekv.main.models import load_mlx, load_torch
-from refreekv.main.prompts import chat, needle_prompt
+from refreekv.commands.models import load_mlx, load_torch
+from refreekv.commands.prompts import chat, needle_prompt
 from refreekv.testing import valid_cut_range
 
 pytestmark = pytest.mark.model
@@ -109,9 +109,45 @@ def test_save_and_load_restore_the_same_state(smol, ids, tmp_path):
     assert meta == {"prompt": "needle"}
     for a, b in zip(cache, loaded):
         assert type(a) is type(b) and a.offset == b.offset and a.stored == b.stored and a.report == b.report
-        assert mx.array_equal(a.state[0], b.state[0]) and mx.array_equal(a.state[1], b.state[1])
+        assert all(mx.array_equal(x, y) for x, y in zip(a.state, b.state))
     nxt = mx.array([[ids[-1]]])
     np.testing.assert_allclose(np.array(model(nxt, cache=cache)), np.array(model(nxt, cache=loaded)), atol=1e-5)
+
+
+def test_a_tampered_or_truncated_file_loads_nothing(smol, ids, tmp_path):
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)
+    run(model, tok, ids, cache, max_tokens=2)
+    path = tmp_path / "prompt.safetensors"
+    save_prompt_cache(str(path), cache)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[-100] ^= 0x01  # one bit of the last array's data
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
+    for name, why in (("cut", "unreadable"), ("flipped", "checksum"), ("missing", "unreadable")):
+        with pytest.raises(ReFreeKVError, match=f"file: received .*{why}"):
+            load_prompt_cache(str(tmp_path / f"{name}.safetensors"), model)
+
+
+def test_layers_are_planned_together(smol, ids):
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)
+    run(model, tok, ids, cache, max_tokens=2)
+    ours = [c for c in cache if isinstance(c, ReFreeKVCache)]
+    assert len({id(c.planner) for c in ours}) == 1 and len(ours[0].planner.history.plans) == 1
+    assert len(ours[0].planner.history.report.layers) == len(ours)  # one plan covered every layer
+
+
+def test_replanning_each_turn_at_zero_threshold_is_the_full_cache(smol):
+    model, tok = smol
+    turns = [chat(tok, needle_prompt(40, depth=0.5)), "<|im_start|>user\nAnd again?<|im_end|>\n<|im_start|>assistant\n"]
+    plain, ours = plain_prompt_cache(model), make_prompt_cache(model, ReFreeKVConfig(threshold=0.0, replan="turns"))
+    for turn in turns:
+        ids = tok.encode(turn, add_special_tokens=False)
+        assert run(model, tok, ids, ours, max_tokens=3) == run(model, tok, ids, plain, max_tokens=3)
+    assert [c.offset for c in ours] == [c.offset for c in plain]
+    assert max(len(c.reports) for c in ours if isinstance(c, ReFreeKVCache)) == 2  # planned after each turn
 
 
 def test_trim_is_exact_or_refused(smol, ids):

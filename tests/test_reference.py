@@ -47,6 +47,42 @@ def test_hand_worked_eq2_two_rows():
     np.testing.assert_allclose(R.attention_row(q, K)[0, 0], [5 / 12, 5 / 12, 1 / 3], atol=1e-15)
 
 
+def test_hand_worked_max_combine():
+    # The two rows of the Eq. 2 example: max over the rows that see a column.
+    q, K = np.ones((1, 1, 2, 4)), np.zeros((1, 1, 3, 4))
+    np.testing.assert_allclose(R.attention_row(q, K, combine="max")[0, 0], [1 / 2, 1 / 2, 1 / 3], atol=1e-15)
+
+
+def test_hand_worked_l1_norm():
+    # n = 6, m = 1, a = 1/6: a prefix of length j holds (j - 1) / 5 of the candidates' mass.
+    # T = 0.2 needs (j - 1) / 5 >= 0.8, so j = 5 (the L2 norm also gives 5 here: 1 - sqrt(4/5) < 0.2).
+    q, K = uniform_case(6)
+    plan = R.plan_layer(q, K, ReFreeKVConfig(threshold=0.2, sinks=1, norm="l1"))
+    np.testing.assert_allclose(plan["ratio"][0], [1 - (j - 1) / 5 for j in range(1, 7)], atol=1e-12)
+    assert plan["cut"].tolist() == [5]
+    # T = 0.45: L1 needs (j - 1) / 5 >= 0.55 -> j = 4; L2 needs sqrt((j - 1) / 5) >= 0.55 -> j = 3.
+    assert R.plan_layer(q, K, ReFreeKVConfig(threshold=0.45, sinks=1, norm="l1"))["cut"].tolist() == [4]
+    assert R.plan_layer(q, K, ReFreeKVConfig(threshold=0.45, sinks=1, norm="l2"))["cut"].tolist() == [3]
+
+
+def test_hand_worked_max_over_heads():
+    # Two heads, candidates only (no sinks), ranking [3, 2, 1, 0]. Head 0 attends to the newest
+    # token only, head 1 to the oldest only. Mean: both prefixes hold half the mean norm until the
+    # oldest is in; max: head 1 demands every position.
+    a = np.array([[[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]])
+    order = R.position_ranking(1, 1, 4, sinks=0)
+    mean = R.norm_ratio_curve(a, order, sinks=0)
+    most = R.norm_ratio_curve(a, order, sinks=0, heads="max")
+    np.testing.assert_allclose(mean[0], [0.5, 0.5, 0.5, 0.0])
+    np.testing.assert_allclose(most[0], [1.0, 1.0, 1.0, 0.0])
+
+
+def test_pooled_scores_average_the_group_then_pool():
+    a = np.array([[[0.0, 0.0, 0.9, 0.0, 0.0], [0.0, 0.3, 0.0, 0.0, 0.0]]])  # two query heads, one KV head
+    np.testing.assert_allclose(R.pooled_scores(a, 1, pool_kernel=3)[0, 0], [0.15, 0.45, 0.45, 0.45, 0.0])
+    np.testing.assert_allclose(R.pooled_scores(a, 1, pool_kernel=3, start=[2])[0, 0], [0, 0, 0.45, 0.45, 0.0])
+
+
 def test_gqa_head_reads_its_group():
     rng = np.random.default_rng(1)
     q, K = rng.normal(size=(1, 4, 1, 8)), rng.normal(size=(1, 2, 5, 8))
@@ -108,8 +144,9 @@ def test_zero_threshold_drops_only_exactly_zero_tails(case):
 
 
 @given(layer_cases(max_n=200, ranking="position"))
-def test_kept_part_holds_enough_squared_attention(case):
-    # With one head, 1 - ||kept|| / ||full|| <= T  <=>  kept holds >= (1 - T)^2 of the mass.
+def test_kept_part_holds_enough_attention(case):
+    # With one head, 1 - ||kept|| / ||full|| <= T  <=>  kept holds >= (1 - T)^2 of the squared
+    # attention (L2 norm), or >= 1 - T of the attention mass (L1).
     assume(case.heads == 1)
     plan = _reference_plan(case, halting="threshold", budget=None)
     T = case.config.threshold
@@ -122,8 +159,9 @@ def test_kept_part_holds_enough_squared_attention(case):
             scope[s:s + m] = False
         kept = np.zeros(case.n, bool)
         kept[plan["idx"][b, 0, :plan["cut"][b]]] = True
-        total = (a[scope] ** 2).sum()
-        assert (a[scope & kept] ** 2).sum() >= (1 - T) ** 2 * total - 1e-12
+        p = 2 if case.config.norm == "l2" else 1
+        total = (a[scope] ** p).sum()
+        assert (a[scope & kept] ** p).sum() >= (1 - T) ** p * total - 1e-12
 
 
 @given(layer_cases(max_n=200))

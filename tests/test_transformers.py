@@ -12,8 +12,8 @@ from transformers import DynamicCache
 from refreekv import ReFreeKVConfig, ReFreeKVError
 from refreekv import reference as R
 from refreekv.adapters.transformers import ReFreeKVCache, attention_modules, generate, refreekv_hooks
-from refreekv.main.models import load_torch
-from refreekv.main.prompts import chat, needle_prompt
+from refreekv.commands.models import load_torch
+from refreekv.commands.prompts import chat, needle_prompt
 from refreekv.testing import valid_cut_range
 
 pytestmark = pytest.mark.model

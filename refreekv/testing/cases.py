@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import strategies as st
 
+from refreekv import rules
 from refreekv.config import ReFreeKVConfig
 
-#: How the attention of the generated queries looks.
-STYLES = ("random", "flat", "peaked", "sink_heavy", "ties", "near_ties", "local")
+#: How the attention of the generated queries looks. ``large_logits``: logits of several hundred
+#: (a softmax without max-subtraction overflows); ``sink_dominant``: the sinks take almost all the
+#: attention, the candidates get ~1e-30 (their squares underflow float32 unless scaled first).
+STYLES = ("random", "flat", "peaked", "sink_heavy", "ties", "near_ties", "local", "large_logits", "sink_dominant")
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,22 @@ class LayerCase:
             q[:] = 0.0  # every visible logit is exactly 0: uniform attention, exact ties
         elif self.style == "peaked":
             q *= 5.0
+        elif self.style == "large_logits":
+            q *= 200.0
         elif self.style in ("ties", "near_ties"):
             protos = rng.normal(size=(B, Hkv, 3, d))
             K = protos[:, :, np.arange(n) % 3]  # identical keys give bit-identical logits
             if self.style == "near_ties":
                 K = K + rng.normal(size=K.shape) * 1e-7
-        elif self.style in ("sink_heavy", "local"):
+        elif self.style in ("sink_heavy", "local", "sink_dominant"):
             for b, s in enumerate(self.start):
-                if self.style == "sink_heavy":
+                if self.style == "sink_dominant":
+                    direction = q[b].mean(axis=(0, 1))
+                    unit = direction / (np.linalg.norm(direction) + 1e-9)
+                    q[b] = unit * 20.0                        # every query row points the same way,
+                    K[b] = K[b] * 0.01                        # the others' logits are near 0,
+                    K[b, :, s:s + max(m, 1)] = unit * 4.0 * np.sqrt(d)  # the sinks' near 80
+                elif self.style == "sink_heavy":
                     direction = q[b].mean(axis=(0, 1))
                     K[b, :, s:s + max(m, 1)] = 4.0 * direction / (np.linalg.norm(direction) + 1e-9)
                 else:
@@ -76,7 +87,8 @@ class LayerCase:
 @st.composite
 def configs(draw, ranking: str | None = None) -> ReFreeKVConfig:
     """Configurations across the paper's knobs and the baselines' rules."""
-    rk = ranking or draw(st.sampled_from(["position", "position", "position", "h2o", "snapkv"]))
+    others = sorted(set(rules.RANKINGS) - {"position"})
+    rk = ranking or draw(st.sampled_from(["position"] * len(others) + others))
     halting = draw(st.sampled_from(["threshold"] * 4 + ["ratio", "count"]))
     budget = None
     if halting == "ratio":
@@ -88,7 +100,10 @@ def configs(draw, ranking: str | None = None) -> ReFreeKVConfig:
         sinks=draw(st.integers(0, 6)),
         retained_layers=(),
         norm_scope=draw(st.sampled_from(["candidates", "all"])),
-        query_rows=draw(st.sampled_from([1, 1, 1, 2, 5]) | st.sampled_from([0.01, 0.05, 0.3])),
+        query_rows=draw(st.sampled_from([1, 1, 1, 2, 5, 32]) | st.sampled_from([0.01, 0.05, 0.3])),
+        combine=draw(st.sampled_from(sorted(rules.COMBINES))),
+        norm=draw(st.sampled_from(sorted(rules.NORMS))),
+        heads=draw(st.sampled_from(sorted(rules.HEADS))),
         ranking=rk,
         window=draw(st.integers(1, 8)),
         pool_kernel=draw(st.sampled_from([1, 3, 7])),
@@ -104,9 +119,11 @@ def layer_cases(draw, max_n: int = 2048, ranking: str | None = None, batch: int 
     cfg = draw(configs(ranking))
     kv = draw(st.integers(1, 4))
     g = draw(st.sampled_from([1, 1, 2, 3, 4, 8]))
-    # Attention rankings score with many query rows; the reference's loops keep them short.
-    cap = max_n if cfg.ranking == "position" else min(max_n, 48)
-    n = draw(st.integers(1, min(cap, 80)) | st.integers(1, cap))
+    # Attention rankings run the reference's slowest loops (H2O over every query row, pooling,
+    # sorting); short prompts keep them fast.
+    cap = max_n if rules.RANKINGS[cfg.ranking].newest_run else min(max_n, 48)
+    edge = st.sampled_from([cfg.sinks + 1, cfg.sinks + 2]).filter(lambda x: x <= cap)  # a prompt at the edge
+    n = draw(st.integers(1, min(cap, 80)) | st.integers(1, cap) | edge)
     B = batch or draw(st.integers(1, 3))
     pads = tuple(draw(st.lists(st.integers(0, max(0, n - 1)), min_size=B, max_size=B))
                  if draw(st.booleans()) else [0] * B)
@@ -127,3 +144,20 @@ def tied_scores(draw) -> tuple[np.ndarray, tuple[int, ...], int, int]:
     for b, s in enumerate(start):
         scores[b, :, :s] = 0.0
     return scores, start, draw(st.integers(0, 6)), draw(st.integers(1, 8))
+
+
+@st.composite
+def threshold_cases(draw) -> tuple[np.ndarray, tuple[int, ...], float, int]:
+    """Norm-ratio curves made of exactly representable levels, and a threshold equal to one of the
+    curve's values: the cut sits exactly on the boundary ``ratio == T``.
+    Returns (ratio (B, n) float64, start, threshold, sinks)."""
+    B, n = draw(st.integers(1, 3)), draw(st.integers(1, 40))
+    start = tuple(draw(st.integers(0, n - 1)) for _ in range(B)) if draw(st.booleans()) else (0,) * B
+    ratio = np.zeros((B, n))
+    for b, s in enumerate(start):
+        steps = sorted(draw(st.lists(st.integers(0, 16), min_size=n - s, max_size=n - s)), reverse=True)
+        ratio[b, :n - s] = np.array(steps) / 16.0  # non-increasing, multiples of 1/16
+        ratio[b, n - s - 1] = 0.0                   # the whole prompt holds the whole norm
+    levels = sorted({float(x) for x in ratio.ravel() if x < 1.0})
+    threshold = draw(st.sampled_from(levels))
+    return ratio, start, threshold, draw(st.integers(0, 6))

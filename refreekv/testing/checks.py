@@ -9,6 +9,7 @@ the shapes, and a one-line reproducer.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 import refreekv
 from refreekv import reference as ref
 from refreekv.backend import Backend, _registered
+from refreekv.rules import RANKINGS
 
 from .cases import LayerCase
 from .tolerances import tolerance
@@ -48,11 +50,20 @@ class Target:
         return out.astype(np.float64) if out.dtype.kind == "f" or out.dtype.name == "bfloat16" else out
 
     @contextmanager
-    def active(self):
-        """Dispatch this backend's arrays to it (first) while the checks run."""
+    def active(self, valid_inputs: bool = True):
+        """Dispatch this backend's arrays to it (first) while the checks run. With ``valid_inputs``
+        (every check but ``check_errors``) a ReFreeKVError is the backend's failure (e.g. NaN scores)."""
         _registered.insert(0, self.backend)
         try:
             yield self
+        except refreekv.ReFreeKVError as err:
+            if not valid_inputs:
+                raise
+            raise ConformanceError(f"refreekv conformance: valid input raised an error\n  backend: {self.name}\n"
+                                   f"  expected: no error (the inputs are valid and finite)\n"
+                                   f"  found:    ReFreeKVError: {err}\n"
+                                   f"  reproduce: refreekv.testing.check_* with the case printed by hypothesis "
+                                   f"below (Target(<your backend>))") from err
         finally:
             _registered.remove(self.backend)
 
@@ -140,20 +151,23 @@ def check_attention_row(target: Target, case: LayerCase, dtype: str) -> None:
     """The score row a (Eq. 2, per-sample k) and the raw attention rows."""
     (q, K, _), (qn, Kn, _) = inputs(target, case, dtype)
     tol = tolerance(dtype)
-    rows = [case.config.rows_for(case.n - s) for s in case.start]
+    c = case.config
+    rows = [ref.rows_for(c, case.n - s) for s in case.start]
     with target.active():
-        got = refreekv.attention_row(q, K, start=list(case.start), rows=rows)
+        got = refreekv.attention_row(q, K, start=list(case.start), rows=rows, combine=c.combine)
         got_rows = refreekv.attention_rows(q, K, start=list(case.start))
-    _close("attention_row", target, dtype, case, ref.attention_row(qn, Kn, start=case.start, rows=rows),
+    _close("attention_row", target, dtype, case, ref.attention_row(qn, Kn, start=case.start, rows=rows, combine=c.combine),
            target.numpy(got), atol=tol.score_atol, rtol=tol.score_rtol)
     _close("attention_rows", target, dtype, case, ref.attention_rows(qn, Kn, start=case.start),
            target.numpy(got_rows), atol=tol.score_atol, rtol=tol.score_rtol)
 
 
 def check_scores_and_rankings(target: Target, case: LayerCase, dtype: str) -> None:
-    """Position ranking (exact), H2O and SnapKV scores (tolerance), their rankings (valid order)."""
+    """Position ranking (exact), H2O and SnapKV scores (tolerance), the H2O, SnapKV and pooled
+    rankings (a valid order)."""
     (q, K, _), (qn, Kn, _) = inputs(target, case, dtype)
     tol, c, st = tolerance(dtype), case.config, list(case.start)
+    rows = [ref.rows_for(c, case.n - s) for s in case.start]
     with target.active():
         pos = target.numpy(refreekv.position_ranking(K, sinks=c.sinks, start=st))
         h2o = target.numpy(refreekv.h2o_scores(q, K, start=st))
@@ -161,13 +175,18 @@ def check_scores_and_rankings(target: Target, case: LayerCase, dtype: str) -> No
         orders = {name: target.numpy(refreekv.attention_ranking(
             target.array(s, "float64" if dtype == "float64" else "float32"), sinks=c.sinks, window=c.window, start=st))
             for name, s in (("h2o", h2o), ("snapkv", snap))}
+        pooled = target.numpy(refreekv.plan_layer(q, K, dataclasses.replace(c, ranking="pooled", halting="threshold",
+                                                                           budget=None), start=st).order)
     _equal("position_ranking", target, dtype, case,
            ref.position_ranking(case.batch, case.kv_heads, case.n, sinks=c.sinks, start=case.start), pos)
     want_h2o = ref.h2o_scores(qn, Kn, start=case.start)
     want_snap = ref.snapkv_scores(qn, Kn, window=c.window, pool_kernel=c.pool_kernel, start=case.start)
     for name, want, got in (("h2o_scores", want_h2o, h2o), ("snapkv_scores", want_snap, snap)):
         _close(name, target, dtype, case, want, got, atol=tol.score_atol, rtol=tol.score_rtol)
-    for name, want in (("h2o", want_h2o), ("snapkv", want_snap)):
+    a = ref.attention_row(qn[:, :, case.rows - max(rows):], Kn, start=case.start, rows=rows, combine=c.combine)
+    want_pooled = ref.pooled_scores(a, case.kv_heads, pool_kernel=c.pool_kernel, start=case.start)
+    orders["pooled"] = pooled
+    for name, want in (("h2o", want_h2o), ("snapkv", want_snap), ("pooled", want_pooled)):
         tol_abs = 2 * (tol.score_atol + tol.score_rtol * float(np.abs(want).max(initial=0)))
         _check_order(target, dtype, case, orders[name],
                      ref.attention_ranking(want, sinks=c.sinks, window=c.window, start=case.start),
@@ -188,15 +207,16 @@ def check_ratio_and_cut(target: Target, case: LayerCase, dtype: str) -> None:
     """The norm-ratio curve from the reference's a and order, then the cut from that curve."""
     (_, _, _), (qn, Kn, _) = inputs(target, case, dtype)
     c, st, tol = case.config, list(case.start), tolerance(dtype)
-    rows = [c.rows_for(case.n - s) for s in case.start]
-    a = ref.attention_row(qn, Kn, start=case.start, rows=rows)
+    rows = [ref.rows_for(c, case.n - s) for s in case.start]
+    a = ref.attention_row(qn[:, :, case.rows - max(rows):], Kn, start=case.start, rows=rows, combine=c.combine)
     order = ref.position_ranking(case.batch, case.kv_heads, case.n, sinks=c.sinks, start=case.start)
     cdt = "float64" if dtype == "float64" else "float32"
     a_in = target.numpy(target.array(a, cdt))  # what the backend is fed, rounded
     with target.active():
         ratio = refreekv.norm_ratio_curve(target.array(a_in, cdt), target.array(order, "int64"),
-                                          sinks=c.sinks, norm_scope=c.norm_scope, start=st)
-    want = ref.norm_ratio_curve(a_in, order, sinks=c.sinks, norm_scope=c.norm_scope, start=case.start)
+                                          sinks=c.sinks, norm_scope=c.norm_scope, start=st, norm=c.norm, heads=c.heads)
+    want = ref.norm_ratio_curve(a_in, order, sinks=c.sinks, norm_scope=c.norm_scope, start=case.start,
+                                norm=c.norm, heads=c.heads)
     _close("norm_ratio_curve", target, dtype, case, want, target.numpy(ratio), atol=tol.ratio_atol, rtol=0)
     r_in = target.numpy(target.array(want, cdt))
     with target.active():
@@ -214,7 +234,7 @@ def check_kept_and_evict(target: Target, case: LayerCase, dtype: str) -> None:
     (_, K, V), (_, Kn, Vn) = inputs(target, case, dtype)
     c = case.config
     order = ref.position_ranking(case.batch, case.kv_heads, case.n, sinks=c.sinks, start=case.start)
-    if c.ranking != "position":  # a per-head order from real scores
+    if RANKINGS[c.ranking].scores is not None:  # a per-head order from real scores
         order = ref.attention_ranking(np.abs(Kn).sum(-1), sinks=c.sinks, window=c.window, start=case.start)
     cut = np.array([1 + (case.seed + 7 * b) % (case.n - s) for b, s in enumerate(case.start)])
     want_idx, want_valid = ref.kept_positions(order, cut)
@@ -234,15 +254,15 @@ def _plan_vs_reference(target: Target, dtype: str, case: LayerCase, plan, qn, Kn
     want = ref.plan_layer(qn, Kn, c, start=case.start)
     _close(f"{what} a", target, dtype, case, want["a"], target.numpy(plan.a), atol=tol.score_atol, rtol=tol.score_rtol)
     order = target.numpy(plan.order)
-    if c.ranking == "position":
+    scores = ref.ranking_scores(c, qn, Kn, want["a"], start=case.start)
+    if scores is None:
         _equal(f"{what} order", target, dtype, case, want["order"], order)
     else:
-        scores = (ref.h2o_scores(qn, Kn, start=case.start) if c.ranking == "h2o" else
-                  ref.snapkv_scores(qn, Kn, window=c.window, pool_kernel=c.pool_kernel, start=case.start))
         tol_abs = 2 * (tol.score_atol + tol.score_rtol * float(np.abs(scores).max(initial=0)))
         _check_order(target, dtype, case, order, want["order"], scores, tol_abs, case.start, c.sinks, c.window)
     # The reference curve along the backend's own (valid) order decides which cuts are right.
-    r = ref.norm_ratio_curve(want["a"], order, sinks=c.sinks, norm_scope=c.norm_scope, start=case.start)
+    r = ref.norm_ratio_curve(want["a"], order, sinks=c.sinks, norm_scope=c.norm_scope, start=case.start,
+                             norm=c.norm, heads=c.heads)
     _close(f"{what} ratio", target, dtype, case, r, target.numpy(plan.ratio), atol=tol.ratio_atol, rtol=0)
     for b, s in enumerate(case.start):
         if c.halting == "threshold":
@@ -312,15 +332,17 @@ def check_batch_invariance(target: Target, case: LayerCase, dtype: str) -> None:
             k_alone = min(case.rows, case.n - s)  # an engine captures at most n_b query rows
             alone = refreekv.plan_layer(target.array(qn[b:b + 1, :, case.rows - k_alone:], dtype),
                                         target.array(Kn[b:b + 1, :, s:], dtype), c)
-            r = ref.norm_ratio_curve(ref.attention_row(qn[b:b + 1], Kn[b:b + 1, :, s:],
-                                                       rows=[c.rows_for(case.n - s)]),
-                                     target.numpy(alone.order), sinks=c.sinks, norm_scope=c.norm_scope)
+            k_b = ref.rows_for(c, case.n - s)
+            r = ref.norm_ratio_curve(ref.attention_row(qn[b:b + 1, :, case.rows - k_b:], Kn[b:b + 1, :, s:],
+                                                       rows=[k_b], combine=c.combine),
+                                     target.numpy(alone.order), sinks=c.sinks, norm_scope=c.norm_scope,
+                                     norm=c.norm, heads=c.heads)
             lo, hi = (valid_cut_range(r[0], c.threshold, tolerance(dtype).ratio_atol, c.sinks, case.n - s)
                       if c.halting == "threshold" else (alone.cut[0], alone.cut[0]))
             if lo == hi and batch.cut[b] != alone.cut[0]:
                 _fail("batch invariance cut", target, dtype, case, f"sample {b}'s cut alone: {alone.cut[0]}",
                       f"in the batch: {batch.cut[b]}")
-            if batch.cut[b] == alone.cut[0] and c.ranking == "position":
+            if batch.cut[b] == alone.cut[0] and RANKINGS[c.ranking].newest_run:
                 cb = int(batch.cut[b])
                 _equal("batch invariance kept positions", target, dtype, case,
                        target.numpy(alone.idx)[0, :, :cb] + s, target.numpy(batch.idx)[b, :, :cb])
@@ -345,8 +367,17 @@ def check_errors(target: Target, dtype: str) -> None:
         ("too few query rows for H2O", "q_rows",
          lambda: refreekv.plan_layer(A(q), A(K), refreekv.ReFreeKVConfig(ranking="h2o"))),
         ("values of another length", "values", lambda: refreekv.plan_layer(A(q), A(K), values=A(K[:, :, :5]))),
+        ("zero query heads", "q_rows", lambda: refreekv.plan_layer(A(q[:, :0]), A(K))),
+        ("zero head dim", "q_rows", lambda: refreekv.plan_layer(A(q[..., :0]), A(K[..., :0]))),
+        ("scale NaN", "scale", lambda: refreekv.plan_layer(A(q), A(K), scale=float("nan"))),
+        ("values None", "values", lambda: refreekv.compress_layer(A(q), A(K), None)),
+        ("positions past the prompt", "idx",
+         lambda: refreekv.evict(A(K), A(K), target.backend.from_numpy(np.full((1, 2, 3), 12), "int64"))),
     ]
-    with target.active():
+    big = {"float64": 1e160, "float32": 1e20, "bfloat16": 1e20}.get(dtype)  # finite, but q.K overflows
+    if big is not None:  # (float16 inputs cannot overflow the float32 scores)
+        bad.append(("finite inputs whose logits overflow", "keys", lambda: refreekv.plan_layer(A(q * big), A(K * big))))
+    with target.active(valid_inputs=False):
         for what, argument, call in bad:
             try:
                 call()
@@ -357,3 +388,35 @@ def check_errors(target: Target, dtype: str) -> None:
                 _fail("error type", target, dtype, what, "refreekv.ReFreeKVError", f"{type(err).__name__}: {err}")
             else:
                 _fail("error raised", target, dtype, what, "refreekv.ReFreeKVError", "no error")
+
+
+def check_threshold_boundary(target: Target, ratio: np.ndarray, start, threshold: float, sinks: int,
+                             dtype: str) -> None:
+    """The stopping rule exactly at the boundary: curves of exact values with ``T`` equal to one of
+    them. The cut is the first prefix with ``ratio <= T`` (SPEC decision 3), with no tolerance."""
+    case = f"ratio={ratio.tolist()}, start={tuple(start)}, threshold={threshold!r}, sinks={sinks}"
+    cdt = "float64" if dtype == "float64" else "float32"
+    with target.active():
+        cut = target.numpy(refreekv.threshold_cut(target.array(ratio, cdt), threshold=threshold, sinks=sinks,
+                                                  start=list(start)))
+    _equal("threshold_cut at ratio == T", target, dtype, case,
+           ref.threshold_cut(ratio, threshold=threshold, sinks=sinks, start=start), cut)
+
+
+def check_retained_layers(target: Target, case: LayerCase, dtype: str) -> None:
+    """``compress_layers`` leaves a retained layer as it is (same arrays, a "retained layer"
+    report) and compresses the others as the reference does."""
+    (q, K, V), (qn, Kn, Vn) = inputs(target, case, dtype)
+    c = dataclasses.replace(case.config, retained_layers=(3,))
+    st = list(case.start)
+    with target.active():
+        kept, other = refreekv.compress_layers([q, q], [K, K], [V, V], c, layers=[3, 4], start=st)
+        plan = refreekv.plan_layer(q, K, c, start=st)
+    if kept.report.compressed or kept.report.reason != "retained layer" or kept.valid is not None:
+        _fail("retained layer", target, dtype, case, "layer 3 left alone (report: retained layer)",
+              f"compressed={kept.report.compressed}, reason={kept.report.reason!r}")
+    _equal("retained layer keys", target, dtype, case, Kn, target.numpy(kept.keys))
+    _equal("retained layer values", target, dtype, case, Vn, target.numpy(kept.values))
+    idx = _plan_vs_reference(target, dtype, case, plan, qn, Kn, "retained-layers plan")
+    _compressed_vs_reference(target, dtype, dataclasses.replace(case, config=c), plan, other, Kn, Vn, idx,
+                             "compress_layers next to a retained layer")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from . import checks
-from .cases import layer_cases, tied_scores
+from .cases import layer_cases, threshold_cases, tied_scores
 
 # A fixture shared by every example is what we want here, not a per-example one; the reference
 # is slow by design, so no deadline. Other settings come from the active profile (this module is
@@ -69,6 +69,19 @@ class ConformanceSuite:
     def test_batch_invariance(self, refreekv_target, data):
         case = data.draw(layer_cases(max_n=300, batch=3), label="case")
         checks.check_batch_invariance(refreekv_target, case, data.draw(st.sampled_from(refreekv_target.dtypes)))
+
+    @_fixture_ok
+    @given(data=st.data())
+    def test_threshold_boundary(self, refreekv_target, data):
+        ratio, start, threshold, sinks = data.draw(threshold_cases(), label="curve")
+        checks.check_threshold_boundary(refreekv_target, ratio, start, threshold, sinks,
+                                        data.draw(st.sampled_from(refreekv_target.dtypes)))
+
+    @_fixture_ok
+    @given(data=st.data())
+    def test_retained_layers(self, refreekv_target, data):
+        case = data.draw(layer_cases(max_n=300), label="case")
+        checks.check_retained_layers(refreekv_target, case, data.draw(st.sampled_from(refreekv_target.dtypes)))
 
     def test_errors(self, refreekv_target):
         for dtype in refreekv_target.dtypes:

@@ -43,6 +43,44 @@ def _median_s(fn, repeat: int, device: str = "cpu") -> float:
     return float(np.median(times))
 
 
+#: aten operators that only make views or read metadata: no kernel runs for them.
+VIEW_OPS = frozenset(f"aten::{x}" for x in (
+    "view", "reshape", "_reshape_alias", "expand", "expand_as", "transpose", "t", "as_strided", "slice", "select",
+    "unsqueeze", "squeeze", "permute", "alias", "detach", "detach_", "lift_fresh", "empty", "empty_like",
+    "empty_strided", "resolve_conj", "resolve_neg", "to", "_unsafe_view", "result_type", "item",
+    "_local_scalar_dense", "contiguous", "broadcast_to", "split", "chunk", "unbind", "narrow", "flatten",
+    "view_as", "numpy_T", "is_nonzero", "set_", "size", "stride", "dim"))
+
+
+def count_ops(fn) -> dict:
+    """Operators one call of ``fn`` dispatches, from torch.profiler on the CPU: ``aten`` counts the
+    top-level aten operators (those not called by another one), ``compute`` those of them that run a
+    kernel (not a view or metadata read; on a GPU each is a kernel launch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    top = [e for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return {"aten": len(top), "compute": sum(e.name not in VIEW_OPS for e in top)}
+
+
+def bench_operators(config: ReFreeKVConfig, n: int = 2048) -> list[dict]:
+    """Operator counts of ``compress_layers`` on SmolLM2 shapes (H 9, Hkv 3, d 64, float32, CPU)
+    for 1 and 28 layers: what planning costs in kernel launches on a GPU."""
+    g = torch.Generator().manual_seed(0)
+    rows = config.rows_needed(n)
+    out = []
+    for L in (1, 28):
+        qs = [torch.randn(1, 9, rows, 64, generator=g) for _ in range(L)]
+        ks = [torch.randn(1, 3, n, 64, generator=g) for _ in range(L)]
+        vs = [torch.randn(1, 3, n, 64, generator=g) for _ in range(L)]
+        call = lambda: refreekv.compress_layers(qs, ks, vs, config, layers=list(range(2, 2 + L)))  # noqa: E731
+        call()
+        out.append({"layers": L, "n": n, **count_ops(call)})
+    return out
+
+
 def _reset_peak(device: str = "cpu") -> None:
     """Start a new peak: CUDA's allocator peak on a GPU, else the process's peak RSS."""
     if device.startswith("cuda"):
@@ -71,14 +109,13 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
                 device: str = "cpu", dtype: str = "float32") -> list[dict]:
     from transformers import DynamicCache
 
-    from refreekv.adapters.transformers import ReFreeKVCache, _queries, attention_modules, cache_kwarg, refreekv_hooks
+    from refreekv.adapters.transformers import ReFreeKVCache, cache_kwarg, capture_prefill, refreekv_hooks
 
     from .models import load_torch
     from .prompts import haystack
 
     model, tok = load_torch(dtype, device=device)
     key = cache_kwarg(model)
-    mods = attention_modules(model)
     median = lambda fn: _median_s(fn, repeat, device)  # noqa: E731
     rows = []
     for n in lengths:
@@ -97,6 +134,7 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
         t_ours = median(lambda: prefill(config))
         peak_ours = _peak_mb(device)
         full_cache, logits = prefill(None)
+        ops_full, ops_ours = count_ops(lambda: prefill(None)), count_ops(lambda: prefill(config))
         # The hooks' own time (capture, queries, plan, evict) inside real prefills, median of
         # `repeat`. On a GPU, the one read of the cuts waits for prefill work still queued, so
         # there this time also holds prefill work (the overhead below is then a difference).
@@ -108,23 +146,19 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
 
         # The two steps alone, on the keys and queries the model produced, summed over layers.
         plan_s = evict_s = copy_s = 0.0
-        captured = {}
-        hooks = [m.register_forward_hook(lambda mod, a, kw, o: captured.__setitem__(
-            mod.layer_idx, (kw["hidden_states"][:, -1:], kw["position_embeddings"])), with_kwargs=True) for m in mods]
-        model(input_ids=ids, **{key: DynamicCache(config=model.config)})
-        for h in hooks:
-            h.remove()
-        for m in mods:
+        pre = capture_prefill(model, ids, configs=config)
+        for cap in pre.captured:
+            m = cap.module
             if config.is_retained(m.layer_idx):
                 continue
-            h, (cos, sin) = captured[m.layer_idx]
-            q = _queries(m, h, cos[:, -1:], sin[:, -1:])
+            q = cap.queries(config.rows_needed(n))
             K, V = full_cache.layers[m.layer_idx].keys, full_cache.layers[m.layer_idx].values
             plan = refreekv.plan_layer(q, K, config, scale=m.scaling)
             J = int(plan.cut.max())
             plan_s += median(lambda: refreekv.plan_layer(q, K, config, scale=m.scaling))
             evict_s += median(lambda: refreekv.evict_plan(K, V, plan))  # what compress_layer runs
             copy_s += median(lambda: (K[:, :, n - J:].clone(), V[:, :, n - J:].clone()))
+        del pre
 
         def decode(c):
             nxt = logits.argmax(-1)
@@ -154,6 +188,7 @@ def bench_model(lengths: list[int], config: ReFreeKVConfig, decode_tokens: int, 
             "kv_bytes_full": rep.bytes_before, "kv_bytes_refreekv": rep.bytes_after,
             "bytes_ratio": rep.bytes_after / rep.bytes_before,
             "peak_mb_full": peak_full, "peak_mb_refreekv": peak_ours,
+            "hook_compute_ops": ops_ours["compute"] - ops_full["compute"], "hook_aten_ops": ops_ours["aten"] - ops_full["aten"],
         })
         progress()
     return rows
@@ -232,12 +267,13 @@ def bench_planning(lengths: list[int], progress) -> list[dict]:
 
 
 def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], decode_tokens: int, repeat: int,
-              out_dir: str, as_json: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
+              out_dir: str, as_json: bool = False, device: str = "cpu", dtype: str = "float32",
+              config: ReFreeKVConfig | None = None) -> dict:
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console(stderr=as_json)
-    config = ReFreeKVConfig()
+    config = ReFreeKVConfig() if config is None else config
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     if device.startswith("cuda"):
         machine += f", {torch.cuda.get_device_name(device)}"
@@ -249,6 +285,7 @@ def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], 
         model_rows = bench_model(lengths, config, decode_tokens, repeat, step, device, dtype) if lengths else []
         mlx_rows = bench_mlx(mlx_lengths, config, step) if mlx_lengths else []
         plan_rows = bench_planning(synthetic, step) if synthetic else []
+        op_rows = bench_operators(config)
     targets = []
     for r in model_rows:
         targets.append({
@@ -261,7 +298,8 @@ def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], 
     out = {"machine": machine, "torch": torch.__version__, "device": device, "dtype": dtype,
            "peak_memory": "CUDA max_memory_allocated" if device.startswith("cuda") else "process peak RSS (VmHWM)",
            "model": model_rows, "mlx": mlx_rows,
-           "planning_synthetic": plan_rows, "targets": targets}
+           "planning_synthetic": plan_rows, "operators": op_rows, "targets": targets,
+           "config": config.to_dict()}
     md = [f"# refreekv bench ({machine}; torch {torch.__version__})", ""]
     if model_rows:
         h = ["n", "budget", "prefill full s", "prefill ReFreeKV s", "hook ms", "overhead ms", "overhead %", "plan ms",
@@ -279,8 +317,29 @@ def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], 
         th = list(targets[0].keys())
         md += ["## Targets", "", markdown_table(th, [[("n/a" if v is None else ("met" if v is True else ("MISSED" if v is False else v)))
                                                       for v in t.values()] for t in targets]), ""]
+        md += ["Operators the hooks add to a prefill (top-level aten operators, from torch.profiler):", "",
+               markdown_table(["n", "hook compute ops", "hook aten ops"],
+                              [[r["n"], r["hook_compute_ops"], r["hook_aten_ops"]] for r in model_rows]), ""]
+        if not as_json:  # a narrow table for the terminal; every column is in bench.md
+            console.print(rich_table(f"SmolLM2-135M, {where}", ["n", "budget", "overhead ms", "%", "evict/copy",
+                                                                    "decode tok/s full/ours", "KV MB full/ours"],
+                                     [[r["n"], f"{r['budget']:.0%}", f"{r['overhead_ms']:.1f}", f"{r['overhead_pct']:.2f}",
+                                       f"{r['evict_vs_copy']:.2f}",
+                                       f"{r['decode_tok_s_full']:.1f}/{r['decode_tok_s_refreekv']:.1f}",
+                                       f"{r['kv_bytes_full'] / 2**20:.0f}/{r['kv_bytes_refreekv'] / 2**20:.0f}"]
+                                      for r in model_rows]))
+    if op_rows:
+        one, many = op_rows[0], op_rows[-1]
+        ops_h = ["layers", "n", "aten ops", "compute ops"]
+        ops = [[r["layers"], r["n"], r["aten"], r["compute"]] for r in op_rows]
+        verdict = (f"28 layers: {many['compute']} compute ops (target <= 300: {'met' if many['compute'] <= 300 else 'MISSED'}); "
+                   f"{many['compute'] / one['compute']:.2f}x one layer's (target <= 3x: "
+                   f"{'met' if many['compute'] <= 3 * one['compute'] else 'MISSED'})")
+        md += ["## Operators of compress_layers, SmolLM2 shapes (H 9, Hkv 3, d 64), float32, CPU", "",
+               markdown_table(ops_h, ops), "", verdict, ""]
         if not as_json:
-            console.print(rich_table(f"SmolLM2-135M, {where}", h, rows))
+            console.print(rich_table("compress_layers operators (SmolLM2 shapes, n 2048)", ops_h, ops))
+            console.print(verdict)
     if mlx_rows:
         h = ["n", "budget", "prefill full s", "prefill ReFreeKV s", "overhead ms", "overhead %", "KV MB full", "KV MB ReFreeKV"]
         rows = [[r["n"], f"{r['budget']:.1%}", f"{r['prefill_full_s']:.2f}", f"{r['prefill_refreekv_s']:.2f}",
@@ -288,13 +347,15 @@ def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], 
                  f"{r['kv_bytes_refreekv'] / 2**20:.2f}"] for r in mlx_rows]
         md += ["## SmolLM2-135M, MLX CPU (Linux), float32", "", markdown_table(h, rows), ""]
         if not as_json:
-            console.print(rich_table("SmolLM2-135M, MLX CPU", h, rows))
+            console.print(rich_table("SmolLM2-135M, MLX CPU", ["n", "budget", "overhead ms", "%", "KV MB full/ours"],
+                                     [[r[0], r[1], r[4], r[5], f"{r[6]}/{r[7]}"] for r in rows]))
     if plan_rows:
         h = ["backend", "n", "plan_layer ms (1 layer)", "x 32 layers ms", "plan_layers ms (32 layers together)"]
         rows = [[r["backend"], r["n"], f"{r['plan_ms_per_layer']:.2f}", f"{r['plan_ms_32_layers']:.1f}",
                  f"{r['plan_layers_ms_32_layers']:.1f}"] for r in plan_rows]
         md += ["## Planning step alone, Llama3-8B shapes (H 32, Hkv 8, d 128), float32", "", markdown_table(h, rows), ""]
         if not as_json:
-            console.print(rich_table("planning, Llama3-8B shapes", h, rows))
+            console.print(rich_table("planning, Llama3-8B shapes", ["backend", "n", "1 layer ms", "32 one by one",
+                                                                   "32 together"], rows))
     write(out_dir, "bench", out, "\n".join(md))
     return out

@@ -1,7 +1,9 @@
 """The torch backend: CPU and CUDA, arrays stay on their device.
 
-Scores are computed in float32 (float64 stays float64). GQA is a reshape, never a repeated K.
-The only host transfer is ``to_numpy``, which the core calls once per layer (cuts and flags).
+torch's namespace is not the array API's (``dim``/``keepdim``, ``gather`` without broadcasting,
+``cat``), so this backend overrides most primitives; each is one torch call. Scores are
+computed in float32 (float64 stays float64). The only host transfer is ``to_numpy``, which the
+planner calls once per plan.
 """
 
 from __future__ import annotations
@@ -9,19 +11,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refreekv.backend import Backend
+from refreekv.backend import ArrayAPIBackend
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class TorchBackend(Backend):
+class TorchBackend(ArrayAPIBackend):
     """``device`` only places arrays made from NumPy without a ``like`` (the conformance
     suite's inputs); the core always works on the device of the arrays it is given."""
 
     name = "torch"
     framework = "torch"
+    xp = torch
+    dtypes = ("float32", "float16", "bfloat16")
 
     def __init__(self, device: str | None = None):
         self.device = device
@@ -62,31 +66,16 @@ class TorchBackend(Backend):
     def arange(self, n, like):
         return torch.arange(n, device=like.device, dtype=torch.int64)
 
-    def matmul(self, a, b):
-        return torch.matmul(a, b)
+    def full(self, shape, value, like):
+        return torch.full(shape, value, dtype=like.dtype, device=like.device)
 
     def swap_last(self, x):
         return x.transpose(-1, -2)
-
-    def reshape(self, x, shape):
-        return x.reshape(shape)
 
     def where(self, cond, a, b):
         if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
             a = torch.tensor(a, device=cond.device)
         return torch.where(cond, a, b)
-
-    def exp(self, x):
-        return torch.exp(x)
-
-    def sqrt(self, x):
-        return torch.sqrt(x)
-
-    def maximum(self, a, b):
-        return torch.maximum(a, b)
-
-    def minimum(self, a, b):
-        return torch.minimum(a, b)
 
     def amax(self, x, axis, keepdims=False):
         return torch.amax(x, dim=axis, keepdim=keepdims)
@@ -101,7 +90,7 @@ class TorchBackend(Backend):
         return torch.cumsum(x, dim=axis)
 
     def all_finite(self, x):
-        # NaN and inf survive a sum; one reduction is ~20x cheaper than isfinite(x).all().
+        # One reduction is ~20x cheaper than isfinite(x).all(); NaN and inf survive a sum.
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.isfinite(torch.sum(x, dtype=acc)).reshape(1).to(torch.int64)
 
@@ -125,9 +114,6 @@ class TorchBackend(Backend):
     def concat(self, xs, axis):
         return torch.cat(xs, dim=axis)
 
-    def full(self, shape, value, like):
-        return torch.full(shape, value, dtype=like.dtype, device=like.device)
-
     def broadcast_to(self, x, shape):
         return x.expand(shape)
 
@@ -137,5 +123,5 @@ class TorchBackend(Backend):
 
 def cuda_backend() -> TorchBackend:
     """The torch backend with conformance inputs on the GPU:
-    ``pytest --pyargs refreekv.testing.suite --refreekv-backend=refreekv.adapters.torch_backend:cuda_backend``."""
+    ``pytest --pyargs refreekv.testing.suite --refreekv-backend=refreekv.adapters.backends.torch:cuda_backend``."""
     return TorchBackend("cuda")

@@ -16,37 +16,23 @@ from .prompts import chat
 @torch.no_grad()
 def inspect_prompt(text: str, config: ReFreeKVConfig, out_dir: str, raw: bool = False, plot: bool = True,
                    as_json: bool = False) -> dict:
-    """Prefill once with a plain cache, then run the ReFreeKV plan on every layer's captured
-    queries and keys (the same computation the cache does), keeping the curves."""
-    from transformers import DynamicCache
-
-    from refreekv.adapters.transformers import _queries, attention_modules, cache_kwarg
+    """Prefill once (``capture_prefill``), then plan every layer with ``refreekv.plan_layers`` on the
+    captured queries and keys: the same computation the cache does, keeping the curves."""
+    from refreekv.adapters.transformers import capture_prefill
 
     model, tok = load_torch()
     prompt = text if raw else chat(tok, text)
-    ids = tok([prompt], return_tensors="pt")
-    n = ids["input_ids"].shape[1]
-    config.check_layers(model.config.num_hidden_layers)
-    captured = {}
-
-    def grab(module, args, kwargs, output):
-        rows = config.rows_needed(n)
-        cos, sin = kwargs["position_embeddings"]
-        captured[module.layer_idx] = _queries(module, kwargs["hidden_states"][:, -rows:], cos[:, -rows:], sin[:, -rows:])
-
-    mods = attention_modules(model)
-    hooks = [m.register_forward_hook(grab, with_kwargs=True) for m in mods]
-    cache = DynamicCache(config=model.config)
-    try:
-        model(**ids, **{cache_kwarg(model): cache})
-    finally:
-        for h in hooks:
-            h.remove()
+    ids = tok([prompt], return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    pre = capture_prefill(model, ids, configs=config)
+    rows_q = config.rows_needed(n)
+    mods = [cap.module for cap in pre.captured]
+    plans = refreekv.plan_layers([cap.queries(rows_q) for cap in pre.captured],
+                                 [pre.cache.layers[m.layer_idx].keys for m in mods], config,
+                                 scale=[m.scaling for m in mods])
     layers, curves, rows = [], {}, []
-    for m in mods:
+    for m, plan in zip(mods, plans):
         i = m.layer_idx
-        keys = cache.layers[i].keys
-        plan = refreekv.plan_layer(captured[i], keys, config, scale=m.scaling)
         kept = n if config.is_retained(i) else int(plan.cut[0])
         curves[i] = plan.ratio[0].numpy().tolist()
         layers.append({"layer": i, "kept": kept, "budget": kept / n, "retained": config.is_retained(i),

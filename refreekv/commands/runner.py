@@ -1,0 +1,258 @@
+"""Running methods on the real model, through the public transformers integration.
+
+A *method* is a name and a ``ReFreeKVConfig`` (None = the full cache). Every prompt is prefilled
+ONCE with ``capture_prefill``; each method's compressed cache is built from it with
+``ReFreeKVCache.from_prefill`` (the decisions depend only on the prefill), so adding methods costs
+their decoding, not another prefill. Results are cached per (prompt, method, code) in a JSON-lines
+file, so a re-run computes only what changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from refreekv import ReFreeKVConfig
+
+from .tasks import Prompt
+
+FRONT_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FIXED = {"streamingllm": "position", "h2o": "h2o", "snapkv": "snapkv"}
+ANSWER_TOKENS = {"needle": 24, "multikey": 24, "open": 40}
+
+
+def fixed(name: str, budget: float) -> ReFreeKVConfig:
+    """A fixed-budget baseline: it compresses every layer at the stated ratio (no retained layers)."""
+    return ReFreeKVConfig(ranking=FIXED[name], halting="ratio", budget=budget, retained_layers=())
+
+
+def variants() -> dict[str, ReFreeKVConfig]:
+    """The threshold-free design space explored for issue 10 (docs/results.md): one knob at a time
+    around the paper, then combinations. All at T = 1 % unless named."""
+    P = ReFreeKVConfig.paper
+    return {
+        "paper (k=1)": P(),
+        "k=1% n": P(query_rows=0.01),
+        "k=8": P(query_rows=8),
+        "k=32": P(query_rows=32),
+        "k=64": P(query_rows=64),
+        "k=32 max-rows": P(query_rows=32, combine="max"),
+        "k=32 max-heads": P(query_rows=32, heads="max"),
+        "k=32 max-rows max-heads": P(query_rows=32, combine="max", heads="max"),
+        "k=32 l1": P(query_rows=32, norm="l1"),
+        "k=32 T=0.1%": P(query_rows=32, threshold=0.001),
+        "k=32 T=5%": P(query_rows=32, threshold=0.05),
+        "k=32 max-rows T=0.5%": P(query_rows=32, combine="max", threshold=0.005),
+        "k=32 pooled": P(query_rows=32, ranking="pooled"),
+        "k=32 pooled l1": P(query_rows=32, ranking="pooled", norm="l1"),
+        "k=32 pooled l1 max-heads": P(query_rows=32, ranking="pooled", norm="l1", heads="max"),
+        "k=32 no retained": P(query_rows=32, retained_layers=()),
+    }
+
+
+def methods(group: str, default: ReFreeKVConfig | None = None) -> dict[str, ReFreeKVConfig | None]:
+    """``main``: full, the default, the paper, and the fixed-budget front (StreamingLLM, H2O,
+    SnapKV at 10 %..90 %). ``variants``: full and the threshold-free design space.
+    ``ablations``: the paper's ablations. ``quick``: full, default, paper, StreamingLLM 20 %."""
+    default = ReFreeKVConfig() if default is None else default
+    head = {"full": None, "refreekv (default)": default, "refreekv (paper)": ReFreeKVConfig.paper()}
+    if group == "main":
+        return head | {f"{name} {b:.0%}": fixed(name, b) for name in FIXED for b in FRONT_BUDGETS}
+    if group == "front":
+        return {"full": None} | {f"{name} {b:.0%}": fixed(name, b) for name in FIXED for b in FRONT_BUDGETS}
+    if group == "variants":
+        return {"full": None, "refreekv (default)": default} | variants()
+    if group == "ablations":
+        P = ReFreeKVConfig.paper
+        return head | {"k = 1% n": P(query_rows=0.01), "rank by H2O attention": P(ranking="h2o"),
+                       "rank by SnapKV attention": P(ranking="snapkv"), "no retained layers": P(retained_layers=()),
+                       "norm scope all": P(norm_scope="all")}
+    if group == "quick":
+        return head | {"streamingllm 20%": fixed("streamingllm", 0.2)}
+    raise ValueError(group)
+
+
+# -- the results cache ------------------------------------------------------------------------------
+
+#: The files whose code decides or applies compression in ``refreekv eval`` (validation, reports
+#: and the CLI cannot change a valid run's result, so editing them keeps cached results).
+DECISION_FILES = ("refreekv/core.py", "refreekv/planner.py", "refreekv/rules.py", "refreekv/config.py",
+                  "refreekv/backend.py", "adapters/backends/torch.py", "adapters/transformers.py", "adapters/engine.py")
+
+
+def code_fingerprint() -> str:
+    """A hash of the code that decides and applies compression: results made by other code are stale."""
+    import refreekv
+    from refreekv.adapters import transformers
+
+    pkg, adapters = Path(refreekv.__file__).parent, Path(transformers.__file__).parent
+    h = hashlib.sha256()
+    for name in DECISION_FILES:
+        base, rel = (adapters, name.removeprefix("adapters/")) if name.startswith("adapters/") else \
+            (pkg, name.removeprefix("refreekv/"))
+        h.update((base / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+class ResultsCache:
+    """JSON lines: one record per (prompt, method, settings, code). Appended as results come."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.records[rec["key"]] = rec
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut short by an interrupted run
+
+    @staticmethod
+    def key(prompt: Prompt, config: ReFreeKVConfig | None, fingerprint: str) -> str:
+        text = json.dumps([prompt.id, hashlib.sha256((prompt.text + prompt.target).encode()).hexdigest(),
+                           None if config is None else config.to_dict(), ANSWER_TOKENS, fingerprint], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, key: str) -> dict | None:
+        return self.records.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        record = dict(record, key=key)
+        self.records[key] = record
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# -- one prompt, many methods -----------------------------------------------------------------------
+
+def _fork(cache):
+    """A new DynamicCache whose layers share the given one's tensors (decoding appends by
+    concatenation, so the original is never written)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache.__new__(DynamicCache)
+    out.__dict__.update(cache.__dict__)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    return out
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    text: str
+    seconds: float
+
+
+@torch.no_grad()
+def greedy(model, tok, cache, first_logits: torch.Tensor, n: int, max_new: int, stop: str = "") -> Decoded:
+    """Greedy decoding from a prefilled cache; stops at EOS, after ``max_new`` tokens, or once
+    ``stop`` appears in the text (the answer is then settled)."""
+    from refreekv.adapters.transformers import cache_kwarg, refreekv_hooks
+
+    key = cache_kwarg(model)
+    t = time.perf_counter()
+    tokens: list[int] = []
+    nxt = first_logits.argmax(-1, keepdim=True)
+    mask = torch.ones(1, n, dtype=torch.long)
+    with refreekv_hooks(model):
+        for _ in range(max_new):
+            tokens.append(int(nxt))
+            if int(nxt) == tok.eos_token_id or (stop and stop in tok.decode(tokens, skip_special_tokens=True)):
+                break
+            mask = torch.cat([mask, mask[:, :1]], dim=1)
+            nxt = model(input_ids=nxt, attention_mask=mask, **{key: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    return Decoded(tokens, tok.decode(tokens, skip_special_tokens=True), time.perf_counter() - t)
+
+
+@torch.no_grad()
+def forced(model, cache, first_logits: torch.Tensor, n: int, targets: list[int]) -> torch.Tensor:
+    """Teacher-forced logits (T, V) for ``targets`` after the prefilled prompt (the first row is the
+    prefill's own logits)."""
+    from refreekv.adapters.transformers import cache_kwarg, refreekv_hooks
+
+    if len(targets) <= 1:
+        return first_logits[:1].float()
+    ids = torch.tensor([targets[:-1]])
+    with refreekv_hooks(model):
+        rest = model(input_ids=ids, attention_mask=torch.ones(1, n + ids.shape[1], dtype=torch.long),
+                     **{cache_kwarg(model): cache}).logits[0]
+    return torch.cat([first_logits[:1], rest], 0).float()
+
+
+def kl_top1(full: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """Mean per-token KL(full || other) and top-1 agreement of two (T, V) logit tables."""
+    lp, lq = torch.log_softmax(full, -1), torch.log_softmax(other, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    return float(kl), float((full.argmax(-1) == other.argmax(-1)).float().mean())
+
+
+def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None]) -> dict[str, dict]:
+    """Every method in ``todo`` on one prompt, from one prefill. Returns name -> record."""
+    from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
+
+    if prompt.kind == "continuation":
+        ids = tok([prompt.text], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        targets = tok(prompt.target, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tok([prompt.text], return_tensors="pt")["input_ids"]
+        targets = []
+    n = ids.shape[1]
+    configs = [c for c in todo.values() if c is not None]
+    t = time.perf_counter()
+    pre = capture_prefill(model, ids, configs=configs or None)
+    prefill_s = time.perf_counter() - t
+    full_bytes = sum(x.numel() * x.element_size() for layer in pre.cache.layers for x in (layer.keys, layer.values))
+    # The full cache's answer or logits: the reference every method is compared with.
+    if prompt.kind == "continuation":
+        ref_logits = forced(model, _fork(pre.cache), pre.logits, n, targets)
+    else:
+        ref = greedy(model, tok, _fork(pre.cache), pre.logits, n, ANSWER_TOKENS[prompt.kind],
+                     prompt.expect if prompt.kind != "open" else "")
+        if prompt.kind == "open":
+            targets = ref.tokens
+            ref_logits = forced(model, _fork(pre.cache), pre.logits, n, targets)
+    out = {}
+    for name, cfg in todo.items():
+        t = time.perf_counter()
+
+        def fresh(cfg=cfg):
+            return _fork(pre.cache) if cfg is None else ReFreeKVCache.from_prefill(pre, cfg)
+
+        cache = fresh()
+        if cfg is None:
+            budget, kept_bytes, compress_s = 1.0, full_bytes, 0.0
+        else:
+            rep = cache.report
+            budget, kept_bytes, compress_s = rep.budget[0], rep.bytes_after, rep.seconds
+        rec = {"method": name, "prompt": prompt.id, "kind": prompt.kind, "length": prompt.length, "n": n,
+               "budget": budget, "kv_bytes_full": full_bytes, "kv_bytes": kept_bytes, "compress_s": compress_s,
+               "prefill_s": prefill_s, "config": None if cfg is None else cfg.to_dict()}
+        if prompt.kind == "continuation":
+            logits = forced(model, cache, pre.logits, n, targets)
+            kl, top1 = kl_top1(ref_logits, logits)
+            nll = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None]).mean()
+            rec |= {"kl": kl, "top1": top1, "ppl": float(nll.exp())}
+        elif prompt.kind == "open":
+            ans = greedy(model, tok, fresh(), pre.logits, n, ANSWER_TOKENS["open"])
+            logits = forced(model, cache, pre.logits, n, targets)
+            kl, top1 = kl_top1(ref_logits, logits)
+            rec |= {"kl": kl, "top1": top1, "answer": ans.text, "reference": ref.text,
+                    "similarity": difflib.SequenceMatcher(None, ans.tokens, ref.tokens).ratio(),
+                    "same": ans.tokens == ref.tokens}
+        else:
+            ans = greedy(model, tok, cache, pre.logits, n, ANSWER_TOKENS[prompt.kind], prompt.expect)
+            rec |= {"answer": ans.text, "expect": prompt.expect, "ok": prompt.expect in ans.text,
+                    "full_answer": ref.text, "full_ok": prompt.expect in ref.text}
+        rec["seconds"] = time.perf_counter() - t
+        out[name] = rec
+    return out
