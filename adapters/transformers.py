@@ -89,6 +89,7 @@ class ReFreeKVLayer(DynamicLayer):
         self.kept_slots = 0           # J
         self.slot_valid: torch.Tensor | None = None
         self.all_slots_valid = True   # read once at compression: no host sync while decoding
+        self.additive_mask = False    # eager attention takes additive float masks
 
     @property
     def compressed(self) -> bool:
@@ -318,6 +319,7 @@ class ReFreeKVCache(DynamicCache):
                 outs = refreekv.compress_layers(*args, layers=[c.module.layer_idx for c in chunk], reuse=reuse, **kw)
                 for cap, layer, out in zip(chunk, layers, outs):
                     if out.valid is not None:
+                        layer.additive_mask = self.additive_mask
                         layer.store_compressed(out.keys, out.values, out.valid, layer.get_seq_length())
                     out.report.seconds += cap.seconds + q_s
                     reports.append(out.report)
@@ -371,20 +373,30 @@ def _cache_of(kwargs) -> ReFreeKVCache | None:
     return cache if isinstance(cache, ReFreeKVCache) else None
 
 
-def _pre_hook(module, args, kwargs):
-    """Give a compressed layer a mask of its own for this call."""
-    cache = _cache_of(kwargs)
-    if cache is None or module.layer_idx >= len(cache.layers):
+def layer_mask_kwargs(module, kwargs):
+    """If this call's cache holds a compressed ReFreeKV layer for ``module``, the call's kwargs with
+    that layer's own mask; else None. Shared by the hooks of every engine built on this cache layer."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    if layers is None or module.layer_idx >= len(layers):
         return None
-    layer = cache.layers[module.layer_idx]
+    layer = layers[module.layer_idx]
     if not isinstance(layer, ReFreeKVLayer) or not layer.compressed:
         return None
     hidden = kwargs["hidden_states"]
     shared = kwargs.get("attention_mask")
     if shared is None and hidden.shape[1] == 1 and layer.all_slots_valid:
         return None  # one new token, every kept slot real: no mask needed at all
-    kwargs["attention_mask"] = layer.layer_mask(shared, hidden.shape[1], hidden.dtype, cache.additive_mask)
-    return args, kwargs
+    kwargs["attention_mask"] = layer.layer_mask(shared, hidden.shape[1], hidden.dtype, layer.additive_mask)
+    return kwargs
+
+
+def _pre_hook(module, args, kwargs):
+    """Give a compressed layer a mask of its own for this call."""
+    if _cache_of(kwargs) is None:
+        return None
+    new = layer_mask_kwargs(module, kwargs)
+    return None if new is None else (args, new)
 
 
 def _post_hook(module, args, kwargs, output):

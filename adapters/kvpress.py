@@ -1,0 +1,170 @@
+"""ReFreeKV as a kvpress press: threshold-free compression one line away for kvpress users.
+
+Usage (kvpress's pipeline, or as a context manager like every press)::
+
+    from refreekv.adapters.kvpress import ReFreeKVPress
+
+    pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    answer = pipe(context, question=question, press=ReFreeKVPress())["answer"]
+
+    with ReFreeKVPress()(model):
+        model(input_ids, past_key_values=cache)      # prefill: the cache is compressed
+
+Every decision is refreekv's: during prefill the press keeps each full-attention layer's newest
+input rows, and when the last layer has run it plans every layer with one
+``refreekv.compress_layers`` call, exactly as ``refreekv.adapters.transformers`` does. Layers keep
+variable lengths (the memory is really freed), at ``Hkv`` heads, with layers 0 and 1 retained by
+default.
+
+kvpress builds one attention mask for all layers from the first layer's length, which is wrong
+for a shorter layer under SDPA or eager attention whenever a call adds several tokens (a
+question after the context): kvpress itself documents per-layer lengths as flash-attention only.
+So, with SDPA or eager attention, the press gives each compressed layer its own mask through a
+forward pre-hook (the same one the transformers integration uses). That hook must outlive the
+``with press(model)`` block, because kvpress's pipeline asks its questions after it; it is tied to
+the compressed cache and removed when that cache is garbage-collected (``weakref.finalize``). It
+acts on no other cache. The first full-attention layer must be retained then (kvpress reads
+positions from its length), which the default configuration does.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from kvpress.presses.base_press import BasePress
+
+import refreekv
+from refreekv.config import ReFreeKVConfig
+from refreekv.errors import bad_input
+from refreekv.report import BudgetReport
+
+from . import engine
+from .transformers import ReFreeKVLayer, _left_padding, _queries, attention_modules, layer_mask_kwargs
+
+
+class PressLayer(ReFreeKVLayer):
+    """A compressed layer as kvpress expects: ``get_seq_length`` is the stored length (kvpress
+    trims questions and answers back to it and passes true positions itself)."""
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+
+
+@dataclass
+class ReFreeKVPress(BasePress):
+    """ReFreeKV for kvpress: no compression ratio to choose.
+
+    Parameters
+    ----------
+    config : ReFreeKVConfig
+        The refreekv configuration (default: ``ReFreeKVConfig()``, the library's default).
+
+    After a prefill, ``report`` is the per-layer ``BudgetReport`` (kept tokens, budget, bytes), and
+    ``compression_ratio`` the fraction of prompt tokens evicted, as kvpress's evaluation reads it.
+    """
+
+    config: ReFreeKVConfig = field(default_factory=ReFreeKVConfig)
+    report: BudgetReport = field(default_factory=BudgetReport, init=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.config, ReFreeKVConfig):
+            raise bad_input("config", f"type {type(self.config).__name__}", "a refreekv.ReFreeKVConfig")
+        self._pending: list = []
+        self._modules: list = []
+        self._start: list[int] | None = None
+
+    @property
+    def compression_ratio(self) -> float:
+        """1 - the paper's budget of the last prefill (0 before any)."""
+        return 1.0 - self.report.budget[0] if self.report.layers else 0.0
+
+    @compression_ratio.setter
+    def compression_ratio(self, value):
+        raise AttributeError("ReFreeKVPress has no compression ratio to set: the budget is decided per input")
+
+    def post_init_from_model(self, model):
+        self._modules = attention_modules(model)
+        text = model.config.get_text_config(decoder=True)
+        engine.checked_config(self.config, text.num_hidden_layers, getattr(text, "max_position_embeddings", None))
+        self._impl = getattr(model.config, "_attn_implementation", None)
+        self._additive = self._impl == "eager"
+        if self._impl in ("sdpa", "eager"):
+            first_full = next((m.layer_idx for m in self._modules if not getattr(m, "is_sliding", False)), 0)
+            if not self.config.is_retained(first_full):
+                raise bad_input("retained_layers", repr(self.config.retained_layers),
+                                f"to include layer {first_full} with {self._impl} attention in kvpress (kvpress "
+                                "builds every layer's mask and positions from that layer's length)")
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        raise NotImplementedError("ReFreeKVPress plans every layer together after prefill (forward_hook); "
+                                  "it does not compress layer by layer")
+
+    def forward_hook(self, module, input, kwargs, output):
+        hidden = kwargs["hidden_states"]
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        q_len = hidden.shape[1]
+        cache_position = kwargs["cache_position"]
+        if int(cache_position[-1]) + 1 != q_len:  # not the prefill (kvpress's is_prefilling)
+            return output
+        t0 = time.perf_counter()
+        layer = cache.layers[module.layer_idx]
+        if module.layer_idx == self._modules[0].layer_idx:
+            self._pending, self._start = [], None
+        if not getattr(layer, "is_sliding", False):
+            n = layer.keys.shape[-2]
+            if self._start is None:
+                self._start = _left_padding(kwargs.get("attention_mask"), n, hidden.shape[0])
+            rows = 1 if self.config.is_retained(module.layer_idx) else engine.capture_rows(self.config, n)
+            cos, sin = kwargs["position_embeddings"]
+            self._pending.append((module, hidden[:, -rows:].clone(), cos[:, -rows:].clone(), sin[:, -rows:].clone(),
+                                  time.perf_counter() - t0))
+        if module.layer_idx == self._modules[-1].layer_idx:
+            self._compress(cache)
+        return output
+
+    @torch.no_grad()
+    def _compress(self, cache) -> None:
+        """Plan every captured layer together and store what each keeps."""
+        pending, self._pending = self._pending, []
+        groups: dict[tuple, list] = {}
+        for module, hidden, cos, sin, spent in pending:
+            q = _queries(module, hidden, cos, sin)
+            K = cache.layers[module.layer_idx].keys
+            groups.setdefault((tuple(q.shape), tuple(K.shape), K.dtype), []).append((module, q, spent))
+        reports = []
+        for group in groups.values():
+            layers = [cache.layers[m.layer_idx] for m, _, _ in group]
+            outs = refreekv.compress_layers([q for _, q, _ in group], [lay.keys for lay in layers],
+                                            [lay.values for lay in layers], self.config,
+                                            layers=[m.layer_idx for m, _, _ in group], start=self._start,
+                                            scale=[m.scaling for m, _, _ in group])
+            for (module, _, spent), layer, out in zip(group, layers, outs):
+                out.report.seconds += spent
+                reports.append(out.report)
+                if out.valid is None:
+                    continue
+                kept = PressLayer()
+                kept.lazy_initialization(out.keys, out.values)
+                kept.additive_mask = self._additive
+                kept.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])
+                cache.layers[module.layer_idx] = kept
+        self.report = BudgetReport(sorted(reports, key=lambda r: r.layer))
+        if self._impl in ("sdpa", "eager") and any(isinstance(x, PressLayer) for x in cache.layers):
+            _mask_hooks_for(cache, self._modules)
+
+
+def _mask_hooks_for(cache, modules) -> None:
+    """Per-layer masks for ``cache``'s compressed layers, for as long as ``cache`` lives."""
+    ref = weakref.ref(cache)
+
+    def pre_hook(module, args, kwargs):
+        if kwargs.get("past_key_values", kwargs.get("cache")) is not ref():
+            return None
+        new = layer_mask_kwargs(module, kwargs)
+        return None if new is None else (args, new)
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules]
+    weakref.finalize(cache, lambda: [h.remove() for h in handles])
