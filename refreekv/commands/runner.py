@@ -230,13 +230,14 @@ def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None
 
         cache = fresh()
         if cfg is None:
-            budget, kept_bytes, compress_s = 1.0, full_bytes, 0.0
+            budget, kept_bytes, compress_s, kept = 1.0, full_bytes, 0.0, [n] * len(pre.cache.layers)
         else:
             rep = cache.report
             budget, kept_bytes, compress_s = rep.budget[0], rep.bytes_after, rep.seconds
+            kept = [r.kept[0] for r in rep.layers]
         rec = {"method": name, "prompt": prompt.id, "kind": prompt.kind, "length": prompt.length, "n": n,
                "budget": budget, "kv_bytes_full": full_bytes, "kv_bytes": kept_bytes, "compress_s": compress_s,
-               "prefill_s": prefill_s, "config": None if cfg is None else cfg.to_dict()}
+               "prefill_s": prefill_s, "config": None if cfg is None else cfg.to_dict(), "kept_per_layer": kept}
         if prompt.kind == "continuation":
             logits = forced(model, cache, pre.logits, n, targets)
             kl, top1 = kl_top1(ref_logits, logits)
