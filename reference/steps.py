@@ -328,6 +328,8 @@ def plan_layer(q_rows, keys, config, *, start=None, scale=None) -> dict:
     B, Hkv, n = K.shape[0], K.shape[1], K.shape[2]
     rows = [rows_for(config, n - s) for s in _starts(start, B)]  # k per sample, from its own n_b
     k_score = max(rows)
+    if q.shape[2] < k_score:
+        raise ValueError(f"q_rows holds {q.shape[2]} rows; the configuration scores with {k_score}")
     a = attention_row(q[:, :, q.shape[2] - k_score:], K, start=start, scale=scale, rows=rows,
                       combine=config.combine)
     scores = ranking_scores(config, q, K, a, start=start, scale=scale)

@@ -30,7 +30,10 @@ def _choice(name: str, value: object, table: dict) -> None:
 class ReFreeKVConfig:
     """Everything that decides which K/V positions survive prefill.
 
-    ``ReFreeKVConfig()`` is the library's default; ``ReFreeKVConfig.paper()`` the paper's exact
+    ``ReFreeKVConfig()`` is the library's default: the paper's rule (position ranking, L2 norm
+    ratio, T = 1 %, layers 0 and 1 retained) scored with the newest 32 prompt queries (paper Eq. 2)
+    instead of the last one alone, which kept full-cache needle retrieval on the dev split where the
+    paper's single row lost it (docs/results.md). ``ReFreeKVConfig.paper()`` is the paper's exact
     configuration. NumPy scalars are accepted wherever a Python number is, and stored as one.
 
     Attributes:
@@ -39,8 +42,9 @@ class ReFreeKVConfig:
         retained_layers: layer indices never compressed (paper §2.3 keeps layers 0 and 1).
         norm_scope: "candidates" masks the sinks out of both norms (the research code, which
             produced the published budgets); "all" uses the whole row (the paper's text).
-        query_rows: k, how many of the newest prompt queries make the score row a (paper Eq. 2).
-            An int is a count; a float in (0, 1) is a fraction of the prompt length.
+        query_rows: k, how many of the newest prompt queries make the score row a (paper Eq. 2;
+            default 32, the paper 1). An int is a count; a float in (0, 1) is a fraction of the
+            prompt length.
         combine: how those rows combine into a: "mean" (Eq. 2) or "max" (``rules.COMBINES``).
         norm: the halting quantity: "l2" (the paper's norm) or "l1" (attention mass).
         heads: how a layer's heads share one cut: "mean" (the paper's Uni-Metric) or "max" (the
@@ -64,7 +68,7 @@ class ReFreeKVConfig:
     sinks: int = 4
     retained_layers: tuple[int, ...] = (0, 1)
     norm_scope: str = "candidates"
-    query_rows: int | float = 1
+    query_rows: int | float = 32
     combine: str = "mean"
     norm: str = "l2"
     heads: str = "mean"

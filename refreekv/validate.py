@@ -204,7 +204,8 @@ def request(q_rows, keys, values, config, *, start=None, scale=None, layers=None
         if not isinstance(layers, (list, tuple)) or len(layers) != L:
             raise bad_input(layers_name, repr(layers), f"None or {L} layer indices, one per layer")
         layers = [integer(x, layers_name) for x in layers]
-    planned = layers is None or not all(cfg.is_retained(i) for i in layers)  # retained layers need no queries
+    # Retained layers and prompts too short to compress (n_b <= sinks + 1) need no queries.
+    planned = (layers is None or not all(cfg.is_retained(i) for i in layers)) and int(n - host.min()) > cfg.sinks + 1
     need = max(cfg.rows_needed(int(n - s)) for s in host)
     if planned and k < need:
         raise bad_input("q_rows", f"{k} query rows", f"at least {need} for ranking={cfg.ranking!r}, "

@@ -46,7 +46,25 @@ def _with(x, at, value):
     return y
 
 
-P = refreekv.plan_layer
+PAPER = ReFreeKVConfig.paper()  # one query row: each call's error is about the argument at fault
+
+
+def P(q, K, config=PAPER, **kw):
+    return refreekv.plan_layer(q, K, config, **kw)
+
+
+def C(q, K, V, config=PAPER, **kw):
+    return refreekv.compress_layer(q, K, V, config, **kw)
+
+
+def CL(qs, ks, vs, config=PAPER, **kw):
+    return refreekv.compress_layers(qs, ks, vs, config, **kw)
+
+
+def PL(qs, ks, config=PAPER, **kw):
+    return refreekv.plan_layers(qs, ks, config, **kw)
+
+
 BAD = [
     # (name, argument the message must start with, call taking an Arrays)
     ("NaN in keys", "keys", lambda a: P(a.A(Q), a.A(_with(K, (0, 1, 3, 2), np.nan)))),
@@ -72,14 +90,14 @@ BAD = [
     ("queries from another framework", "q_rows", lambda a: P(a.X(Q), a.A(K))),
     ("values from another framework", "values", lambda a: P(a.A(Q), a.A(K), values=a.X(V))),
     ("one layer's keys from another framework", "keys[1]",
-     lambda a: refreekv.plan_layers([a.A(Q), a.A(Q)], [a.A(K), a.X(K)])),
+     lambda a: PL([a.A(Q), a.A(Q)], [a.A(K), a.X(K)])),
     ("one layer's queries from another framework", "q_rows[1]",
-     lambda a: refreekv.plan_layers([a.A(Q), a.X(Q)], [a.A(K), a.A(K)])),
+     lambda a: PL([a.A(Q), a.X(Q)], [a.A(K), a.A(K)])),
     ("nested lists as queries", "q_rows", lambda a: P(Q.tolist(), a.A(K))),
     ("nested lists as keys", "keys", lambda a: P(a.A(Q), K.tolist())),
     ("a string as keys", "keys", lambda a: P(a.A(Q), "keys")),
-    ("values None to compress_layer", "values", lambda a: refreekv.compress_layer(a.A(Q), a.A(K), None)),
-    ("values None to compress_layers", "values", lambda a: refreekv.compress_layers([a.A(Q)], [a.A(K)], None)),
+    ("values None to compress_layer", "values", lambda a: C(a.A(Q), a.A(K), None)),
+    ("values None to compress_layers", "values", lambda a: CL([a.A(Q)], [a.A(K)], None)),
     ("scale NaN", "scale", lambda a: P(a.A(Q), a.A(K), scale=float("nan"))),
     ("scale inf", "scale", lambda a: P(a.A(Q), a.A(K), scale=float("inf"))),
     ("scale a numeric string", "scale", lambda a: P(a.A(Q), a.A(K), scale="0.1")),
@@ -88,23 +106,23 @@ BAD = [
     ("scale zero", "scale", lambda a: P(a.A(Q), a.A(K), scale=0.0)),
     ("scale True", "scale", lambda a: P(a.A(Q), a.A(K), scale=True)),
     ("one layer's scale NaN", "scale[1]",
-     lambda a: refreekv.plan_layers([a.A(Q)] * 2, [a.A(K)] * 2, scale=[0.1, float("nan")])),
-    ("a negative layer index", "layer", lambda a: refreekv.compress_layer(a.A(Q), a.A(K), a.A(V), layer=-1)),
-    ("a float layer index", "layer", lambda a: refreekv.compress_layer(a.A(Q), a.A(K), a.A(V), layer=2.0)),
+     lambda a: PL([a.A(Q)] * 2, [a.A(K)] * 2, scale=[0.1, float("nan")])),
+    ("a negative layer index", "layer", lambda a: C(a.A(Q), a.A(K), a.A(V), layer=-1)),
+    ("a float layer index", "layer", lambda a: C(a.A(Q), a.A(K), a.A(V), layer=2.0)),
     ("layers of the wrong length", "layers",
-     lambda a: refreekv.compress_layers([a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V)] * 2, layers=[3])),
+     lambda a: CL([a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V)] * 2, layers=[3])),
     ("a dict as config", "config", lambda a: P(a.A(Q), a.A(K), {"threshold": 0.1})),
     ("start past the prompt", "start", lambda a: P(a.A(Q), a.A(K), start=[12])),
     ("start negative", "start", lambda a: P(a.A(Q), a.A(K), start=[-1])),
     ("start of the wrong length", "start", lambda a: P(a.A(Q), a.A(K), start=[0, 0])),
     ("start as floats", "start", lambda a: P(a.A(Q), a.A(K), start=[0.5])),
     ("start from another framework", "start", lambda a: P(a.A(Q), a.A(K), start=a.X(np.zeros(1), "int64"))),
-    ("keys not a list in plan_layers", "keys", lambda a: refreekv.plan_layers([a.A(Q)], a.A(K))),
-    ("an empty list of layers", "keys", lambda a: refreekv.plan_layers([], [])),
-    ("fewer query layers than key layers", "q_rows", lambda a: refreekv.plan_layers([a.A(Q)], [a.A(K)] * 2)),
+    ("keys not a list in plan_layers", "keys", lambda a: PL([a.A(Q)], a.A(K))),
+    ("an empty list of layers", "keys", lambda a: PL([], [])),
+    ("fewer query layers than key layers", "q_rows", lambda a: PL([a.A(Q)], [a.A(K)] * 2)),
     ("one layer's values of another shape", "values[1]",
-     lambda a: refreekv.compress_layers([a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V), a.A(V[:, :, :3])])),
-    ("layers of different lengths", "keys[1]", lambda a: refreekv.plan_layers([a.A(Q)] * 2, [a.A(K), a.A(K[:, :, 1:])])),
+     lambda a: CL([a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V), a.A(V[:, :, :3])])),
+    ("layers of different lengths", "keys[1]", lambda a: PL([a.A(Q)] * 2, [a.A(K), a.A(K[:, :, 1:])])),
     ("a cut past the prompt", "cut", lambda a: refreekv.kept_positions(a.A(np.zeros((1, 2, 12)), "int64"), [13])),
     ("a cut of zero", "cut", lambda a: refreekv.kept_positions(a.A(np.zeros((1, 2, 12)), "int64"), [0])),
     ("positions past the prompt", "idx", lambda a: refreekv.evict(a.A(K), a.A(V), a.A(np.full((1, 2, 3), 12), "int64"))),
@@ -122,8 +140,7 @@ BAD = [
     ("threshold as a string", "threshold", lambda a: ReFreeKVConfig(threshold="0.01")),
     ("replan 'always'", "replan", lambda a: ReFreeKVConfig(replan="always")),
     ("plans reused under another ranking", "reuse",
-     lambda a: refreekv.compress_layers([a.A(Q)], [a.A(K)], [a.A(V)], ReFreeKVConfig(window=2),
-                                        reuse=refreekv.plan_layers([a.A(Q)], [a.A(K)]))),
+     lambda a: CL([a.A(Q)], [a.A(K)], [a.A(V)], ReFreeKVConfig.paper(window=2), reuse=PL([a.A(Q)], [a.A(K)]))),
     ("a plan for other keys", "keys", lambda a: refreekv.evict_plan(a.A(K[:, :, :6]), a.A(V[:, :, :6]),
                                                                    P(a.A(Q), a.A(K)))),
 ]
@@ -136,13 +153,15 @@ def _valid(fn):
 R = np.random.default_rng(1)
 VALID = [
     ("a one-token prompt", lambda a: P(a.A(Q), a.A(K[:, :, :1]))),
-    ("a prompt of sinks + 1 tokens", lambda a: refreekv.compress_layer(a.A(Q), a.A(K[:, :, :5]), a.A(V[:, :, :5]))),
-    ("a prompt of sinks + 2 tokens", lambda a: refreekv.compress_layer(a.A(Q), a.A(K[:, :, :6]), a.A(V[:, :, :6]))),
-    ("no sinks", lambda a: P(a.A(Q), a.A(K), ReFreeKVConfig(sinks=0))),
+    ("a prompt of sinks + 1 tokens", lambda a: C(a.A(Q), a.A(K[:, :, :5]), a.A(V[:, :, :5]))),
+    ("a prompt of sinks + 2 tokens", lambda a: C(a.A(Q), a.A(K[:, :, :6]), a.A(V[:, :, :6]))),
+    ("no sinks", lambda a: P(a.A(Q), a.A(K), ReFreeKVConfig.paper(sinks=0))),
     ("GQA groups of 1", lambda a: P(a.A(Q[:, :2]), a.A(K))),
     ("one KV head for every query head", lambda a: P(a.A(Q), a.A(K[:, :1]))),
-    ("threshold 0", lambda a: P(a.A(Q), a.A(K), ReFreeKVConfig(threshold=0))),
-    ("threshold 0.999", lambda a: P(a.A(Q), a.A(K), ReFreeKVConfig(threshold=0.999))),
+    ("threshold 0", lambda a: P(a.A(Q), a.A(K), ReFreeKVConfig.paper(threshold=0))),
+    ("threshold 0.999", lambda a: P(a.A(Q), a.A(K), ReFreeKVConfig.paper(threshold=0.999))),
+    ("the default configuration with its 32 query rows", lambda a: P(a.A(rng.normal(size=(1, 4, 12, 8))), a.A(K),
+                                                                    ReFreeKVConfig())),
     ("NumPy scalars in the config", lambda a: P(a.A(rng.normal(size=(1, 4, 2, 8))), a.A(K), ReFreeKVConfig(
         sinks=np.int64(2), threshold=np.float32(0.05), query_rows=np.int32(2), window=np.int16(3),
         retained_layers=np.arange(2), pool_kernel=np.int64(3)))),
@@ -158,13 +177,13 @@ VALID = [
     ("all-zero keys (flat attention)", lambda a: P(a.A(Q), a.A(np.zeros_like(K)))),
     ("logits near 1e4 (need max subtraction)", lambda a: P(a.A(Q * 300), a.A(K * 300))),
     ("keys near 1e-30", lambda a: P(a.A(Q), a.A(K * 1e-30))),
-    ("a retained layer through compress_layers", lambda a: refreekv.compress_layers(
+    ("a retained layer through compress_layers", lambda a: CL(
         [a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V)] * 2, layers=[np.int64(0), np.int64(5)])),
     ("every ranking", lambda a: [P(a.A(rng.normal(size=(1, 4, 12, 8))), a.A(K), ReFreeKVConfig(ranking=r))
                                  for r in refreekv.RANKINGS]),
-    ("plans reused for a fixed-budget sweep", lambda a: refreekv.compress_layers(
-        [a.A(Q)], [a.A(K)], [a.A(V)], ReFreeKVConfig(halting="ratio", budget=0.5),
-        reuse=refreekv.plan_layers([a.A(Q)], [a.A(K)]))),
+    ("plans reused for a fixed-budget sweep", lambda a: CL(
+        [a.A(Q)], [a.A(K)], [a.A(V)], ReFreeKVConfig.paper(halting="ratio", budget=0.5),
+        reuse=PL([a.A(Q)], [a.A(K)]))),
 ]
 
 

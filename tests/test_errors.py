@@ -42,7 +42,9 @@ def test_messages_say_what_was_received_and_expected():
     assert str(info.value) == ("q_rows: received 3 query heads with 2 KV heads; expected a number of query "
                                "heads that is a multiple of the KV heads (GQA)")
     with pytest.raises(ReFreeKVError, match="keys: received NaN or infinite values"):
-        refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.full((1, 2, 10, 8), np.nan))
+        refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.full((1, 2, 10, 8), np.nan), ReFreeKVConfig.paper())
+    with pytest.raises(ReFreeKVError, match=r"q_rows: received 1 query rows; expected at least 10"):
+        refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.zeros((1, 2, 10, 8)))  # the default scores with 32 rows
     with pytest.raises(ReFreeKVError, match="array: received an object of type builtins.list"):
         refreekv.get_backend([1.0])
     with pytest.raises(ReFreeKVError, match="config: received type dict"):
@@ -55,7 +57,7 @@ def test_short_prompts_are_returned_unchanged_with_a_reason():
     assert valid is None
     assert k2 is K and v2 is V
     assert not report.compressed and report.reason == "prompt too short (n <= sinks + 1 = 5)"
-    k2, _, _, report = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)
+    k2, _, _, report = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)  # no rows needed
     assert not report.compressed and report.reason == "retained layer"
 
 
@@ -70,7 +72,7 @@ def test_several_layers_are_checked_layer_by_layer():
     bad = K.copy()
     bad[0, 0, 3, 0] = np.inf
     with pytest.raises(ReFreeKVError, match=r"keys\[1\]: received NaN or infinite values"):  # names the layer
-        refreekv.plan_layers([q, q], [K, bad])
+        refreekv.plan_layers([q, q], [K, bad], ReFreeKVConfig.paper())
     with pytest.raises(ReFreeKVError, match=r"layers: received \[3\]; expected None or 2 layer indices"):
         refreekv.compress_layers([q, q], [K, K], [K, K], layers=[3])
 
@@ -80,7 +82,7 @@ def test_layers_planned_together_equal_layers_planned_alone():
     qs = [rng.normal(size=(2, 4, 1, 8)) for _ in range(3)]
     ks = [rng.normal(size=(2, 2, 40, 8)) * s for s in (0.5, 2.0, 4.0)]  # three different curves
     vs = [rng.normal(size=(2, 2, 40, 8)) for _ in range(3)]
-    cfg = ReFreeKVConfig(threshold=0.05, sinks=2)
+    cfg = ReFreeKVConfig.paper(threshold=0.05, sinks=2)
     together = refreekv.compress_layers(qs, ks, vs, cfg, layers=[1, 4, 7], start=[0, 6])
     assert not together[0].report.compressed and together[0].report.reason == "retained layer"
     for i in (1, 2):

@@ -56,7 +56,8 @@ def test_default_threshold_shrinks_storage_to_the_reference_budget(smol, ids):
     probes = attach(model)
     plain = plain_prompt_cache(model)
     model(mx.array(ids)[None], cache=plain)
-    captured = [(np.array(p._recent[0][:, :, -1:]).astype(np.float64),
+    rows = CFG.rows_needed(n)
+    captured = [(np.array(p._recent[0][:, :, -rows:]).astype(np.float64),
                  np.array(c.keys[..., :n, :]).astype(np.float64)) for p, c in zip(probes, plain)]
     cache = make_prompt_cache(model, CFG)
     model(mx.array(ids[:-1])[None], cache=cache)

@@ -53,11 +53,11 @@ def test_zero_threshold_gives_full_cache_output(smol, prompt):
     assert len(cache.report.layers) == model.config.num_hidden_layers
 
 
-def _capture_queries_and_keys(model, inputs):
-    """A plain full-cache prefill; q of the last token from q_proj's output, RoPE applied with
-    the model's own rotary embedding at position n - 1; K from the DynamicCache."""
+def _capture_queries_and_keys(model, inputs, rows=1):
+    """A plain full-cache prefill; the newest ``rows`` queries from q_proj's output, RoPE applied with
+    the model's own rotary embedding at their positions (no refreekv code); K from the DynamicCache."""
     q_out = {}
-    hooks = [m.q_proj.register_forward_hook(lambda mod, a, o, i=m.layer_idx: q_out.__setitem__(i, o[:, -1:]))
+    hooks = [m.q_proj.register_forward_hook(lambda mod, a, o, i=m.layer_idx: q_out.__setitem__(i, o[:, -rows:]))
              for m in attention_modules(model)]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -65,24 +65,24 @@ def _capture_queries_and_keys(model, inputs):
     for h in hooks:
         h.remove()
     n = inputs["input_ids"].shape[1]
-    cos, sin = model.model.rotary_emb(q_out[0], torch.tensor([[n - 1]]))
+    cos, sin = model.model.rotary_emb(q_out[0], torch.arange(n - rows, n)[None])
     out = []
     for m in attention_modules(model):
-        q = q_out[m.layer_idx].view(1, 1, -1, m.head_dim).transpose(1, 2)
+        q = q_out[m.layer_idx].view(1, rows, -1, m.head_dim).transpose(1, 2)
         q = q * cos[:, None] + torch.cat([-q[..., m.head_dim // 2:], q[..., :m.head_dim // 2]], -1) * sin[:, None]
         out.append((q.double().numpy(), cache.layers[m.layer_idx].keys.double().numpy()))
     return out
 
 
+@pytest.mark.parametrize("cfg", [ReFreeKVConfig(), ReFreeKVConfig.paper()], ids=["default", "paper"])
 @torch.no_grad()
-def test_default_threshold_shrinks_cache_to_the_reference_budget(smol, prompt):
+def test_the_cache_shrinks_to_the_reference_budget(smol, prompt, cfg):
     model, _ = smol
-    cfg = ReFreeKVConfig()
     cache = ReFreeKVCache(model, cfg)
     with refreekv_hooks(model):
         model(**prompt, cache=cache)  # prefill only
     n = prompt["input_ids"].shape[1]
-    captured = _capture_queries_and_keys(model, prompt)
+    captured = _capture_queries_and_keys(model, prompt, cfg.rows_needed(n))
     assert len(cache.report.layers) == len(captured) == 30  # every layer, once, in layer order
     for i, ((q, K), rep, layer) in enumerate(zip(captured, cache.report.layers, cache.layers)):
         assert rep.layer == i

@@ -355,28 +355,30 @@ def check_errors(target: Target, dtype: str) -> None:
     nan_K, inf_q = K.copy(), q.copy()
     nan_K[0, 1, 3, 2], inf_q[0, 0, 0, 0] = np.nan, np.inf
     A = lambda a, dt=dtype: target.array(a, dt)  # noqa: E731
+    # The paper's configuration needs one query row, so each call's error is about the argument at fault.
+    P = lambda q_, K_, config=refreekv.ReFreeKVConfig.paper(), **kw: refreekv.plan_layer(q_, K_, config, **kw)  # noqa: E731
     bad = [
-        ("NaN in keys", "keys", lambda: refreekv.plan_layer(A(q), A(nan_K))),
-        ("inf in q_rows", "q_rows", lambda: refreekv.plan_layer(A(inf_q), A(K))),
-        ("integer keys", "keys", lambda: refreekv.plan_layer(A(q), A(np.ones((1, 2, 12, 8)), "int32"))),
-        ("H not a multiple of Hkv", "q_rows", lambda: refreekv.plan_layer(A(q[:, :3]), A(K))),
-        ("head dims differ", "keys", lambda: refreekv.plan_layer(A(q), A(K[..., :4]))),
-        ("empty prompt", "keys", lambda: refreekv.plan_layer(A(q), A(K[:, :, :0]))),
-        ("keys of rank 3", "keys", lambda: refreekv.plan_layer(A(q), A(K[0]))),
-        ("start past the prompt", "start", lambda: refreekv.plan_layer(A(q), A(K), start=[12])),
+        ("NaN in keys", "keys", lambda: P(A(q), A(nan_K))),
+        ("inf in q_rows", "q_rows", lambda: P(A(inf_q), A(K))),
+        ("integer keys", "keys", lambda: P(A(q), A(np.ones((1, 2, 12, 8)), "int32"))),
+        ("H not a multiple of Hkv", "q_rows", lambda: P(A(q[:, :3]), A(K))),
+        ("head dims differ", "keys", lambda: P(A(q), A(K[..., :4]))),
+        ("empty prompt", "keys", lambda: P(A(q), A(K[:, :, :0]))),
+        ("keys of rank 3", "keys", lambda: P(A(q), A(K[0]))),
+        ("start past the prompt", "start", lambda: P(A(q), A(K), start=[12])),
         ("too few query rows for H2O", "q_rows",
-         lambda: refreekv.plan_layer(A(q), A(K), refreekv.ReFreeKVConfig(ranking="h2o"))),
-        ("values of another length", "values", lambda: refreekv.plan_layer(A(q), A(K), values=A(K[:, :, :5]))),
-        ("zero query heads", "q_rows", lambda: refreekv.plan_layer(A(q[:, :0]), A(K))),
-        ("zero head dim", "q_rows", lambda: refreekv.plan_layer(A(q[..., :0]), A(K[..., :0]))),
-        ("scale NaN", "scale", lambda: refreekv.plan_layer(A(q), A(K), scale=float("nan"))),
+         lambda: P(A(q), A(K), refreekv.ReFreeKVConfig(ranking="h2o"))),
+        ("values of another length", "values", lambda: P(A(q), A(K), values=A(K[:, :, :5]))),
+        ("zero query heads", "q_rows", lambda: P(A(q[:, :0]), A(K))),
+        ("zero head dim", "q_rows", lambda: P(A(q[..., :0]), A(K[..., :0]))),
+        ("scale NaN", "scale", lambda: P(A(q), A(K), scale=float("nan"))),
         ("values None", "values", lambda: refreekv.compress_layer(A(q), A(K), None)),
         ("positions past the prompt", "idx",
          lambda: refreekv.evict(A(K), A(K), target.backend.from_numpy(np.full((1, 2, 3), 12), "int64"))),
     ]
     big = {"float64": 1e160, "float32": 1e20, "bfloat16": 1e20}.get(dtype)  # finite, but q.K overflows
     if big is not None:  # (float16 inputs cannot overflow the float32 scores)
-        bad.append(("finite inputs whose logits overflow", "keys", lambda: refreekv.plan_layer(A(q * big), A(K * big))))
+        bad.append(("finite inputs whose logits overflow", "keys", lambda: P(A(q * big), A(K * big))))
     with target.active(valid_inputs=False):
         for what, argument, call in bad:
             try:
