@@ -27,6 +27,10 @@ def run_json(capsys, *argv) -> dict:
     (["inspect", "--file", "/nonexistent.txt"], "--file: received '/nonexistent.txt'; expected an existing text file"),
     (["inspect", "  "], "text: received an empty prompt"),
     (["eval", "--methods", "everything"], "invalid choice: 'everything'"),
+    (["eval", "--query-rows", "abc"], "received 'abc'; expected an int (a count) or a float in (0, 1)"),
+    (["demo", "--query-rows", "1.5"], "query_rows: received 1.5; expected an int >= 1"),
+    (["eval", "--limit", "0"], "--limit: received 0; expected an int >= 1"),
+    (["bench", "--repeat", "0"], "--repeat/--decode-tokens: received 0/32; expected ints >= 1"),
 ])
 def test_argument_errors_are_clear(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -62,21 +66,44 @@ def test_demo_quick(capsys, tmp_path):
     out = run_json(capsys, "demo", "--quick", "--max-new-tokens", "8", "--out", str(tmp_path))
     assert [p["prompt"] for p in out["prompts"]] == ["needle ~200 tokens, depth 50%", "short question"]
     for p in out["prompts"]:
-        assert {"tokens", "budget", "memory_saved", "answer_full", "answer_refreekv", "seconds_full"} <= set(p)
+        assert {"tokens", "budget", "memory_saved", "answer_full", "answer_refreekv", "same_as_full",
+                "refreekv_correct"} <= set(p)
         assert 0 < p["budget"] <= 1 and p["kv_bytes_refreekv"] <= p["kv_bytes_full"]
+        assert p["same_as_full"] == (p["answer_full"] == p["answer_refreekv"])
+    assert "answers as the full cache" in out["summary"] and "KV memory saved" in out["summary"]
     assert (tmp_path / "demo.md").exists()
 
 
 @pytest.mark.model
-def test_eval_quick(capsys, tmp_path):
-    out = run_json(capsys, "eval", "--methods", "quick", "--size", "quick", "--out", str(tmp_path))
+def test_eval_quick_and_its_cache(capsys, tmp_path):
+    out = run_json(capsys, "eval", "--methods", "quick", "--split", "dev", "--size", "quick", "--threshold", "0.02",
+                   "--out", str(tmp_path))
     res = out["results"]
-    assert set(res) == {"full", "refreekv", "streamingllm 20%"}
-    assert res["full"]["budget"] == 1.0 and res["full"]["kl"] == 0.0 and res["full"]["top1_agreement"] == 1.0
+    assert set(res) == {"full", "refreekv (default)", "refreekv (paper)", "streamingllm 20%"}
+    assert out["configs"]["refreekv (default)"]["threshold"] == 0.02  # the options configure the default
+    assert res["full"]["budget"] == 1.0 and res["full"]["cont_kl"] == 0.0 and res["full"]["cont_top1"] == 1.0
     assert abs(res["streamingllm 20%"]["budget"] - 0.2) < 0.02
     for r in res.values():
-        assert {"needle", "multikey", "ppl", "kl", "top1_agreement", "budget", "kv_memory_saved"} <= set(r)
-    assert (tmp_path / "eval_quick_quick.png").exists()
+        assert {"needle", "multikey", "cont_ppl", "cont_kl", "open_similarity", "budget", "kv_memory_saved"} <= set(r)
+    assert (tmp_path / "eval_quick_dev_quick.png").exists()
+    cached = (tmp_path / "eval_cache.jsonl").read_text().count("\n")
+    again = run_json(capsys, "eval", "--methods", "quick", "--split", "dev", "--size", "quick", "--threshold", "0.02",
+                     "--out", str(tmp_path))
+    assert again["results"] == res and (tmp_path / "eval_cache.jsonl").read_text().count("\n") == cached  # no recompute
+
+
+def test_every_command_takes_the_configuration_and_shows_defaults(capsys):
+    from refreekv.cli import config_from, parser
+
+    for command in (["demo"], ["inspect", "x"], ["eval"], ["bench"]):
+        a = parser().parse_args([*command, "--threshold", "0.02", "--query-rows", "8", "--replan", "turns"])
+        cfg = config_from(a)
+        assert (cfg.threshold, cfg.query_rows, cfg.replan) == (0.02, 8, "turns")
+    assert config_from(parser().parse_args(["demo", "--paper"])).query_rows == 1
+    with pytest.raises(SystemExit):
+        parser().parse_args(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert "(default 0.01)" in text and "(default: test)" in text and "--replan-every" in text
 
 
 @pytest.mark.model

@@ -228,8 +228,10 @@ def bench_mlx(lengths: list[int], config: ReFreeKVConfig, progress) -> list[dict
     return rows
 
 
-def bench_planning(lengths: list[int], progress) -> list[dict]:
-    """plan_layer alone on Llama3-8B shapes, per layer and for 32 layers, on every backend here."""
+def bench_planning(lengths: list[int], progress, config: ReFreeKVConfig | None = None) -> list[dict]:
+    """plan_layer alone on Llama3-8B shapes, per layer and for 32 layers, on every backend here,
+    with the benchmarked configuration's query rows."""
+    config = ReFreeKVConfig() if config is None else config
     backends = ["numpy", "torch-cpu"]
     try:
         import mlx.core  # noqa: F401
@@ -242,7 +244,7 @@ def bench_planning(lengths: list[int], progress) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     for n in lengths:
-        q_np = rng.normal(size=(1, 32, 1, 128)).astype(np.float32)
+        q_np = rng.normal(size=(1, 32, config.rows_needed(n), 128)).astype(np.float32)
         k_np = rng.normal(size=(1, 8, n, 128)).astype(np.float32)
         for name in backends:
             if name == "numpy":
@@ -257,9 +259,9 @@ def bench_planning(lengths: list[int], progress) -> list[dict]:
 
                 q, k = mx.array(q_np), mx.array(k_np)
                 sync = lambda: None  # noqa: E731  (plan_layer evaluates when it reads the cut)
-            s = _median_s(lambda: (refreekv.plan_layer(q, k), sync()), 5)
+            s = _median_s(lambda: (refreekv.plan_layer(q, k, config), sync()), 5)
             # The same 32 layers planned together, as the transformers hooks do after prefill.
-            joint = _median_s(lambda: (refreekv.plan_layers([q] * 32, [k] * 32), sync()), 3)
+            joint = _median_s(lambda: (refreekv.plan_layers([q] * 32, [k] * 32, config), sync()), 3)
             rows.append({"backend": name, "n": n, "plan_ms_per_layer": s * 1e3, "plan_ms_32_layers": 32 * s * 1e3,
                          "plan_layers_ms_32_layers": joint * 1e3})
         progress()
@@ -284,7 +286,7 @@ def run_bench(lengths: list[int], synthetic: list[int], mlx_lengths: list[int], 
         step = lambda: p.advance(bar)  # noqa: E731
         model_rows = bench_model(lengths, config, decode_tokens, repeat, step, device, dtype) if lengths else []
         mlx_rows = bench_mlx(mlx_lengths, config, step) if mlx_lengths else []
-        plan_rows = bench_planning(synthetic, step) if synthetic else []
+        plan_rows = bench_planning(synthetic, step, config) if synthetic else []
         op_rows = bench_operators(config)
     targets = []
     for r in model_rows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import hashlib
 import json
 import time
@@ -196,8 +197,94 @@ def kl_top1(full: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     return float(kl), float((full.argmax(-1) == other.argmax(-1)).float().mean())
 
 
+def merge(model, caches: list, n: int):
+    """One batched cache holding each method's cache as one sample: per layer, every method's kept
+    slots padded to the longest (padding masked out), so the methods decode together in one batch.
+    Each sample's attention sees exactly its own method's kept tokens (per-sample slot masks)."""
+    from refreekv.adapters.transformers import ReFreeKVCache, ReFreeKVLayer
+
+    out = ReFreeKVCache(model, ReFreeKVConfig())
+    out.planned_layers = set(range(len(out.layers)))
+    for i, layer in enumerate(out.layers):
+        ks = [c.layers[i].keys for c in caches]
+        vs = [c.layers[i].values for c in caches]
+        valid = [getattr(c.layers[i], "slot_valid", None) for c in caches]
+        J = max(k.shape[-2] for k in ks)
+        keys, values, masks = [], [], []
+        for k, v, m in zip(ks, vs, valid):
+            pad = J - k.shape[-2]
+            m = torch.ones(1, k.shape[-2], dtype=torch.bool) if m is None else m
+            keys.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            values.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(m, (0, pad), value=False))
+        if not isinstance(layer, ReFreeKVLayer):
+            raise ValueError("merge: a layer that is not a ReFreeKV layer")
+        layer.lazy_initialization(keys[0], values[0])
+        layer.store_compressed(torch.cat(keys), torch.cat(values), torch.cat(masks), n)
+    return out
+
+
+@torch.no_grad()
+def greedy_many(model, tok, caches: list, first_logits: torch.Tensor, n: int, max_new: int,
+                stop: str = "", number: bool = False, chunk: int = 8) -> list[Decoded]:
+    """``greedy`` for several caches of one prompt at once, ``chunk`` of them per batch. A sample
+    stops at EOS, after ``max_new`` tokens, once ``stop`` appears, or (``number``) once a number
+    it wrote has ended: the answer is settled then."""
+    from refreekv.adapters.transformers import cache_kwarg, refreekv_hooks
+
+    key = cache_kwarg(model)
+    out: list[Decoded] = []
+    for lo in range(0, len(caches), chunk):
+        group = caches[lo:lo + chunk]
+        t = time.perf_counter()
+        cache = merge(model, group, n)
+        B = len(group)
+        tokens = [[] for _ in range(B)]
+        done = [False] * B
+        nxt = first_logits[:1].argmax(-1, keepdim=True).expand(B, 1).contiguous()
+        mask = torch.ones(B, n, dtype=torch.long)
+        with refreekv_hooks(model):
+            for _ in range(max_new):
+                for b in range(B):
+                    if done[b]:
+                        continue
+                    tokens[b].append(int(nxt[b]))
+                    text = tok.decode(tokens[b], skip_special_tokens=True)
+                    if int(nxt[b]) == tok.eos_token_id or (stop and stop in text) or \
+                            (number and re.search(r"\d[^\d]", text)):
+                        done[b] = True
+                if all(done):
+                    break
+                mask = torch.cat([mask, mask[:, :1]], dim=1)
+                nxt = model(input_ids=nxt, attention_mask=mask, **{key: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        seconds = (time.perf_counter() - t) / B
+        out += [Decoded(tk, tok.decode(tk, skip_special_tokens=True), seconds) for tk in tokens]
+    return out
+
+
+@torch.no_grad()
+def forced_many(model, caches: list, first_logits: torch.Tensor, n: int, targets: list[int], chunk: int = 8) -> list:
+    """``forced`` for several caches of one prompt at once: (T, V) logits per cache."""
+    from refreekv.adapters.transformers import cache_kwarg, refreekv_hooks
+
+    out = []
+    for lo in range(0, len(caches), chunk):
+        group = caches[lo:lo + chunk]
+        if len(targets) <= 1:
+            out += [first_logits[:1].float()] * len(group)
+            continue
+        cache, B = merge(model, group, n), len(group)
+        ids = torch.tensor([targets[:-1]]).expand(B, -1)
+        with refreekv_hooks(model):
+            rest = model(input_ids=ids, attention_mask=torch.ones(B, n + ids.shape[1], dtype=torch.long),
+                         **{cache_kwarg(model): cache}).logits
+        out += [torch.cat([first_logits[:1], rest[b]], 0).float() for b in range(B)]
+    return out
+
+
 def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None]) -> dict[str, dict]:
-    """Every method in ``todo`` on one prompt, from one prefill. Returns name -> record."""
+    """Every method in ``todo`` on one prompt, from one prefill; the methods decode together in
+    batches (``greedy_many``). Returns name -> record."""
     from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
 
     if prompt.kind == "continuation":
@@ -212,48 +299,42 @@ def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None
     pre = capture_prefill(model, ids, configs=configs or None)
     prefill_s = time.perf_counter() - t
     full_bytes = sum(x.numel() * x.element_size() for layer in pre.cache.layers for x in (layer.keys, layer.values))
-    # The full cache's answer or logits: the reference every method is compared with.
-    if prompt.kind == "continuation":
-        ref_logits = forced(model, _fork(pre.cache), pre.logits, n, targets)
-    else:
-        ref = greedy(model, tok, _fork(pre.cache), pre.logits, n, ANSWER_TOKENS[prompt.kind],
-                     prompt.expect if prompt.kind != "open" else "")
-        if prompt.kind == "open":
-            targets = ref.tokens
-            ref_logits = forced(model, _fork(pre.cache), pre.logits, n, targets)
-    out = {}
-    for name, cfg in todo.items():
+    names = ["__full__"] + list(todo)
+    cfgs = [None] + list(todo.values())
+    caches, records = [], {}
+    for name, cfg in zip(names, cfgs):
         t = time.perf_counter()
-
-        def fresh(cfg=cfg):
-            return _fork(pre.cache) if cfg is None else ReFreeKVCache.from_prefill(pre, cfg)
-
-        cache = fresh()
+        cache = _fork(pre.cache) if cfg is None else ReFreeKVCache.from_prefill(pre, cfg)
         if cfg is None:
             budget, kept_bytes, compress_s, kept = 1.0, full_bytes, 0.0, [n] * len(pre.cache.layers)
         else:
             rep = cache.report
-            budget, kept_bytes, compress_s = rep.budget[0], rep.bytes_after, rep.seconds
-            kept = [r.kept[0] for r in rep.layers]
-        rec = {"method": name, "prompt": prompt.id, "kind": prompt.kind, "length": prompt.length, "n": n,
-               "budget": budget, "kv_bytes_full": full_bytes, "kv_bytes": kept_bytes, "compress_s": compress_s,
-               "prefill_s": prefill_s, "config": None if cfg is None else cfg.to_dict(), "kept_per_layer": kept}
-        if prompt.kind == "continuation":
-            logits = forced(model, cache, pre.logits, n, targets)
-            kl, top1 = kl_top1(ref_logits, logits)
-            nll = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None]).mean()
-            rec |= {"kl": kl, "top1": top1, "ppl": float(nll.exp())}
-        elif prompt.kind == "open":
-            ans = greedy(model, tok, fresh(), pre.logits, n, ANSWER_TOKENS["open"])
-            logits = forced(model, cache, pre.logits, n, targets)
-            kl, top1 = kl_top1(ref_logits, logits)
-            rec |= {"kl": kl, "top1": top1, "answer": ans.text, "reference": ref.text,
-                    "similarity": difflib.SequenceMatcher(None, ans.tokens, ref.tokens).ratio(),
-                    "same": ans.tokens == ref.tokens}
-        else:
-            ans = greedy(model, tok, cache, pre.logits, n, ANSWER_TOKENS[prompt.kind], prompt.expect)
-            rec |= {"answer": ans.text, "expect": prompt.expect, "ok": prompt.expect in ans.text,
-                    "full_answer": ref.text, "full_ok": prompt.expect in ref.text}
-        rec["seconds"] = time.perf_counter() - t
-        out[name] = rec
-    return out
+            budget, kept_bytes, compress_s, kept = rep.budget[0], rep.bytes_after, rep.seconds, [r.kept[0] for r in rep.layers]
+        caches.append(cache)
+        records[name] = {"method": name, "prompt": prompt.id, "kind": prompt.kind, "length": prompt.length, "n": n,
+                         "budget": budget, "kv_bytes_full": full_bytes, "kv_bytes": kept_bytes,
+                         "compress_s": compress_s, "prefill_s": prefill_s,
+                         "config": None if cfg is None else cfg.to_dict(), "kept_per_layer": kept,
+                         "seconds": time.perf_counter() - t}
+    if prompt.kind in ("continuation", "open"):
+        if prompt.kind == "open":
+            answers = greedy_many(model, tok, caches, pre.logits, n, ANSWER_TOKENS["open"])
+            targets = answers[0].tokens  # the full cache's answer is the reference
+        logits = forced_many(model, caches, pre.logits, n, targets)
+        for i, name in enumerate(names):
+            kl, top1 = kl_top1(logits[0], logits[i])
+            rec = records[name]
+            if prompt.kind == "continuation":
+                nll = -torch.log_softmax(logits[i], -1).gather(-1, torch.tensor(targets)[:, None]).mean()
+                rec |= {"kl": kl, "top1": top1, "ppl": float(nll.exp())}
+            else:
+                rec |= {"kl": kl, "top1": top1, "answer": answers[i].text, "reference": answers[0].text,
+                        "similarity": difflib.SequenceMatcher(None, answers[i].tokens, answers[0].tokens).ratio(),
+                        "same": answers[i].tokens == answers[0].tokens}
+    else:
+        answers = greedy_many(model, tok, caches, pre.logits, n, ANSWER_TOKENS[prompt.kind], prompt.expect, number=True)
+        for i, name in enumerate(names):
+            records[name] |= {"answer": answers[i].text, "expect": prompt.expect, "ok": prompt.expect in answers[i].text,
+                              "full_answer": answers[0].text, "full_ok": prompt.expect in answers[0].text,
+                              "seconds": records[name]["seconds"] + answers[i].seconds}
+    return {name: records[name] for name in todo}
