@@ -9,6 +9,8 @@
    (float32 and bfloat16) and the default T shrinks the cache.
 4. A timing table: planning (plan_layer) and eviction on synthetic Llama3-8B shapes (H = 32,
    Hkv = 8, d = 128) from 1k to 32k tokens, next to a plain copy of the kept K/V.
+5. The compiled planner (torch.compile, CUDA graphs) against eager for 32 such layers, and against
+   reading the keys once (issue 15's target: within 2x of that).
 Writes gpu_check.md and gpu_check.json to --out (default: $OUT or ./results).
 """
 
@@ -28,6 +30,8 @@ import torch
 import refreekv
 from refreekv import ReFreeKVConfig
 
+PAPER = ReFreeKVConfig.paper()  # one query row, as these checks were first written for
+
 
 def conformance() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "refreekv.testing.suite",
@@ -44,22 +48,22 @@ def hygiene() -> dict:
     q = torch.randn(2, 32, 1, 128, device="cuda", generator=g)
     K = torch.randn(2, 8, 4096, 128, device="cuda", generator=g)
     V = torch.randn_like(K)
-    refreekv.plan_layer(q, K, values=V, start=[0, 100])  # warm-up
+    refreekv.plan_layer(q, K, PAPER, values=V, start=[0, 100])  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = refreekv.plan_layer(q, K, values=V, start=[0, 100])
+        plan = refreekv.plan_layer(q, K, PAPER, values=V, start=[0, 100])
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
     layers = 8  # plan_layers: still one read (one sync) for all the layers together
-    refreekv.plan_layers([q] * layers, [K] * layers, values=[V] * layers, start=[0, 100])
+    refreekv.plan_layers([q] * layers, [K] * layers, PAPER, values=[V] * layers, start=[0, 100])
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        refreekv.plan_layers([q] * layers, [K] * layers, values=[V] * layers, start=[0, 100])
+        refreekv.plan_layers([q] * layers, [K] * layers, PAPER, values=[V] * layers, start=[0, 100])
     torch.cuda.set_sync_debug_mode("default")
     syncs_many = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    out = refreekv.compress_layer(q, K, V, start=[0, 100], layer=5)
+    out = refreekv.compress_layer(q, K, V, PAPER, start=[0, 100], layer=5)
     return {"syncs_in_plan_layer": len(syncs), "sync_messages": syncs[:4],
             f"syncs_in_plan_layers_{layers}_layers": len(syncs_many),
             "devices": sorted({t.device.type for t in (plan.a, plan.order, plan.ratio, plan.idx, plan.valid,
@@ -114,14 +118,44 @@ def timings() -> list[dict]:
             q = torch.randn(1, 32, 1, 128, device="cuda", generator=g).to(dtype)
             K = torch.randn(1, 8, n, 128, device="cuda", generator=g).to(dtype)
             V = torch.randn_like(K)
-            plan = refreekv.plan_layer(q, K)
+            plan = refreekv.plan_layer(q, K, PAPER)
             J = int(plan.cut.max())
             rows.append({
                 "dtype": str(dtype).removeprefix("torch."), "n": n, "kept": J,
-                "plan_ms": round(cuda_ms(lambda: refreekv.plan_layer(q, K)), 3),
+                "plan_ms": round(cuda_ms(lambda: refreekv.plan_layer(q, K, PAPER)), 3),
                 "evict_ms": round(cuda_ms(lambda: refreekv.evict(K, V, plan.idx)), 3),
                 "copy_ms": round(cuda_ms(lambda: (K[:, :, n - J:].clone(), V[:, :, n - J:].clone())), 3),
             })
+    return rows
+
+
+def compiled() -> list[dict]:
+    """32 Llama3-8B-shaped layers planned together: eager, and through the compiled planner
+    (torch.compile of core.decide, mode="reduce-overhead": CUDA graphs), for the paper's and the
+    default configuration; the cuts must be equal."""
+    from refreekv.adapters.backends.torch import compiled_backend
+    from refreekv.backend import _registered
+
+    rows = []
+    be = compiled_backend(mode="reduce-overhead")
+    for cfg_name, cfg in (("paper", PAPER), ("default", ReFreeKVConfig())):
+        for n in (4096, 32768):
+            g = torch.Generator(device="cuda").manual_seed(n)
+            k = cfg.rows_needed(n)
+            qs = [torch.randn(1, 32, k, 128, device="cuda", generator=g) for _ in range(32)]
+            ks = [torch.randn(1, 8, n, 128, device="cuda", generator=g) for _ in range(32)]
+            eager = cuda_ms(lambda: refreekv.plan_layers(qs, ks, cfg), 10)
+            want = [p.cut for p in refreekv.plan_layers(qs, ks, cfg)]
+            _registered.insert(0, be)
+            try:
+                got = [p.cut for p in refreekv.plan_layers(qs, ks, cfg)]
+                fused = cuda_ms(lambda: refreekv.plan_layers(qs, ks, cfg), 10)
+            finally:
+                _registered.remove(be)
+            keys_ms = cuda_ms(lambda: [K.sum() for K in ks], 10)  # reading every layer's keys once
+            rows.append({"config": cfg_name, "n": n, "eager_ms": round(eager, 2), "compiled_ms": round(fused, 2),
+                         "read_keys_once_ms": round(keys_ms, 2), "same_cuts": all((a == b).all() for a, b in zip(want, got)),
+                         "compile_failure": None if be.failure is None else str(be.failure)[:200]})
     return rows
 
 
@@ -134,7 +168,7 @@ def main() -> None:
         sys.exit("gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, step in (("hygiene", hygiene), ("tiny_generate", tiny_generate), ("timings", timings),
-                       ("conformance", conformance)):
+                       ("compiled", compiled), ("conformance", conformance)):
         t = time.time()
         try:
             report[name] = step()

@@ -103,7 +103,7 @@ def test_every_command_takes_the_configuration_and_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["eval", "--help"])
     text = capsys.readouterr().out
-    assert "(default 0.01)" in text and "(default: test)" in text and "--replan-every" in text
+    assert "(default 0.001)" in text and "(default: test)" in text and "--replan-every" in text
 
 
 @pytest.mark.model

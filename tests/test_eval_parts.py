@@ -1,0 +1,89 @@
+"""The evaluation's building blocks: fixed splits from disjoint material, the results cache, batched
+decoding equal to one-by-one decoding, and the serving-capacity arithmetic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from refreekv import ReFreeKVConfig
+from refreekv.commands import runner
+from refreekv.commands.tasks import SPLITS, build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from refreekv.commands.models import exported_model_dir
+
+    return AutoTokenizer.from_pretrained(exported_model_dir())
+
+
+@pytest.mark.model
+def test_the_splits_share_no_material(tok):
+    dev, test = set(SPLITS["dev"].essays), set(SPLITS["test"].essays)
+    assert not dev & test
+    assert not {s for s, _ in SPLITS["dev"].needles} & {s for s, _ in SPLITS["test"].needles}
+    assert not set(SPLITS["dev"].names) & set(SPLITS["test"].names)
+    a, b = build(tok, "dev", "full"), build(tok, "test", "full")
+    assert sum(p.kind == "needle" for p in a) == 60 == sum(p.kind == "needle" for p in b)
+    assert {p.length for p in a if p.kind == "needle"} == {1024, 2048, 4096, 7500}
+    for p in a + b:
+        if p.kind == "needle":
+            n = len(tok(p.text)["input_ids"])
+            assert abs(n - p.length) <= 0.05 * p.length + 40, (p.id, n)  # lengths are token lengths
+            assert p.expect in p.text
+    assert build(tok, "test", "full") == b  # fixed: the same prompts every time
+
+
+def test_results_cache_keys_change_with_the_code_and_the_config(tmp_path):
+    from refreekv.commands.tasks import Prompt
+
+    p = Prompt("x", "needle", "text", "1", 10)
+    k1 = runner.ResultsCache.key(p, ReFreeKVConfig(), "code-a")
+    assert k1 != runner.ResultsCache.key(p, ReFreeKVConfig(), "code-b")
+    assert k1 != runner.ResultsCache.key(p, ReFreeKVConfig(threshold=0.02), "code-a")
+    store = runner.ResultsCache(tmp_path / "c.jsonl")
+    store.put(k1, {"ok": True})
+    (tmp_path / "c.jsonl").write_text((tmp_path / "c.jsonl").read_text() + '{"truncated')  # an interrupted run
+    again = runner.ResultsCache(tmp_path / "c.jsonl")
+    assert again.get(k1)["ok"] is True and len(again.records) == 1
+
+
+@pytest.mark.model
+@torch.no_grad()
+def test_batched_decoding_equals_one_by_one():
+    from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
+    from refreekv.commands.models import load_torch
+    from refreekv.commands.prompts import chat, needle_prompt
+
+    model, tok = load_torch()
+    ids = tok([chat(tok, needle_prompt(300, 0.4, number=5152))], return_tensors="pt")["input_ids"]
+    cfgs = [None, ReFreeKVConfig(), ReFreeKVConfig.paper(), runner.fixed("snapkv", 0.3)]
+    pre = capture_prefill(model, ids, configs=[c for c in cfgs if c is not None])
+    caches = lambda: [runner._fork(pre.cache) if c is None else ReFreeKVCache.from_prefill(pre, c) for c in cfgs]  # noqa: E731
+    n = ids.shape[1]
+    together = runner.greedy_many(model, tok, caches(), pre.logits, n, 12)
+    alone = [runner.greedy(model, tok, c, pre.logits, n, 12) for c in caches()]
+    assert [d.tokens for d in together] == [d.tokens for d in alone]
+
+
+def test_serving_capacity_arithmetic(tmp_path):
+    records = {"full": [{"n": 100, "budget": 1.0, "kept_per_layer": [100, 100]}],
+               "half": [{"n": 100, "budget": 0.5, "kept_per_layer": [100, 4]}]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(records))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/serving_capacity.py"), str(path), "--block", "16",
+                          "--gen", "28"], capture_output=True, text=True, check=True).stdout
+    # full: 2 layers x ceil(128 / 16) = 16 blocks; compaction: 8 + ceil(32 / 16) = 10 -> 1.60x;
+    # in place: the most demanding layer keeps every token -> no gain
+    assert "| full | 100.0% | 100.0% | 1.00x | 1.00x |" in out
+    assert "| half | 50.0% | 62.5% | 1.60x | 1.00x |" in out
