@@ -183,6 +183,7 @@ class ReFreeKVCache(DynamicCache):
         self._start: list[int] = []
         self._skips: list = []  # reports of layers left alone, added to the next compression's report
         self._generated: dict[int, list] = {}  # replan_every: each layer's newest generated rows
+        self._since_plan = 0                   # replan_every: tokens generated since the last plan
 
     @property
     def report(self) -> BudgetReport:
@@ -263,13 +264,15 @@ class ReFreeKVCache(DynamicCache):
         elif q_len == 1 and cfg.replan_every > 0 and B == 1:
             buf = self._generated.setdefault(module.layer_idx, [])
             buf.append((module, hidden, cos, sin))
-            del buf[:-engine.capture_rows(cfg, 1 << 30)]
-            if module.layer_idx == self.last_layer and len(buf) >= cfg.replan_every:
-                items = [Captured(m, torch.cat([h for _, h, _, _ in b], 1), torch.cat([c for _, _, c, _ in b], 1),
-                                  torch.cat([s for _, _, _, s in b], 1)) for b in self._generated.values()
-                         for m in [b[0][0]] if isinstance(self.layers[m.layer_idx], ReFreeKVLayer)]
-                self._generated.clear()
-                self._compress(items, [0])
+            del buf[:-engine.capture_rows(cfg, 1 << 30)]  # only the newest rows can score
+            if module.layer_idx == self.last_layer:
+                self._since_plan += 1
+                if self._since_plan >= cfg.replan_every:
+                    items = [Captured(b[0][0], torch.cat([h for _, h, _, _ in b], 1), torch.cat([c for _, _, c, _ in b], 1),
+                                      torch.cat([s for _, _, _, s in b], 1)) for b in self._generated.values()
+                             if isinstance(self.layers[b[0][0].layer_idx], ReFreeKVLayer)]
+                    self._generated.clear()
+                    self._compress(items, [0])
 
     def _record_skip(self, idx: int, layer) -> None:
         n = [int(layer.keys.shape[-2])] * layer.keys.shape[0]
@@ -301,6 +304,7 @@ class ReFreeKVCache(DynamicCache):
             K, q = self.layers[cap.module.layer_idx].keys, qs[cap.module.layer_idx]
             groups.setdefault((tuple(K.shape), K.dtype, tuple(q.shape)), []).append(cap)
         reports, self._skips = self._skips, []
+        self._since_plan = 0
         for group in groups.values():
             first = group[0].module.layer_idx
             size = _joint_layers(self.layers[first].keys, qs[first]) or len(group)

@@ -418,3 +418,16 @@ def test_two_models_with_hooks_at_once_do_not_interfere():
         oa = a.generate(**ids, cache=ca, **GREEDY)
         ob = b.generate(**ids, cache=cb, **GREEDY)
     assert oa.tolist() == alone[0].tolist() and ob.tolist() == alone[1].tolist()
+
+
+@torch.no_grad()
+def test_replanning_during_generation(smol, prompt):
+    model, _ = smol
+    kw = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    out, cache = generate(model, ReFreeKVConfig(threshold=0.0, replan_every=8), **prompt, **kw)
+    assert out.tolist() == model.generate(**prompt, **kw).tolist()  # T = 0: the full cache's tokens
+    assert len(cache.history.plans) == 3  # the prompt, then after generated tokens 8 and 16 (19 decode calls)
+    _, every = generate(model, ReFreeKVConfig(replan_every=8), **prompt, **kw)
+    _, once = generate(model, ReFreeKVConfig(), **prompt, **kw)
+    held = lambda c: sum(layer.keys.shape[-2] for layer in c.layers)  # noqa: E731
+    assert held(every) < held(once) and every.get_seq_length() == once.get_seq_length()
