@@ -32,9 +32,10 @@ class ReFreeKVConfig:
 
     ``ReFreeKVConfig()`` is the library's default: the paper's rule (position ranking, L2 norm
     ratio, layers 0 and 1 retained, 4 sinks) scored with the newest 32 prompt queries (paper Eq. 2)
-    instead of the last one alone, with T = 0.1 % instead of 1 %. On the dev split that kept
-    full-cache needle and multi-key retrieval and a per-token KL under 0.01, where the paper's
-    configuration lost retrieval (docs/results.md). ``ReFreeKVConfig.paper()`` is the paper's exact
+    instead of the last one alone, with T = 0.1 % instead of 1 %, and re-planned after every
+    later prompt segment of a live cache. On the dev split that kept full-cache needle and multi-key
+    retrieval and a per-token KL under 0.01, where the paper's configuration lost retrieval; in
+    10-turn chats re-planning kept the facts while holding memory flat (docs/results.md). ``ReFreeKVConfig.paper()`` is the paper's exact
     configuration. NumPy scalars are accepted wherever a Python number is, and stored as one.
 
     Attributes:
@@ -59,9 +60,9 @@ class ReFreeKVConfig:
         halting: "threshold" (threshold-free ReFreeKV), or a fixed budget: "ratio" keeps
             ``ceil(budget * n)`` tokens, "count" keeps ``budget`` tokens.
         budget: the fixed budget for halting "ratio" (0 < budget <= 1) or "count" (int >= 1).
-        replan: for engines whose cache lives on (chats, agents): "once" plans after the first
-            prompt only (the paper); "turns" plans again after every later prompt segment of two or
-            more tokens, over the kept slots plus the segment, with the segment's queries.
+        replan: for engines whose cache lives on (chats, agents): "turns" (the default) plans again
+            after every later prompt segment of two or more tokens, over the kept slots plus the
+            segment, with the segment's queries; "once" plans after the first prompt only (the paper).
         replan_every: also plan again every this many generated tokens, with the newest generated
             tokens' queries (0: never; opt-in for long generations).
     """
@@ -79,7 +80,7 @@ class ReFreeKVConfig:
     pool_kernel: int = 7
     halting: str = "threshold"
     budget: float | int | None = None
-    replan: str = "once"
+    replan: str = "turns"
     replan_every: int = 0
 
     @classmethod

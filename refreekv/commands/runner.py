@@ -203,7 +203,7 @@ def merge(model, caches: list, n: int):
     Each sample's attention sees exactly its own method's kept tokens (per-sample slot masks)."""
     from refreekv.adapters.transformers import ReFreeKVCache, ReFreeKVLayer
 
-    out = ReFreeKVCache(model, ReFreeKVConfig())
+    out = ReFreeKVCache(model, ReFreeKVConfig(replan="once"))  # a container: it never plans
     out.planned_layers = set(range(len(out.layers)))
     for i, layer in enumerate(out.layers):
         ks = [c.layers[i].keys for c in caches]
