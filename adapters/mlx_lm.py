@@ -179,7 +179,13 @@ class ReFreeKVCache:
                             "does not batch; use one prompt cache per prompt)")
         L = keys.shape[2]
         cfg = self.config
-        wants_rows = self.plans == 0 or cfg.replan == "turns" or cfg.replan_every > 0
+        plans_segments = self.plans == 0 or cfg.replan == "turns"
+        # A one-token call right after a multi-token one ends a prompt segment (mlx-lm sends the last
+        # prompt token with the first decode step); replan_every counts generated tokens.
+        segment_end = L == 1 and self._last_call > 1 and plans_segments
+        # Rows that can score a plan: a prompt segment's (its last token included) and, with
+        # replan_every, generated tokens'. Decode steps' rows are not kept otherwise.
+        wants_rows = (plans_segments and (L > 1 or segment_end)) or cfg.replan_every > 0
         q = self.probe.take_queries(keys) if self.probe is not None else None
         if wants_rows:
             if q is None:
@@ -187,9 +193,6 @@ class ReFreeKVCache:
                                 "refreekv.adapters.mlx_lm.attach(model) (make_prompt_cache does it)")
             self._buffer_rows(q)
         self._append(keys, values)
-        # A one-token call right after a multi-token one ends a prompt segment (mlx-lm sends the last
-        # prompt token with the first decode step); replan_every counts generated tokens.
-        segment_end = L == 1 and self._last_call > 1 and (self.plans == 0 or cfg.replan == "turns")
         generated = L == 1 and cfg.replan_every > 0 and self.plans > 0 and self._segment >= cfg.replan_every
         self._last_call = L
         if segment_end or generated:
@@ -400,9 +403,11 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
         if isinstance(c, ReFreeKVCache):
             entry = {"class": "ReFreeKVCache", "offset": c.offset, "stored": c.stored, "planned": c.planned,
                      "plans": c.plans, "layer": c.layer, "config": c.config.to_dict(),
-                     "reports": [r.__dict__ for r in c.reports], "pending": bool(c._rows)}
+                     "reports": [r.__dict__ for r in c.reports], "segment": c._segment, "last_call": c._last_call}
             if c.keys is not None:
                 arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.stored, :], c.values[..., :c.stored, :]
+            if c._rows:  # query rows of a segment not planned yet (or of generated tokens, for replan_every)
+                arrays[f"{i}.rows"] = mx.concatenate(c._rows, axis=2) if len(c._rows) > 1 else c._rows[0]
         else:
             name = type(c).__name__
             if getattr(mlx_cache, name, None) is not type(c):
@@ -463,8 +468,11 @@ def _rebuild(i: int, entry: dict, arrays: dict):
                 raise ValueError(f"layer {i} holds {c.keys.shape[2]} slots, its header says {c.stored}")
         elif c.stored:
             raise ValueError(f"layer {i} has no arrays but {c.stored} stored slots")
-        if entry.get("pending"):
-            raise ValueError(f"layer {i} was saved in the middle of a prompt segment (its query rows are not saved)")
+        if f"{i}.rows" in arrays:
+            c._rows = [arrays[f"{i}.rows"]]
+        elif entry.get("pending"):  # written before the rows were saved with the layer
+            raise ValueError(f"layer {i} was saved in the middle of a prompt segment without its query rows")
+        c._segment, c._last_call = int(entry.get("segment", 0)), int(entry.get("last_call", 0))
         return c
     cls = getattr(mlx_cache, entry["class"], None)
     if cls is None or not inspect.isclass(cls):

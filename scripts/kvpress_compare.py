@@ -74,7 +74,10 @@ def prompts(tok, count: int):
         for name, code in zip(names, codes):
             body = _insert(body, float(rng.random()), f"The special code for {name} is {code}.")
         out.append(("multikey", 2048, body, f"What is the special code for {names[i]}?" + ANSWER_FORMAT, codes[i]))
-    return out[:count]
+    if count >= len(out):
+        return out
+    # evenly spread over the grid (lengths, depths, phrasings, multi-key), not its first rows
+    return [out[int(i)] for i in np.linspace(0, len(out) - 1, count).round()]
 
 
 def _peak_reset():

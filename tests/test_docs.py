@@ -24,7 +24,7 @@ FENCE = re.compile(r"(?P<before>[^\n]*)\n```(?P<lang>[a-z]*)\n(?P<body>.*?)\n```
 
 def blocks(lang: str, kvpress: bool = False):
     """Runnable blocks of ``lang``; blocks that import kvpress run in the kvpress environment
-    (tests/kvpress/test_docs_kvpress.py), the others here."""
+    (tests/with_kvpress/test_docs_kvpress.py), the others here."""
     out = []
     for page in PAGES:
         text = page.read_text()

@@ -118,8 +118,11 @@ class ResultsCache:
 
     @staticmethod
     def key(prompt: Prompt, config: ReFreeKVConfig | None, fingerprint: str) -> str:
+        # eval plans once, after the prompt: the re-planning fields cannot change a result.
+        settings = None if config is None else {k: v for k, v in config.to_dict().items()
+                                                if k not in ("replan", "replan_every")}
         text = json.dumps([prompt.id, hashlib.sha256((prompt.text + prompt.target).encode()).hexdigest(),
-                           None if config is None else config.to_dict(), ANSWER_TOKENS, fingerprint], sort_keys=True)
+                           settings, ANSWER_TOKENS, fingerprint], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def get(self, key: str) -> dict | None:
