@@ -163,6 +163,7 @@ class ReFreeKVCache:
         self._rows: list[mx.array] = []  # the current segment's query rows, buffered until it is planned
         self._segment = 0          # tokens added since the last plan
         self._last_call = 0        # tokens added by the previous call
+        self._segment_prompt = 0   # prompt tokens (multi-token calls) of the segment not planned yet
 
     @property
     def scale(self) -> float | None:
@@ -183,6 +184,12 @@ class ReFreeKVCache:
         # A one-token call right after a multi-token one ends a prompt segment (mlx-lm sends the last
         # prompt token with the first decode step); replan_every counts generated tokens.
         segment_end = L == 1 and self._last_call > 1 and plans_segments
+        if segment_end and self.plans and self._segment_prompt + 1 <= cfg.sinks:
+            # A later segment of at most `sinks` tokens is appended as it is (the n <= sinks + 1
+            # rule of a prompt): too few queries to judge the whole cache by.
+            segment_end, self._segment_prompt = False, 0
+            if cfg.replan_every == 0:
+                self._rows = []
         # Rows that can score a plan: a prompt segment's (its last token included) and, with
         # replan_every, generated tokens'. Decode steps' rows are not kept otherwise.
         wants_rows = (plans_segments and (L > 1 or segment_end)) or cfg.replan_every > 0
@@ -193,6 +200,8 @@ class ReFreeKVCache:
                                 "refreekv.adapters.mlx_lm.attach(model) (make_prompt_cache does it)")
             self._buffer_rows(q)
         self._append(keys, values)
+        if L > 1:
+            self._segment_prompt += L
         generated = L == 1 and cfg.replan_every > 0 and self.plans > 0 and self._segment >= cfg.replan_every
         self._last_call = L
         if segment_end or generated:
@@ -286,7 +295,7 @@ class ReFreeKVCache:
             self.keys, self.values, self.stored = out.keys, out.values, out.keys.shape[2]
         self.reports.append(out.report)
         self.planned, self.plans = self.stored, self.plans + 1
-        self._rows, self._segment = [], 0
+        self._rows, self._segment, self._segment_prompt = [], 0, 0
 
     def _buffer_rows(self, q: mx.array) -> None:
         self._rows.append(q)
@@ -403,7 +412,8 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
         if isinstance(c, ReFreeKVCache):
             entry = {"class": "ReFreeKVCache", "offset": c.offset, "stored": c.stored, "planned": c.planned,
                      "plans": c.plans, "layer": c.layer, "config": c.config.to_dict(),
-                     "reports": [r.__dict__ for r in c.reports], "segment": c._segment, "last_call": c._last_call}
+                     "reports": [r.__dict__ for r in c.reports], "segment": c._segment, "last_call": c._last_call,
+                     "segment_prompt": c._segment_prompt}
             if c.keys is not None:
                 arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.stored, :], c.values[..., :c.stored, :]
             if c._rows:  # query rows of a segment not planned yet (or of generated tokens, for replan_every)
@@ -473,6 +483,7 @@ def _rebuild(i: int, entry: dict, arrays: dict):
         elif entry.get("pending"):  # written before the rows were saved with the layer
             raise ValueError(f"layer {i} was saved in the middle of a prompt segment without its query rows")
         c._segment, c._last_call = int(entry.get("segment", 0)), int(entry.get("last_call", 0))
+        c._segment_prompt = int(entry.get("segment_prompt", 0))
         return c
     cls = getattr(mlx_cache, entry["class"], None)
     if cls is None or not inspect.isclass(cls):

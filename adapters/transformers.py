@@ -252,11 +252,13 @@ class ReFreeKVCache(DynamicCache):
             self._compress(pending, self._start)
 
     def segment(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """A call on an already planned cache: a new prompt segment (two or more tokens) is planned
-        with ``replan="turns"``; generated tokens are counted and buffered for ``replan_every``."""
+        """A call on an already planned cache: a new prompt segment (more than ``sinks`` tokens, and
+        at least two) is planned with ``replan="turns"``; generated tokens are counted and buffered for ``replan_every``."""
         cfg = self.refreekv_config
         q_len, B = hidden.shape[1], hidden.shape[0]
-        if q_len >= 2 and cfg.replan == "turns":
+        if q_len > cfg.sinks and q_len >= 2 and cfg.replan == "turns":
+            # A segment of at most `sinks` tokens is appended as it is (the n <= sinks + 1 rule of
+            # a prompt): too few queries to judge the whole cache by.
             if B != 1:
                 raise bad_input("replan", repr(cfg.replan), f'"once" for a batch of {B} (re-planning needs batch size 1)')
             self._generated.clear()

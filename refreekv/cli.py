@@ -125,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="only the first N prompts")
     e.add_argument("--max-length", type=int, help="only prompts of at most this many tokens (e.g. 4096 leaves "
                    "out the 7.5k needles, the slowest quarter of the run)")
+    e.add_argument("--min-length", type=int, help="only prompts of at least this many tokens")
     e.add_argument("--no-cache", action="store_true", help="recompute everything (ignore <out>/eval_cache.jsonl)")
     e.add_argument("--no-plot", action="store_true", help="skip the PNG")
     _config_args(e)
@@ -178,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
 
             if a.limit is not None and a.limit < 1:
                 p.error(f"--limit: received {a.limit}; expected an int >= 1")
-            if a.max_length is not None and a.max_length < 1:
-                p.error(f"--max-length: received {a.max_length}; expected an int >= 1")
+            for flag, v in (("--max-length", a.max_length), ("--min-length", a.min_length)):
+                if v is not None and v < 1:
+                    p.error(f"{flag}: received {v}; expected an int >= 1")
             result = evaluate(a.methods, a.split, a.size, a.out, default=config, plot=not a.no_plot, as_json=a.json,
-                              use_cache=not a.no_cache, limit=a.limit, max_length=a.max_length)
+                              use_cache=not a.no_cache, limit=a.limit, max_length=a.max_length,
+                              min_length=a.min_length)
         else:
             from .commands.bench import run_bench
 

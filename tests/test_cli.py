@@ -30,6 +30,8 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--query-rows", "abc"], "received 'abc'; expected an int (a count) or a float in (0, 1)"),
     (["demo", "--query-rows", "1.5"], "query_rows: received 1.5; expected an int >= 1"),
     (["eval", "--limit", "0"], "--limit: received 0; expected an int >= 1"),
+    (["eval", "--max-length", "0"], "--max-length: received 0; expected an int >= 1"),
+    (["eval", "--min-length", "-5"], "--min-length: received -5; expected an int >= 1"),
     (["bench", "--repeat", "0"], "--repeat/--decode-tokens: received 0/32; expected ints >= 1"),
 ])
 def test_argument_errors_are_clear(capsys, argv, message):

@@ -201,3 +201,16 @@ def test_manual_prefill_then_compress(smol, ids):
     report = compress_prompt_cache(cache)
     assert all(r.prompt_lengths == [len(ids)] for r in report.layers)
     assert report.bytes_after < report.bytes_before
+
+
+def test_a_segment_of_at_most_sinks_tokens_is_appended_without_a_plan(smol, ids):
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)  # replan="turns", 4 sinks
+    run(model, tok, ids, cache, max_tokens=2)
+    ours = [c for c in cache if isinstance(c, ReFreeKVCache)]
+    plans, stored = ours[0].planner.history.plans[:], [c.stored for c in ours]
+    run(model, tok, tok.encode(" Yes, go")[:3], cache, max_tokens=2)  # 3 tokens: no plan
+    assert len(ours[0].planner.history.plans) == len(plans)
+    assert all(c.stored > s for c, s in zip(ours, stored))  # appended, nothing evicted
+    run(model, tok, tok.encode(" And now tell me about the essay, please."), cache, max_tokens=2)
+    assert len(ours[0].planner.history.plans) == len(plans) + 1

@@ -1,6 +1,7 @@
 """ReFreeKV in HF transformers generate, on the real SmolLM2-135M-Instruct (and tiny random
 Qwen2 / Mistral / Gemma-3 models for the other architectures)."""
 
+import contextlib
 import copy
 import math
 
@@ -192,12 +193,34 @@ def test_compress_context_once_then_answer_several_questions(smol):
 
 
 @torch.no_grad()
+def _second_step_logits(model, prompt, cache, hooks: bool) -> torch.Tensor:
+    """Logits of the first decode step after a prefill into ``cache`` (float32 copy)."""
+    n = prompt["input_ids"].shape[1]
+    with refreekv_hooks(model) if hooks else contextlib.nullcontext():
+        nxt = model(**prompt, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, attention_mask=torch.ones(1, n + 1, dtype=torch.long), cache=cache)
+    return out.logits[:, -1].float()
+
+
 def test_eager_attention_and_bfloat16(smol, prompt):
+    # float32, eager attention: T = 0 gives the full cache's tokens exactly.
+    model, _ = load_torch("float32", "eager")
+    full = full_generate(model, prompt)
+    out, cache = generate(model, ReFreeKVConfig(threshold=0.0), **prompt, **GREEDY)
+    assert out.tolist() == full.tolist()
+    # bfloat16: T = 0 evicts the positions whose scores are exactly 0, and attention over fewer keys
+    # rounds differently. On this prompt the second step's top two logits are one bfloat16 step
+    # apart, so SDPA against eager attention flips the greedy token on rounding alone. T = 0 must be
+    # no farther from the full cache than the two attention kernels are from each other.
+    model, _ = load_torch("bfloat16", "sdpa")
+    full = _second_step_logits(model, prompt, DynamicCache(config=model.config), False)
+    ours = _second_step_logits(model, prompt, ReFreeKVCache(model, ReFreeKVConfig(threshold=0.0)), True)
+    model.config._attn_implementation = "eager"
+    eager = _second_step_logits(model, prompt, DynamicCache(config=model.config), False)
+    model.config._attn_implementation = "sdpa"
+    assert (ours - full).abs().max() <= (eager - full).abs().max()
     for dtype, impl in (("float32", "eager"), ("bfloat16", "sdpa")):
         model, _ = load_torch(dtype, impl)
-        full = full_generate(model, prompt)
-        out, cache = generate(model, ReFreeKVConfig(threshold=0.0), **prompt, **GREEDY)
-        assert out.tolist() == full.tolist()
         out, cache = generate(model, ReFreeKVConfig(), **prompt, **GREEDY)
         assert cache.report.bytes_after < cache.report.bytes_before
         assert cache.layers[5].keys.dtype == getattr(torch, dtype)
@@ -431,3 +454,24 @@ def test_replanning_during_generation(smol, prompt):
     _, once = generate(model, ReFreeKVConfig(), **prompt, **kw)
     held = lambda c: sum(layer.keys.shape[-2] for layer in c.layers)  # noqa: E731
     assert held(every) < held(once) and every.get_seq_length() == once.get_seq_length()
+
+
+@torch.no_grad()
+def test_a_segment_of_at_most_sinks_tokens_is_appended_without_a_plan(smol, prompt):
+    """The n <= sinks + 1 rule for later segments: too few queries to judge the cache by, so a short
+    segment is appended as it is; a longer one is planned."""
+    model, tok = smol
+    cache = ReFreeKVCache(model, ReFreeKVConfig())  # replan="turns", 4 sinks
+    with refreekv_hooks(model):
+        model(**prompt, cache=cache)
+        before = [layer.keys.clone() for layer in cache.layers]
+        plans, n = len(cache.history.plans), prompt["input_ids"].shape[1]
+        short = tok(" Yes, go.", return_tensors="pt")["input_ids"][:, :4]
+        model(input_ids=short, attention_mask=torch.ones(1, n + 4, dtype=torch.long), cache=cache)
+    assert len(cache.history.plans) == plans
+    for old, layer in zip(before, cache.layers):
+        assert layer.keys.shape[-2] == old.shape[-2] + 4 and torch.equal(layer.keys[..., :old.shape[-2], :], old)
+    longer = tok(" And now tell me about the essay, please.", return_tensors="pt")["input_ids"]
+    with refreekv_hooks(model):
+        model(input_ids=longer, attention_mask=torch.ones(1, n + 4 + longer.shape[1], dtype=torch.long), cache=cache)
+    assert len(cache.history.plans) == plans + 1

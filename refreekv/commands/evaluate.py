@@ -58,7 +58,7 @@ def aggregate(records: list[dict]) -> dict:
 
 def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFreeKVConfig | None = None,
              plot: bool = True, as_json: bool = False, use_cache: bool = True, limit: int | None = None,
-             max_length: int | None = None) -> dict:
+             max_length: int | None = None, min_length: int | None = None) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -67,6 +67,8 @@ def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFree
     prompts = build(tok, split, size)
     if max_length is not None:
         prompts = [p for p in prompts if p.length <= max_length]
+    if min_length is not None:
+        prompts = [p for p in prompts if p.length >= min_length]
     prompts = prompts[:limit]
     table = methods(group, default)
     fp = code_fingerprint()
@@ -87,9 +89,10 @@ def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFree
             progress.advance(bar)
     results = {name: aggregate(recs) for name, recs in records.items()}
     configs = {name: None if cfg is None else cfg.to_dict() for name, cfg in table.items()}
-    out = {"group": group, "split": split, "size": size, "max_length": max_length, "prompts": len(prompts), "code": fp,
+    out = {"group": group, "split": split, "size": size, "max_length": max_length, "min_length": min_length, "prompts": len(prompts), "code": fp,
            "results": results, "configs": configs}
-    stem = f"eval_{group}_{split}_{size}" + ("" if max_length is None else f"_upto{max_length}")
+    stem = (f"eval_{group}_{split}_{size}" + ("" if min_length is None else f"_from{min_length}")
+            + ("" if max_length is None else f"_upto{max_length}"))
     md = report_markdown(out)
     write(out_dir, stem, out, md)
     (Path(out_dir) / f"{stem}_records.json").write_text(__import__("json").dumps(records, indent=1))
