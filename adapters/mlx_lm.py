@@ -237,6 +237,7 @@ class ReFreeKVCache:
         self.stored -= n
         self.offset -= n
         self._segment = max(0, self._segment - n)
+        self._segment_prompt = max(0, self._segment_prompt - n)
         if self._rows:
             rows = mx.concatenate(self._rows, axis=2)
             self._rows = [rows[:, :, :max(0, rows.shape[2] - n)]]

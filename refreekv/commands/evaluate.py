@@ -89,8 +89,8 @@ def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFree
             progress.advance(bar)
     results = {name: aggregate(recs) for name, recs in records.items()}
     configs = {name: None if cfg is None else cfg.to_dict() for name, cfg in table.items()}
-    out = {"group": group, "split": split, "size": size, "max_length": max_length, "min_length": min_length, "prompts": len(prompts), "code": fp,
-           "results": results, "configs": configs}
+    out = {"group": group, "split": split, "size": size, "max_length": max_length, "min_length": min_length,
+           "prompts": len(prompts), "code": fp, "results": results, "configs": configs}
     stem = (f"eval_{group}_{split}_{size}" + ("" if min_length is None else f"_from{min_length}")
             + ("" if max_length is None else f"_upto{max_length}"))
     md = report_markdown(out)

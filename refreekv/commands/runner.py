@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-import re
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
