@@ -292,8 +292,13 @@ class ReFreeKVCache:
     def store(self, out) -> None:
         """Keep what a plan kept; reset the segment."""
         if out.valid is not None:
-            mx.eval(out.keys, out.values)
-            self.keys, self.values, self.stored = out.keys, out.values, out.keys.shape[2]
+            # Storage after a plan is the kept tokens rounded up to the next STEP, as mlx-lm's KVCache
+            # allocates: without the spare slots the next token would allocate kept + STEP.
+            kept = out.keys.shape[2]
+            spare = (kept // STEP + 1) * STEP - kept
+            pad = lambda x: mx.concatenate([x, mx.zeros(x.shape[:2] + (spare,) + x.shape[3:], x.dtype)], axis=2)
+            self.keys, self.values, self.stored = pad(out.keys), pad(out.values), kept
+            mx.eval(self.keys, self.values)
         self.reports.append(out.report)
         self.planned, self.plans = self.stored, self.plans + 1
         self._rows, self._segment, self._segment_prompt = [], 0, 0

@@ -11,8 +11,9 @@ multi-key prompts (2k), each in two settings through `pipeline("kv-press-text-ge
 default and the paper's configuration, and kvpress's SnapKV, StreamingLLM, Knorm,
 ExpectedAttention and AdaKV (over SnapKV) at compression ratios 0.3 and 0.5 (budgets 70 % and 50 %,
 around ReFreeKV's own), and DMS over Knorm (kvpress 0.5.5 gives DMS no default threshold; we run
-the two thresholds named below). Per press: accuracy, budget kept, whether memory is really freed,
-press time per layer (its forward hooks, timed), peak RSS. Writes kvpress_compare.{json,md,png}.
+the two thresholds named below, or thresholds calibrated on a dev prompt with --dms-keep). Per press:
+accuracy, budget kept, whether memory is really freed, press time per layer (its forward hooks,
+timed), peak RSS. Writes kvpress_compare.{json,md,png}. --only runs some presses (e.g. --only dms).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def presses():
+def presses(dms_thresholds=(-2.0, -3.0)):
     from kvpress import (AdaKVPress, DMSPress, ExpectedAttentionPress, KnormPress, SnapKVPress,
                          StreamingLLMPress)
 
@@ -42,7 +43,7 @@ def presses():
         out[f"knorm {1 - ratio:.0%}"] = KnormPress(compression_ratio=ratio)
         out[f"expected-attention {1 - ratio:.0%}"] = ExpectedAttentionPress(compression_ratio=ratio)
         out[f"adakv-snapkv {1 - ratio:.0%}"] = AdaKVPress(SnapKVPress(compression_ratio=ratio))
-    for threshold in (-2.0, -3.0):  # Knorm scores are minus key norms (SmolLM2's key norms are ~2-5)
+    for threshold in dms_thresholds:  # Knorm scores are minus key norms: keys with a norm above -t are masked
         out[f"dms-knorm t={threshold}"] = DMSPress(KnormPress(), threshold=threshold, sliding_window_size=32)
     return out
 
@@ -78,6 +79,21 @@ def prompts(tok, count: int):
         return out
     # evenly spread over the grid (lengths, depths, phrasings, multi-key), not its first rows
     return [out[int(i)] for i in np.linspace(0, len(out) - 1, count).round()]
+
+
+@torch.no_grad()
+def calibrate_dms(model, tok, keep: list[float]) -> list[float]:
+    """DMS thresholds over Knorm scores (minus key norms) that keep about ``keep`` of the keys, read off
+    the key norms of one 2k-token prompt of the dev split (never the test prompts scored here)."""
+    from transformers import DynamicCache
+
+    from refreekv.commands.tasks import filler
+
+    ids = tok(filler(tok, "dev", 2048, 7), return_tensors="pt")["input_ids"]
+    cache = DynamicCache()
+    model(input_ids=ids, past_key_values=cache)
+    norms = torch.cat([layer.keys.norm(dim=-1).flatten() for layer in cache.layers]).double()
+    return [-float(torch.quantile(norms, k)) for k in keep]
 
 
 def _peak_reset():
@@ -118,10 +134,23 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results")
     ap.add_argument("--prompts", type=int, default=14)
+    ap.add_argument("--only", default="", help="comma-separated name prefixes of the presses to run (default: all)")
+    ap.add_argument("--dms-thresholds", type=lambda s: [float(x) for x in s.split(",") if x], default=[-2.0, -3.0],
+                    help="DMSPress(KnormPress()) thresholds (kvpress 0.5.5 has no default)")
+    ap.add_argument("--dms-keep", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                    help="instead of --dms-thresholds: thresholds that keep these shares of the keys, "
+                         "calibrated on a dev-split prompt (e.g. 0.7,0.5)")
     a = ap.parse_args(argv)
     model, tok = load_torch()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
-    table = presses()
+    thresholds = calibrate_dms(model, tok, a.dms_keep) if a.dms_keep else a.dms_thresholds
+    if a.dms_keep:
+        print("DMS thresholds", dict(zip(a.dms_keep, thresholds)), flush=True)
+    table = presses([round(t, 3) for t in thresholds])
+    if a.only:
+        table = {k: v for k, v in table.items() if k.startswith(tuple(a.only.split(",")))}
+        if not table:
+            ap.error(f"--only {a.only!r} names no press")
     rows = {name: {"inside": [], "after": []} for name in table}
     items = prompts(tok, a.prompts)
     for i, (kind, length, body, question, expect) in enumerate(items):

@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache as plain_prompt_cache
 
 from refreekv import ReFreeKVConfig, ReFreeKVError
 from refreekv import reference as R
-from refreekv.adapters.mlx_lm import (ReFreeKVCache, attach, budget_report, compress_prompt_cache, detach,
+from refreekv.adapters.mlx_lm import (STEP, ReFreeKVCache, attach, budget_report, compress_prompt_cache, detach,
                                       load_prompt_cache, make_prompt_cache, save_prompt_cache)
 from refreekv.commands.models import load_mlx, load_torch
 from refreekv.commands.prompts import chat, needle_prompt
@@ -72,6 +72,8 @@ def test_default_threshold_shrinks_storage_to_the_reference_budget(smol, ids):
             continue
         lo, hi = valid_cut_range(R.plan_layer(q, K, CFG)["ratio"][0], CFG.threshold, 2e-4, CFG.sinks, n)
         assert lo <= rep.kept[0] <= hi, (i, rep.kept, lo, hi)
+        # storage is the kept tokens rounded up to mlx-lm's step, not kept + a fresh step
+        assert c.keys.shape[2] == c.values.shape[2] == (c.stored // STEP + 1) * STEP, (i, c.keys.shape, c.stored)
     assert report.bytes_after < 0.9 * report.bytes_before
 
 
