@@ -292,13 +292,8 @@ class ReFreeKVCache:
     def store(self, out) -> None:
         """Keep what a plan kept; reset the segment."""
         if out.valid is not None:
-            # Storage after a plan is the kept tokens rounded up to the next STEP, as mlx-lm's KVCache
-            # allocates: without the spare slots the next token would allocate kept + STEP.
-            kept = out.keys.shape[2]
-            spare = (kept // STEP + 1) * STEP - kept
-            pad = lambda x: mx.concatenate([x, mx.zeros(x.shape[:2] + (spare,) + x.shape[3:], x.dtype)], axis=2)
-            self.keys, self.values, self.stored = pad(out.keys), pad(out.values), kept
-            mx.eval(self.keys, self.values)
+            mx.eval(out.keys, out.values)
+            self.keys, self.values, self.stored = out.keys, out.values, out.keys.shape[2]
         self.reports.append(out.report)
         self.planned, self.plans = self.stored, self.plans + 1
         self._rows, self._segment, self._segment_prompt = [], 0, 0
@@ -315,7 +310,9 @@ class ReFreeKVCache:
     def _append(self, keys: mx.array, values: mx.array) -> None:
         L = keys.shape[2]
         if self.keys is None or self.stored + L > self.keys.shape[2]:
-            grow = ((L + STEP - 1) // STEP) * STEP
+            # Capacity is the next multiple of STEP that holds them all (after a plan storage is
+            # exactly the kept tokens; growing by whole steps from there would leave it kept + STEP).
+            grow = -(-(self.stored + L) // STEP) * STEP - self.stored
             B, H, _, dk = keys.shape
             new_k = mx.zeros((B, H, grow, dk), keys.dtype)
             new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)

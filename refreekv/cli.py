@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             for flag, v in (("--max-length", a.max_length), ("--min-length", a.min_length)):
                 if v is not None and v < 1:
                     p.error(f"{flag}: received {v}; expected an int >= 1")
+            if a.min_length is not None and a.max_length is not None and a.min_length > a.max_length:
+                p.error(f"--min-length: received {a.min_length} with --max-length {a.max_length}; "
+                        "expected at most the maximum")
             result = evaluate(a.methods, a.split, a.size, a.out, default=config, plot=not a.no_plot, as_json=a.json,
                               use_cache=not a.no_cache, limit=a.limit, max_length=a.max_length,
                               min_length=a.min_length)

@@ -141,6 +141,8 @@ def main(argv=None) -> None:
                     help="instead of --dms-thresholds: thresholds that keep these shares of the keys, "
                          "calibrated on a dev-split prompt (e.g. 0.7,0.5)")
     a = ap.parse_args(argv)
+    if any(not 0 < k < 1 for k in a.dms_keep):
+        ap.error(f"--dms-keep: received {a.dms_keep}; expected shares in (0, 1)")
     model, tok = load_torch()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
     thresholds = calibrate_dms(model, tok, a.dms_keep) if a.dms_keep else a.dms_thresholds

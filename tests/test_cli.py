@@ -32,6 +32,8 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--limit", "0"], "--limit: received 0; expected an int >= 1"),
     (["eval", "--max-length", "0"], "--max-length: received 0; expected an int >= 1"),
     (["eval", "--min-length", "-5"], "--min-length: received -5; expected an int >= 1"),
+    (["eval", "--min-length", "5000", "--max-length", "4096"],
+     "--min-length: received 5000 with --max-length 4096; expected at most the maximum"),
     (["bench", "--repeat", "0"], "--repeat/--decode-tokens: received 0/32; expected ints >= 1"),
 ])
 def test_argument_errors_are_clear(capsys, argv, message):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from refreekv import ReFreeKVConfig
+from refreekv.errors import bad_input
 
 from .models import load_torch
 from .output import markdown_table, rich_table, write
@@ -65,11 +66,16 @@ def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFree
     console = Console(stderr=as_json)
     model, tok = load_torch()
     prompts = build(tok, split, size)
+    lengths = sorted({p.length for p in prompts})
     if max_length is not None:
         prompts = [p for p in prompts if p.length <= max_length]
     if min_length is not None:
         prompts = [p for p in prompts if p.length >= min_length]
     prompts = prompts[:limit]
+    if not prompts:
+        raise bad_input("--min-length/--max-length", f"{min_length}/{max_length}",
+                        f"bounds that keep some of the {split} split's prompts (lengths "
+                        f"{lengths})")
     table = methods(group, default)
     fp = code_fingerprint()
     store = ResultsCache(Path(out_dir) / "eval_cache.jsonl" if use_cache else None)
