@@ -117,11 +117,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--conversations", type=int, default=3, help="--task conversation: how many 10-turn chats")
     e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
-    e.add_argument("--methods", choices=["main", "front", "variants", "ablations", "quick"], default="main",
-                   help="main: default, paper and the fixed-budget front; variants: the threshold-free design space")
+    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "ablations", "quick"],
+                   default="main", help="main: default, paper and the fixed-budget front; variants: the "
+                   "threshold-free design space; candidates: the default against its second-round variants")
     e.add_argument("--split", choices=["dev", "test"], default="test", help="dev: choose on it; test: report on it")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
-                   help="full: 60 needles at 1k-7.5k tokens + 16 other prompts; medium: 1k-2k; quick: a smoke test")
+                   help="full: 60 needles at 1k-7.5k tokens + 24 other prompts; medium: 1k-2k; quick: a smoke test")
     e.add_argument("--limit", type=int, help="only the first N prompts")
     e.add_argument("--max-length", type=int, help="only prompts of at most this many tokens (e.g. 4096 leaves "
                    "out the 7.5k needles, the slowest quarter of the run)")

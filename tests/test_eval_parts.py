@@ -58,6 +58,22 @@ def test_results_cache_keys_change_with_the_code_and_the_config(tmp_path):
     assert again.get(k1)["ok"] is True and len(again.records) == 1
 
 
+def test_method_groups_never_run_one_setting_twice():
+    from refreekv.commands.tasks import Prompt
+
+    p = Prompt("x", "needle", "text", "1", 10)
+    for group in ("main", "front", "variants", "candidates", "ablations", "quick"):
+        table = runner.methods(group)
+        keys = [runner.ResultsCache.key(p, cfg, "code") for cfg in table.values()]
+        assert len(set(keys)) == len(keys), group
+        assert "full" in table and table["full"] is None
+        if group not in ("front",):
+            assert table["refreekv (default)"] == ReFreeKVConfig()
+    # variants' "k=32 T=0.1%" is the default but for re-planning, which eval never does: one row
+    assert "k=32 T=0.1%" not in runner.methods("variants") and "k=32 T=0.1%" in runner.variants()
+    assert len(runner.methods("candidates", ReFreeKVConfig(threshold=0.0005))) == len(runner.candidates()) + 1
+
+
 @pytest.mark.model
 @torch.no_grad()
 def test_batched_decoding_equals_one_by_one():

@@ -102,14 +102,21 @@ def run_conversation(split: str, out_dir: str, count: int = 3, as_json: bool = F
     summary = {}
     for name, runs in results.items():
         asked = [r for run in runs for r in run if r["expect"]]
+        same = [r["answer"] == f["answer"] for run, ref in zip(runs, results["full"]) for r, f in zip(run, ref)]
+        same_asked = [r["answer"] == f["answer"] for run, ref in zip(runs, results["full"])
+                      for r, f in zip(run, ref) if r["expect"]]
         summary[name] = {
             "accuracy": float(np.mean([r["ok"] for r in asked])),
+            "right": int(sum(r["ok"] for r in asked)), "asked": len(asked),
+            "same_as_full": int(sum(same)), "turns": len(same),
+            "same_as_full_asked": int(sum(same_asked)),
             "kv_mb_by_turn": [float(np.mean([run[t]["kv_bytes"] for run in runs]) / 2**20) for t in range(len(runs[0]))],
             "plan_ms": float(np.mean([r["plan_ms"] for run in runs for r in run if r["plans"]] or [0.0])),
         }
-    headers = ["method", "fact accuracy (turns 6-10)", "KV MB after turn 1", "after turn 5", "after turn 10",
-               "ms per plan"]
-    rows = [[name, f"{s['accuracy']:.2f}", f"{s['kv_mb_by_turn'][0]:.1f}", f"{s['kv_mb_by_turn'][4]:.1f}",
+    headers = ["method", "codes recalled (turns 6-10)", "answers = full's (questions)", "answers = full's (all turns)",
+               "KV MB after turn 1", "after turn 5", "after turn 10", "ms per plan"]
+    rows = [[name, f"{s['right']}/{s['asked']}", f"{s['same_as_full_asked']}/{s['asked']}",
+             f"{s['same_as_full']}/{s['turns']}", f"{s['kv_mb_by_turn'][0]:.1f}", f"{s['kv_mb_by_turn'][4]:.1f}",
              f"{s['kv_mb_by_turn'][-1]:.1f}", f"{s['plan_ms']:.0f}"] for name, s in summary.items()]
     per_turn = [[name, *(int(r["ok"]) if r["ok"] is not None else "-" for r in run)]
                 for name, runs in results.items() for run in runs]
@@ -121,7 +128,8 @@ def run_conversation(split: str, out_dir: str, count: int = 3, as_json: bool = F
     _plot_bytes({n: s["kv_mb_by_turn"] for n, s in summary.items()}, f"{out_dir}/eval_conversation_{split}.png",
                 "turn", "KV cache held (MB, mean over conversations)")
     if not as_json:
-        console.print(rich_table("conversation", ["method", "accuracy", "MB t1", "MB t5", "MB t10", "ms/plan"], rows))
+        console.print(rich_table("conversation", ["method", "recalled", "= full (q)", "= full (all)", "MB t1", "MB t5",
+                                                  "MB t10", "ms/plan"], rows))
     return out
 
 

@@ -134,7 +134,8 @@ def build(tok, split: str, size: str = "full") -> list[Prompt]:
             out.append(Prompt(f"{split}/multikey/{length}/{i}", "multikey", chat(tok, body + "\n\n" + q),
                               codes[target], length))
     ctx, cont = (2048, 128) if size == "full" else (1024, 128) if size == "medium" else (256, 24)
-    for i in range(4 if size == "full" else 2 if size == "medium" else 1):
+    # 12 continuations at full size (4 before: too few to estimate a KL; prompts 0-3 are unchanged)
+    for i in range(12 if size == "full" else 2 if size == "medium" else 1):
         stream = _split_tokens(getattr(tok, "name_or_path", "tok"), split, tok)
         at = (offset + 7919 * i) % max(1, len(stream) - ctx - cont)
         out.append(Prompt(f"{split}/continuation/{ctx}/{i}", "continuation", tok.decode(stream[at:at + ctx]), "", ctx,
