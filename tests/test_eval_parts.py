@@ -59,19 +59,34 @@ def test_results_cache_keys_change_with_the_code_and_the_config(tmp_path):
 
 
 def test_method_groups_never_run_one_setting_twice():
-    from refreekv.commands.tasks import Prompt
-
-    p = Prompt("x", "needle", "text", "1", 10)
-    for group in ("main", "front", "variants", "candidates", "ablations", "quick"):
-        table = runner.methods(group)
-        keys = [runner.ResultsCache.key(p, cfg, "code") for cfg in table.values()]
-        assert len(set(keys)) == len(keys), group
-        assert "full" in table and table["full"] is None
-        if group not in ("front",):
-            assert table["refreekv (default)"] == ReFreeKVConfig()
-    # variants' "k=32 T=0.1%" is the default but for re-planning, which eval never does: one row
+    # two names whose configurations differ only in re-planning (which eval never does) are one setting:
+    # the first name stays, the second goes, a real difference stays
+    table = {"full": None, "a": ReFreeKVConfig(), "b": ReFreeKVConfig(replan="once"),
+             "c": ReFreeKVConfig(threshold=0.0005), "d": None}
+    assert list(runner._distinct(table)) == ["full", "a", "c"]
     assert "k=32 T=0.1%" not in runner.methods("variants") and "k=32 T=0.1%" in runner.variants()
-    assert len(runner.methods("candidates", ReFreeKVConfig(threshold=0.0005))) == len(runner.candidates()) + 1
+    for group in ("main", "variants", "candidates", "ablations", "quick"):
+        assert runner.methods(group)["refreekv (default)"] == ReFreeKVConfig()
+    # a --threshold etc. on the command line replaces the default; a candidate equal to it is dropped
+    assert list(runner.methods("candidates", ReFreeKVConfig(threshold=0.0005))) == \
+        ["full", "refreekv (default)", "k=32 T=0.1% max-rows", "k=32 T=0.3% max-heads"]
+
+
+def test_conversation_summary_counts_against_the_full_cache():
+    from refreekv.commands.conversation import _sign_test, summarize
+
+    def turn(answer, expect, ok, plans=0):
+        return {"answer": answer, "expect": expect, "ok": ok, "kv_bytes": 2**20, "plans": plans, "plan_ms": 10.0 * plans}
+
+    full = [[turn("read", "", None), turn("1234", "1234", True), turn("99", "5678", False)]]
+    mine = [[turn("read!", "", None, 1), turn("1234", "1234", True, 1), turn("5678", "5678", True, 1)]]
+    s = summarize({"full": full, "mine": mine})
+    assert s["full"]["same_as_full"] == 3 and s["full"]["only_this_right"] == 0
+    m = s["mine"]
+    assert (m["right"], m["asked"], m["same_as_full_asked"], m["same_as_full"], m["turns"]) == (2, 2, 1, 1, 3)
+    assert (m["only_this_right"], m["only_full_right"], m["plan_ms"]) == (1, 0, 10.0)
+    assert _sign_test(9, 3) == pytest.approx(0.14599609375) and _sign_test(3, 9) == _sign_test(9, 3)
+    assert _sign_test(0, 0) == 1.0 and _sign_test(5, 5) == 1.0
 
 
 @pytest.mark.model

@@ -15,6 +15,7 @@ every 64 tokens. Methods: full, compress once, and re-planning every N generated
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -99,38 +100,71 @@ def run_conversation(split: str, out_dir: str, count: int = 3, as_json: bool = F
             console.print(f"conversation {c + 1}/{count}: {name}")
             cache = DynamicCache(config=model.config) if cfg is None else ReFreeKVCache(model, cfg)
             results[name].append(chat(model, tok, cache, turns))
-    summary = {}
-    for name, runs in results.items():
-        asked = [r for run in runs for r in run if r["expect"]]
-        same = [r["answer"] == f["answer"] for run, ref in zip(runs, results["full"]) for r, f in zip(run, ref)]
-        same_asked = [r["answer"] == f["answer"] for run, ref in zip(runs, results["full"])
-                      for r, f in zip(run, ref) if r["expect"]]
-        summary[name] = {
-            "accuracy": float(np.mean([r["ok"] for r in asked])),
-            "right": int(sum(r["ok"] for r in asked)), "asked": len(asked),
-            "same_as_full": int(sum(same)), "turns": len(same),
-            "same_as_full_asked": int(sum(same_asked)),
-            "kv_mb_by_turn": [float(np.mean([run[t]["kv_bytes"] for run in runs]) / 2**20) for t in range(len(runs[0]))],
-            "plan_ms": float(np.mean([r["plan_ms"] for run in runs for r in run if r["plans"]] or [0.0])),
-        }
-    headers = ["method", "codes recalled (turns 6-10)", "answers = full's (questions)", "answers = full's (all turns)",
-               "KV MB after turn 1", "after turn 5", "after turn 10", "ms per plan"]
-    rows = [[name, f"{s['right']}/{s['asked']}", f"{s['same_as_full_asked']}/{s['asked']}",
-             f"{s['same_as_full']}/{s['turns']}", f"{s['kv_mb_by_turn'][0]:.1f}", f"{s['kv_mb_by_turn'][4]:.1f}",
-             f"{s['kv_mb_by_turn'][-1]:.1f}", f"{s['plan_ms']:.0f}"] for name, s in summary.items()]
-    per_turn = [[name, *(int(r["ok"]) if r["ok"] is not None else "-" for r in run)]
-                for name, runs in results.items() for run in runs]
-    md = (f"# refreekv eval: conversation task, {split} split ({count} conversations of 10 turns)\n\n"
-          f"Configuration: {base}\n\n" + markdown_table(headers, rows) + "\n\n## Right answers per turn "
-          "(1 right, 0 wrong, - a reading turn)\n\n" + markdown_table(["method", *map(str, range(1, 11))], per_turn))
+    summary = summarize(results)
+    rows = _rows(summary)
+    md = conversation_markdown(split, base, results, summary)
     out = {"split": split, "config": base.to_dict(), "summary": summary, "runs": results}
     write(out_dir, f"eval_conversation_{split}", out, md)
     _plot_bytes({n: s["kv_mb_by_turn"] for n, s in summary.items()}, f"{out_dir}/eval_conversation_{split}.png",
                 "turn", "KV cache held (MB, mean over conversations)")
     if not as_json:
-        console.print(rich_table("conversation", ["method", "recalled", "= full (q)", "= full (all)", "MB t1", "MB t5",
-                                                  "MB t10", "ms/plan"], rows))
+        console.print(rich_table("conversation", ["method", "recalled", "only it / only full", "= full (q)",
+                                                  "= full (all)", "MB t1", "MB t5", "MB t10", "ms/plan"], rows))
     return out
+
+
+def _sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least as uneven as a : b of a + b
+    discordant questions if either side were equally likely to be the one that is right."""
+    n = a + b
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(a, b) + 1)) / 2**n) if n else 1.0
+
+
+def summarize(results: dict[str, list[list[dict]]]) -> dict[str, dict]:
+    """Per method (``results[name]``: one list of turn records per chat, chats in the same order
+    for every method): codes recalled, answers equal to the full cache's (questions and all turns),
+    the questions only this method or only the full cache got right with their sign test, the KV MB
+    held after each turn (mean over chats) and the mean time per plan."""
+    summary = {}
+    for name, runs in results.items():
+        pairs = [(r, f) for run, ref in zip(runs, results["full"]) for r, f in zip(run, ref)]
+        asked = [(r, f) for r, f in pairs if r["expect"]]
+        only_this = sum(r["ok"] and not f["ok"] for r, f in asked)
+        only_full = sum(f["ok"] and not r["ok"] for r, f in asked)
+        summary[name] = {
+            "accuracy": float(np.mean([r["ok"] for r, _ in asked])),
+            "right": int(sum(r["ok"] for r, _ in asked)), "asked": len(asked),
+            "same_as_full": int(sum(r["answer"] == f["answer"] for r, f in pairs)), "turns": len(pairs),
+            "same_as_full_asked": int(sum(r["answer"] == f["answer"] for r, f in asked)),
+            "only_this_right": int(only_this), "only_full_right": int(only_full),
+            "sign_test_p": _sign_test(only_this, only_full),
+            "kv_mb_by_turn": [float(np.mean([run[t]["kv_bytes"] for run in runs]) / 2**20) for t in range(len(runs[0]))],
+            "plan_ms": float(np.mean([r["plan_ms"] for run in runs for r in run if r["plans"]] or [0.0])),
+        }
+    return summary
+
+
+HEADERS = ["method", "codes recalled (turns 6-10)", "only it right / only full right (sign test p)",
+           "answers = full's (questions)", "answers = full's (all turns)", "KV MB after turn 1", "after turn 5",
+           "after turn 10", "ms per plan"]
+
+
+def _rows(summary: dict[str, dict]) -> list[list]:
+    return [[name, f"{s['right']}/{s['asked']}",
+             "-" if name == "full" else f"{s['only_this_right']} / {s['only_full_right']} (p = {s['sign_test_p']:.2f})",
+             f"{s['same_as_full_asked']}/{s['asked']}", f"{s['same_as_full']}/{s['turns']}",
+             f"{s['kv_mb_by_turn'][0]:.1f}", f"{s['kv_mb_by_turn'][4]:.1f}", f"{s['kv_mb_by_turn'][-1]:.1f}",
+             f"{s['plan_ms']:.0f}"] for name, s in summary.items()]
+
+
+def conversation_markdown(split: str, config: ReFreeKVConfig, results: dict, summary: dict) -> str:
+    """The report of ``run_conversation`` (also rebuilt from its saved JSON: ``summarize(out["runs"])``)."""
+    count = len(results["full"])
+    per_turn = [[name, *(int(r["ok"]) if r["ok"] is not None else "-" for r in run)]
+                for name, runs in results.items() for run in runs]
+    return (f"# refreekv eval: conversation task, {split} split ({count} conversations of 10 turns)\n\n"
+            f"Configuration: {config}\n\n" + markdown_table(HEADERS, _rows(summary)) + "\n\n## Right answers per turn "
+            "(1 right, 0 wrong, - a reading turn)\n\n" + markdown_table(["method", *map(str, range(1, 11))], per_turn))
 
 
 def _with(cfg: ReFreeKVConfig, **changes) -> ReFreeKVConfig:
