@@ -23,6 +23,17 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"received {text!r}; expected comma-separated integers, e.g. 1024,2048")
 
 
+KINDS = ("needle", "multikey", "continuation", "open")
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [x.strip() for x in text.split(",") if x.strip()]
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(f"received {text!r}; expected comma-separated prompt kinds among "
+                                         f"{', '.join(KINDS)}, e.g. continuation")
+    return kinds
+
+
 def _number(text: str) -> int | float:
     try:
         return int(text)
@@ -117,9 +128,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--conversations", type=int, default=3, help="--task conversation: how many 10-turn chats")
     e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
-    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "ablations", "quick"],
+    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "ablations", "quick"],
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
-                   "threshold-free design space; candidates: the default against its second-round variants")
+                   "threshold-free design space; candidates: the default against its second-round variants; "
+                   "thresholds: the default's rule at other thresholds and halting norms, with the fixed-budget front")
     e.add_argument("--split", choices=["dev", "test"], default="test", help="dev: choose on it; test: report on it")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
                    help="full: 60 needles at 1k-7.5k tokens + 24 other prompts; medium: 1k-2k; quick: a smoke test")
@@ -127,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int, help="only prompts of at most this many tokens (e.g. 4096 leaves "
                    "out the 7.5k needles, the slowest quarter of the run)")
     e.add_argument("--min-length", type=int, help="only prompts of at least this many tokens")
+    e.add_argument("--kinds", type=_kinds, help="only prompts of these kinds (comma-separated: "
+                   + ", ".join(KINDS) + "), e.g. continuation")
     e.add_argument("--no-cache", action="store_true", help="recompute everything (ignore <out>/eval_cache.jsonl)")
     e.add_argument("--no-plot", action="store_true", help="skip the PNG")
     _config_args(e)
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                         "expected at most the maximum")
             result = evaluate(a.methods, a.split, a.size, a.out, default=config, plot=not a.no_plot, as_json=a.json,
                               use_cache=not a.no_cache, limit=a.limit, max_length=a.max_length,
-                              min_length=a.min_length)
+                              min_length=a.min_length, kinds=a.kinds)
         else:
             from .commands.bench import run_bench
 

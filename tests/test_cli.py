@@ -34,6 +34,9 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--min-length", "-5"], "--min-length: received -5; expected an int >= 1"),
     (["eval", "--min-length", "5000", "--max-length", "4096"],
      "--min-length: received 5000 with --max-length 4096; expected at most the maximum"),
+    (["eval", "--kinds", "needles"], "received 'needles'; expected comma-separated prompt kinds among needle, "
+     "multikey, continuation, open"),
+    (["eval", "--kinds", ","], "received ','; expected comma-separated prompt kinds"),
     (["bench", "--repeat", "0"], "--repeat/--decode-tokens: received 0/32; expected ints >= 1"),
 ])
 def test_argument_errors_are_clear(capsys, argv, message):
@@ -94,6 +97,14 @@ def test_eval_quick_and_its_cache(capsys, tmp_path):
     again = run_json(capsys, "eval", "--methods", "quick", "--split", "dev", "--size", "quick", "--threshold", "0.02",
                      "--out", str(tmp_path))
     assert again["results"] == res and (tmp_path / "eval_cache.jsonl").read_text().count("\n") == cached  # no recompute
+    # --kinds keeps only those prompts, from the same cache: the continuation numbers are the same
+    cont = run_json(capsys, "eval", "--methods", "quick", "--split", "dev", "--size", "quick", "--threshold", "0.02",
+                    "--kinds", "continuation", "--out", str(tmp_path))
+    assert (tmp_path / "eval_cache.jsonl").read_text().count("\n") == cached
+    assert cont["kinds"] == ["continuation"] and 0 < cont["prompts"] < out["prompts"]
+    for name, r in cont["results"].items():
+        assert "needle" not in r and r["cont_kl"] == res[name]["cont_kl"]
+    assert (tmp_path / "eval_quick_dev_quick_continuation.png").exists()
 
 
 def test_every_command_takes_the_configuration_and_shows_defaults(capsys):

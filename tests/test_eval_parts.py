@@ -65,7 +65,9 @@ def test_method_groups_never_run_one_setting_twice():
              "c": ReFreeKVConfig(threshold=0.0005), "d": None}
     assert list(runner._distinct(table)) == ["full", "a", "c"]
     assert "k=32 T=0.1%" not in runner.methods("variants") and "k=32 T=0.1%" in runner.variants()
-    for group in ("main", "variants", "candidates", "ablations", "quick"):
+    thresholds = runner.methods("thresholds")  # the threshold curve next to the whole fixed-budget front
+    assert set(runner.thresholds()) < set(thresholds) and len(thresholds) == 2 + len(runner.thresholds()) + 27
+    for group in ("main", "variants", "candidates", "thresholds", "ablations", "quick"):
         assert runner.methods(group)["refreekv (default)"] == ReFreeKVConfig()
     # a --threshold etc. on the command line replaces the default; a candidate equal to it is dropped
     assert list(runner.methods("candidates", ReFreeKVConfig(threshold=0.0005))) == \
@@ -118,3 +120,82 @@ def test_serving_capacity_arithmetic(tmp_path):
     # in place: the most demanding layer keeps every token -> no gain
     assert "| full | 100.0% | 100.0% | 1.00x | 1.00x |" in out
     assert "| half | 50.0% | 62.5% | 1.60x | 1.00x |" in out
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_output_error_curve_equals_attention_over_the_kept_tokens():
+    # scripts/output_error_halting.py computes every cut's output from cumulative sums; here each cut's
+    # output is attention computed again over the kept columns only, in float64
+    oe = _script("output_error_halting")
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, n, k, d, sinks = 4, 2, 19, 3, 8, 2
+    q, K, V = (torch.randn(1, h, m, d, generator=g) for h, m in ((H, k), (Hkv, n), (Hkv, n)))
+    E = oe.output_error_curve(q, K, V, sinks)
+    assert E.shape == (n - sinks,)
+    qd, Kd, Vd = (x.double()[0] for x in (q, K, V))
+    Kd, Vd = Kd.repeat_interleave(H // Hkv, 0), Vd.repeat_interleave(H // Hkv, 0)
+    for j in range(1, n - sinks + 1):  # the j oldest candidates evicted
+        errs = []
+        for h in range(H):
+            for i in range(k):
+                pos = n - k + i
+                seen = list(range(pos + 1))
+                kept = [c for c in seen if c < sinks or c >= sinks + j]
+                logits = Kd[h] @ qd[h, i] / d ** 0.5
+                o = torch.softmax(logits[seen], 0) @ Vd[h, seen]
+                o_kept = torch.softmax(logits[kept], 0) @ Vd[h, kept] if kept else torch.zeros(d, dtype=torch.float64)
+                errs.append(float((o_kept - o).norm() / o.norm()))
+        assert abs(float(E[j - 1]) - sum(errs) / len(errs)) < 1e-4, j
+    assert oe.newest_run(torch.tensor([0.01, 0.02, 0.5, 0.01]), 0.05) == 2  # evict up to the first error > T
+    assert oe.newest_run(torch.tensor([0.01, 0.02]), 0.05) == 0
+
+
+@pytest.mark.model
+def test_kl_sources_on_a_short_prompt():
+    from refreekv.commands.models import load_torch
+    from refreekv.commands.tasks import Prompt, filler
+
+    ks = _script("kl_sources")
+    model, tok = load_torch()
+    text = filler(tok, "dev", 400, 0)
+    prompt = Prompt("short", "continuation", text[:-200], "", 300, target=text[-200:])
+    whole = ks.one_prompt(model, tok, prompt, ReFreeKVConfig(threshold=0.0))
+    # T = 0 in float32 can still drop the oldest tokens whose share of the L2 norm is below float32's
+    # resolution (1 - ||kept|| / ||full|| rounds to 0; docs/spec.md): nothing the continuation needs
+    assert whole["kl"] < 1e-6 and all(v < 1e-6 for v in whole["kl_with_layer_whole"].values())
+    cut = ks.one_prompt(model, tok, prompt, ReFreeKVConfig(threshold=0.05))
+    compressed = {str(i) for i, k in enumerate(cut["kept"]) if k < cut["n"]}
+    assert compressed and set(cut["kl_with_layer_whole"]) == compressed and cut["kl"] > 0
+    assert all(v >= 0 for v in cut["kl_with_layer_whole"].values())
+    assert set(cut["evicted_mass"]) == compressed and all(0 <= v <= 1 for v in cut["evicted_mass"].values())
+    assert all(v < 1e-3 for v in whole["evicted_mass"].values())
+    assert 0 < cut["top5_share"] <= 1 and cut["worst_token"]["kl"] > 0
+    with pytest.raises(ValueError, match="continuation of at least 2 tokens"):
+        ks.one_prompt(model, tok, Prompt("empty", "continuation", text, "", 400), ReFreeKVConfig())
+
+
+@pytest.mark.model
+def test_needle_sources_refuses_other_prompts_and_agrees_at_a_tiny_threshold(tmp_path, capsys):
+    ns = _script("needle_sources")
+    for bad, message in (("train/needle/1024/d0.1/p0", "expected an id that starts with dev/ or test/"),
+                         ("dev/continuation/2048/0", "expected a needle or multi-key id of the dev split")):
+        with pytest.raises(SystemExit):
+            ns.main([bad, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err
+    ns.main(["dev/needle/1024/d0.5/p0", "--threshold", "0.00001", "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "needle_sources_dev_needle_1024_d0.5_p0.json").read_text())
+    answers = out["answers"]
+    assert answers["compressed"] == answers["full"]  # T = 0.001 %: the cache keeps what the answer needs
+    compressed = [i for i, k in enumerate(out["kept"]) if k < out["n"]]
+    assert set(answers) == {"full", "compressed"} | {str(i) for i in compressed} | \
+        {f"all but {i} (only it compressed)" for i in compressed} | \
+        {k for k in answers if k.startswith("all layers that dropped the needle")}
+    assert 0 < out["back"] < out["n"]

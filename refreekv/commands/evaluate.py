@@ -59,7 +59,7 @@ def aggregate(records: list[dict]) -> dict:
 
 def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFreeKVConfig | None = None,
              plot: bool = True, as_json: bool = False, use_cache: bool = True, limit: int | None = None,
-             max_length: int | None = None, min_length: int | None = None) -> dict:
+             max_length: int | None = None, min_length: int | None = None, kinds: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -71,10 +71,12 @@ def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFree
         prompts = [p for p in prompts if p.length <= max_length]
     if min_length is not None:
         prompts = [p for p in prompts if p.length >= min_length]
+    if kinds:
+        prompts = [p for p in prompts if p.kind in kinds]
     prompts = prompts[:limit]
     if not prompts:
-        raise bad_input("--min-length/--max-length", f"{min_length}/{max_length}",
-                        f"bounds that keep some of the {split} split's prompts (lengths "
+        raise bad_input("--min-length/--max-length/--kinds", f"{min_length}/{max_length}/{kinds}",
+                        f"filters that keep some of the {split} split's prompts (lengths "
                         f"{lengths})")
     table = methods(group, default)
     fp = code_fingerprint()
@@ -96,9 +98,9 @@ def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFree
     results = {name: aggregate(recs) for name, recs in records.items()}
     configs = {name: None if cfg is None else cfg.to_dict() for name, cfg in table.items()}
     out = {"group": group, "split": split, "size": size, "max_length": max_length, "min_length": min_length,
-           "prompts": len(prompts), "code": fp, "results": results, "configs": configs}
+           "kinds": kinds, "prompts": len(prompts), "code": fp, "results": results, "configs": configs}
     stem = (f"eval_{group}_{split}_{size}" + ("" if min_length is None else f"_from{min_length}")
-            + ("" if max_length is None else f"_upto{max_length}"))
+            + ("" if max_length is None else f"_upto{max_length}") + ("_" + "_".join(kinds) if kinds else ""))
     md = report_markdown(out)
     write(out_dir, stem, out, md)
     (Path(out_dir) / f"{stem}_records.json").write_text(__import__("json").dumps(records, indent=1))
@@ -135,11 +137,17 @@ def report_markdown(out: dict) -> str:
                      _f(r.get("multikey"), ".3f"), _f(r.get("cont_kl"), ".4f"), _f(r.get("cont_top1"), ".3f"),
                      _f(r.get("cont_ppl"), ".2f"), _f(r.get("open_kl"), ".4f"), _f(r.get("open_similarity"), ".2f"),
                      _f(r.get("compress_ms"), ".1f")])
-    budgets = [["method", *[f"budget {n}" for n in lengths]]]
-    brow = [[name, *[_f(r["budget_by_length"].get(n), ".1%") for n in lengths]] for name, r in res.items()]
-    return (f"# refreekv eval: {out['group']} methods, {out['split']} split, {out['size']} tasks\n\n"
+    shown = [0] + [j for j in range(1, len(headers)) if any(row[j] != "-" for row in rows)]  # drop kinds not run
+    headers, rows = [headers[j] for j in shown], [[row[j] for j in shown] for row in rows]
+    kinds = f" ({', '.join(out['kinds'])} prompts)" if out.get("kinds") else ""
+    text = (f"# refreekv eval: {out['group']} methods, {out['split']} split, {out['size']} tasks{kinds}\n\n"
             f"SmolLM2-135M-Instruct, float32, torch CPU; {out['prompts']} prompts; code {out['code']}.\n\n"
-            + markdown_table(headers, rows) + "\n\n## Budget per needle length\n\n" + markdown_table(budgets[0], brow))
+            + markdown_table(headers, rows))
+    if lengths:
+        budgets = [["method", *[f"budget {n}" for n in lengths]]]
+        brow = [[name, *[_f(r["budget_by_length"].get(n), ".1%") for n in lengths]] for name, r in res.items()]
+        text += "\n\n## Budget per needle length\n\n" + markdown_table(budgets[0], brow)
+    return text
 
 
 def plot_front(results: dict, path: str, title: str) -> None:
@@ -150,7 +158,11 @@ def plot_front(results: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = [(m, label) for m, label in (("needle", "needle accuracy"), ("cont_kl", "KL(full || method) per token"))
+              if any(m in r for r in results.values())]  # a run of some prompt kinds has only some panels
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     curves = defaultdict(list)
     points = {}
     for name, r in results.items():
@@ -159,7 +171,7 @@ def plot_front(results: dict, path: str, title: str) -> None:
             curves[head].append(r)
         else:
             points[name] = r
-    for ax, metric, label in ((axes[0], "needle", "needle accuracy"), (axes[1], "cont_kl", "KL(full || method) per token")):
+    for ax, (metric, label) in zip(axes[0], panels):
         for head, rs in curves.items():
             rs = sorted(rs, key=lambda r: r["budget"])
             ax.plot([r["budget"] for r in rs], [r.get(metric, np.nan) for r in rs], marker="o", ms=3, label=head)

@@ -70,6 +70,18 @@ def candidates() -> dict[str, ReFreeKVConfig]:
     }
 
 
+def thresholds() -> dict[str, ReFreeKVConfig]:
+    """The KL-against-budget curve of the threshold-free rule (issue 10's KL target): the default's
+    rule at other thresholds, halting on attention mass (``norm="l1"``) instead of the L2 norm, and
+    the most demanding head deciding. Read next to the fixed-budget front on the same prompts."""
+    D = ReFreeKVConfig
+    return {
+        "l2 T=0.3%": D(threshold=0.003), "l2 T=0.05%": D(threshold=0.0005), "l2 T=0.02%": D(threshold=0.0002),
+        "l1 T=2%": D(norm="l1", threshold=0.02), "l1 T=1%": D(norm="l1", threshold=0.01),
+        "l1 T=0.5%": D(norm="l1", threshold=0.005), "l2 T=0.1% max-heads": D(heads="max"),
+    }
+
+
 def _distinct(table: dict[str, ReFreeKVConfig | None]) -> dict[str, ReFreeKVConfig | None]:
     """``table`` without names whose settings (``ResultsCache.settings``) an earlier name already
     has: the same decisions would be computed twice and reported under two names."""
@@ -86,6 +98,7 @@ def methods(group: str, default: ReFreeKVConfig | None = None) -> dict[str, ReFr
     """``main``: full, the default, the paper, and the fixed-budget front (StreamingLLM, H2O,
     SnapKV at 10 %..90 %). ``variants``: full and the threshold-free design space.
     ``candidates``: full, the default and the second round of variants (``candidates()``).
+    ``thresholds``: full, the default, ``thresholds()`` and the fixed-budget front.
     ``ablations``: the paper's ablations. ``quick``: full, default, paper, StreamingLLM 20 %.
     A name whose settings an earlier name has is left out (e.g. variants' "k=32 T=0.1%" is the default)."""
     return _distinct(_methods(group, default))
@@ -102,6 +115,9 @@ def _methods(group: str, default: ReFreeKVConfig | None) -> dict[str, ReFreeKVCo
         return {"full": None, "refreekv (default)": default} | variants()
     if group == "candidates":
         return {"full": None, "refreekv (default)": default} | candidates()
+    if group == "thresholds":
+        return ({"full": None, "refreekv (default)": default} | thresholds()
+                | {f"{name} {b:.0%}": fixed(name, b) for name in FIXED for b in FRONT_BUDGETS})
     if group == "ablations":
         P = ReFreeKVConfig.paper
         return head | {"k = 1% n": P(query_rows=0.01), "rank by H2O attention": P(ranking="h2o"),
@@ -184,6 +200,14 @@ def _fork(cache):
     out.__dict__.update(cache.__dict__)
     out.layers = [copy.copy(layer) for layer in cache.layers]
     return out
+
+
+class Layers:
+    """A cache-like view of chosen layers (``merge`` reads ``.layers`` only): e.g. a compressed
+    cache with one layer taken from the full cache, to measure what that layer's eviction costs."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
 
 
 @dataclass
@@ -329,6 +353,9 @@ def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None
     if prompt.kind == "continuation":
         ids = tok([prompt.text], return_tensors="pt", add_special_tokens=False)["input_ids"]
         targets = tok(prompt.target, add_special_tokens=False)["input_ids"]
+        if len(targets) < 2:  # forced() would compare the prefill's own logits only: a KL of 0, silently
+            raise ValueError(f"prompt {prompt.id!r}: its target tokenizes to {len(targets)} tokens; expected a "
+                             "continuation of at least 2 tokens")
     else:
         ids = tok([prompt.text], return_tensors="pt")["input_ids"]
         targets = []
