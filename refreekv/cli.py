@@ -27,7 +27,7 @@ KINDS = ("needle", "multikey", "continuation", "open")
 
 
 def _kinds(text: str) -> list[str]:
-    kinds = [x.strip() for x in text.split(",") if x.strip()]
+    kinds = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))  # each kind once, in order
     if not kinds or any(k not in KINDS for k in kinds):
         raise argparse.ArgumentTypeError(f"received {text!r}; expected comma-separated prompt kinds among "
                                          f"{', '.join(KINDS)}, e.g. continuation")

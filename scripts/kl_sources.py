@@ -24,11 +24,6 @@ import torch
 
 
 
-def kl_per_token(full: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    lp, lq = torch.log_softmax(full, -1), torch.log_softmax(other, -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
-
-
 @torch.no_grad()
 def one_prompt(model, tok, prompt, config) -> dict:
     from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
@@ -46,7 +41,7 @@ def one_prompt(model, tok, prompt, config) -> dict:
     kept = [r.kept[0] for r in cache.report.layers]
     L = len(kept)
     compressed = [i for i in range(L) if kept[i] < n]
-    mixes = [runner.Layers([full.layers[j] if j == i else cache.layers[j] for j in range(L)]) for i in compressed]
+    mixes = [runner.Layers.mixed(full, cache, {i}) for i in compressed]
     logits = runner.forced_many(model, [full, cache, *mixes], pre.logits, n, targets)
     evicted_mass = {}
     if config.ranking == "position":  # kept = the sinks and the newest run: the evicted tokens are one block
@@ -56,9 +51,9 @@ def one_prompt(model, tok, prompt, config) -> dict:
             recent = kept[i] - min(config.sinks, kept[i])
             P = api.attention_rows(pre.captured[i].queries(config.rows_for(n)), pre.cache.layers[i].keys)
             evicted_mass[str(i)] = float(P[..., config.sinks:n - recent].sum(-1).mean())
-    base = kl_per_token(logits[0], logits[1])
+    base = runner.kl_per_token(logits[0], logits[1])
     kl = float(base.mean())
-    restored = {i: float(kl_per_token(logits[0], x).mean()) for i, x in zip(compressed, logits[2:])}
+    restored = {i: float(runner.kl_per_token(logits[0], x).mean()) for i, x in zip(compressed, logits[2:])}
     worst = int(base.argmax())
     return {"prompt": prompt.id, "n": n, "budget": cache.report.budget[0], "kl": kl,
             "top5_share": float(base.sort(descending=True).values[:5].sum() / base.sum()) if kl > 0 else 0.0,

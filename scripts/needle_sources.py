@@ -58,11 +58,11 @@ def main(argv=None) -> None:
         kept = [r.kept[0] for r in cache.report.layers]
         L = len(kept)
         compressed = [i for i in range(L) if kept[i] < n]
-        # the layers whose newest run does not reach the needle: all of them whole, then all but one
-        lost = [i for i in compressed if kept[i] - min(config.sinks, kept[i]) < back]
+        reaches = {i: kept[i] - min(config.sinks, kept[i]) >= back for i in range(L)}  # newest run holds it
+        lost = [i for i in compressed if not reaches[i]]  # given back together (a row of its own if 2 or more)
         others = [[j for j in compressed if j != i] for i in compressed]  # only layer i compressed
-        groups = [[i] for i in compressed] + ([lost] if lost else []) + others
-        mixes = [runner.Layers([full.layers[j] if j in g else cache.layers[j] for j in range(L)]) for g in groups]
+        groups = [[i] for i in compressed] + ([lost] if len(lost) > 1 else []) + others
+        mixes = [runner.Layers.mixed(full, cache, set(g)) for g in groups]
         answers = runner.greedy_many(model, tok, [full, cache, *mixes], pre.logits, n,
                                      runner.ANSWER_TOKENS[prompt.kind], prompt.expect, number=True)
     ok = [prompt.expect in x.text for x in answers]
@@ -74,8 +74,7 @@ def main(argv=None) -> None:
             return "all layers that dropped the needle: " + ", ".join(map(str, lost))
         return "all but " + str(next(i for i in compressed if i not in g)) + " (only it compressed)"
 
-    rows = [[label(g), "-" if len(g) != 1 else kept[g[0]],
-             "-" if len(g) != 1 else ("yes" if kept[g[0]] - config.sinks >= back else "no"),
+    rows = [[label(g), "-" if len(g) != 1 else kept[g[0]], "-" if len(g) != 1 else ("yes" if reaches[g[0]] else "no"),
              answers[2 + j].text.strip(), "right" if ok[2 + j] else "wrong"] for j, g in enumerate(groups)]
     headers = ["layers given back whole", "kept by the layer", "needle among its newest tokens", "answer", "verdict"]
     seconds = time.perf_counter() - t0

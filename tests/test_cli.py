@@ -139,3 +139,9 @@ def test_console_script_is_installed():
     exe = shutil.which("refreekv") or str(Path(sys.executable).parent / "refreekv")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and all(c in out.stdout for c in ("demo", "inspect", "eval", "bench"))
+
+
+def test_kinds_are_parsed_once_each_in_order():
+    from refreekv.cli import _kinds
+
+    assert _kinds("open, continuation,open") == ["open", "continuation"]

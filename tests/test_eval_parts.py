@@ -174,7 +174,7 @@ def test_kl_sources_on_a_short_prompt():
     cut = ks.one_prompt(model, tok, prompt, ReFreeKVConfig(threshold=0.05))
     compressed = {str(i) for i, k in enumerate(cut["kept"]) if k < cut["n"]}
     assert compressed and set(cut["kl_with_layer_whole"]) == compressed and cut["kl"] > 0
-    assert all(v >= 0 for v in cut["kl_with_layer_whole"].values())
+    assert min(cut["kl_with_layer_whole"].values()) < cut["kl"]  # giving a layer back removes some of the KL
     assert set(cut["evicted_mass"]) == compressed and all(0 <= v <= 1 for v in cut["evicted_mass"].values())
     assert all(v < 1e-3 for v in whole["evicted_mass"].values())
     assert 0 < cut["top5_share"] <= 1 and cut["worst_token"]["kl"] > 0

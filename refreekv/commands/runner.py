@@ -209,6 +209,11 @@ class Layers:
     def __init__(self, layers: list):
         self.layers = layers
 
+    @classmethod
+    def mixed(cls, full, compressed, whole) -> Layers:
+        """``compressed``'s layers, but those whose index is in ``whole`` taken from ``full``."""
+        return cls([f if i in whole else c for i, (f, c) in enumerate(zip(full.layers, compressed.layers))])
+
 
 @dataclass
 class Decoded:
@@ -253,10 +258,15 @@ def forced(model, cache, first_logits: torch.Tensor, n: int, targets: list[int])
     return torch.cat([first_logits[:1], rest], 0).float()
 
 
+def kl_per_token(full: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(full || other) per row of two (T, V) logit tables: (T,)."""
+    lp, lq = torch.log_softmax(full, -1), torch.log_softmax(other, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 def kl_top1(full: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     """Mean per-token KL(full || other) and top-1 agreement of two (T, V) logit tables."""
-    lp, lq = torch.log_softmax(full, -1), torch.log_softmax(other, -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    kl = kl_per_token(full, other).mean()
     return float(kl), float((full.argmax(-1) == other.argmax(-1)).float().mean())
 
 
