@@ -83,7 +83,9 @@ class QueryProbe(nn.Module):
 
 
 def _attention_modules(model) -> list:
-    layers = getattr(model, "layers", None) or model.model.layers
+    layers = getattr(model, "layers", None) or getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(model, nn.Module) or not layers:
+        raise bad_input("model", f"type {type(model).__name__}", "an mlx-lm model (an mlx.nn.Module from mlx_lm.load)")
     mods = []
     for layer in layers:
         attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
@@ -332,6 +334,7 @@ def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
     """mlx-lm's prompt cache for ``model`` with every plain full-attention ``KVCache`` replaced by a
     ReFreeKV cache (sliding-window and other caches are kept as they are), all planned together
     (``config.replan`` says when). Attaches the probes."""
+    _attention_modules(model)  # the model is one we can plan for, before mlx-lm reads it
     base = mlx_cache.make_prompt_cache(model)
     cfg = engine.checked_config(config, len(base))
     probes = attach(model)
@@ -339,6 +342,22 @@ def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
              for i, c in enumerate(base)]
     _connect(cache)
     return cache
+
+
+def _checked(prompt_cache, ours: bool = False) -> list:
+    """``prompt_cache`` must be a non-empty list of mlx-lm or ReFreeKV caches (with ``ours``: at least
+    one ReFreeKV cache, i.e. one made by ``make_prompt_cache`` or ``load_prompt_cache``)."""
+    if not isinstance(prompt_cache, (list, tuple)) or not prompt_cache:
+        got = "an empty list" if isinstance(prompt_cache, (list, tuple)) else f"type {type(prompt_cache).__name__}"
+        raise bad_input("prompt_cache", got, "the list from make_prompt_cache(model), one cache per layer")
+    for i, c in enumerate(prompt_cache):
+        if not isinstance(c, (ReFreeKVCache, mlx_cache._BaseCache)):
+            raise bad_input("prompt_cache", f"layer {i} of class {type(c).__name__}",
+                            "caches of mlx_lm.models.cache or ReFreeKV")
+    if ours and not any(isinstance(c, ReFreeKVCache) for c in prompt_cache):
+        raise bad_input("prompt_cache", "mlx-lm caches without a ReFreeKV layer",
+                        "a prompt cache from refreekv.adapters.mlx_lm.make_prompt_cache(model)")
+    return list(prompt_cache)
 
 
 def _connect(prompt_cache: list) -> Planner:
@@ -352,6 +371,7 @@ def _connect(prompt_cache: list) -> Planner:
 def compress_prompt_cache(prompt_cache: list) -> BudgetReport:
     """Compress after a manual prefill (``model(prompt[None], cache=prompt_cache)``): every layer
     with buffered rows is planned, all together."""
+    _checked(prompt_cache, ours=True)
     planner = next((c.planner for c in prompt_cache if isinstance(c, ReFreeKVCache) and c.planner), None)
     if planner is None:
         planner = _connect(prompt_cache)
@@ -365,6 +385,7 @@ def compress_prompt_cache(prompt_cache: list) -> BudgetReport:
 def budget_report(prompt_cache: list) -> BudgetReport:
     """The newest plan's per-layer report, in the same form as the torch path (layers not planned
     yet and non-ReFreeKV layers are reported as skipped)."""
+    _checked(prompt_cache)
     report = BudgetReport()
     for i, c in enumerate(prompt_cache):
         if isinstance(c, ReFreeKVCache) and c.report is not None:
@@ -378,6 +399,7 @@ def budget_report(prompt_cache: list) -> BudgetReport:
 
 def plan_history(prompt_cache: list) -> list[BudgetReport]:
     """Every plan the prompt cache went through (one per planned segment), oldest first."""
+    _checked(prompt_cache, ours=True)
     ours = [c for c in prompt_cache if isinstance(c, ReFreeKVCache)]
     plans = max((len(c.reports) for c in ours), default=0)
     return [BudgetReport([c.reports[p] for c in ours if p < len(c.reports)]) for p in range(plans)]
@@ -409,6 +431,7 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
     if metadata is not None and not (isinstance(metadata, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise bad_input("metadata", repr(metadata), "None or a dict of str to str")
+    _checked(prompt_cache)
     arrays: dict[str, mx.array] = {}
     layers = []
     for i, c in enumerate(prompt_cache):
@@ -432,11 +455,15 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
     mx.eval(list(arrays.values()))
     header = {"format": FORMAT, "layers": layers, "metadata": metadata or {},
               "digests": {k: _digest(v) for k, v in arrays.items()}}
-    mx.save_safetensors(file_name, arrays, metadata={"refreekv": json.dumps(header)})
+    try:
+        mx.save_safetensors(str(file_name), arrays, metadata={"refreekv": json.dumps(header)})
+    except (RuntimeError, OSError, ValueError) as err:
+        raise bad_input("file_name", f"{file_name!r}: unwritable ({type(err).__name__}: {err})",
+                        "a path in an existing, writable folder") from err
 
 
 def _corrupt(file_name: str, what: str) -> Exception:
-    return bad_input("file", f"{file_name!r}: {what}", "a prompt cache written by refreekv.adapters.mlx_lm."
+    return bad_input("file_name", f"{file_name!r}: {what}", "a prompt cache written by refreekv.adapters.mlx_lm."
                      "save_prompt_cache, intact (nothing was loaded)")
 
 
@@ -464,6 +491,9 @@ def load_prompt_cache(file_name: str, model=None, return_metadata: bool = False)
     _connect(cache)
     if model is not None:
         probes = attach(model)
+        if len(probes) != len(cache):
+            raise bad_input("model", f"a model with {len(probes)} layers",
+                            f"the model the cache was saved from ({len(cache)} layers)")
         for i, c in enumerate(cache):
             if isinstance(c, ReFreeKVCache):
                 c.probe = probes[i]

@@ -63,6 +63,8 @@ def _text_config(model):
 
 def _check_model(model, config) -> ReFreeKVConfig:
     """The engine checks shared by the cache and ``capture_prefill``."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(getattr(model, "config", None), "get_text_config"):
+        raise bad_input("model", f"type {type(model).__name__}", "a transformers causal LM (a PreTrainedModel)")
     text = _text_config(model)
     cfg = engine.checked_config(config, text.num_hidden_layers, getattr(text, "max_position_embeddings", None))
     impl = getattr(model.config, "_attn_implementation", None)
@@ -442,8 +444,28 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _check_ids(input_ids, attention_mask=None) -> None:
+    """input_ids (B, n) integer with n >= 1; attention_mask, if given, a tensor of the same shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 \
+            or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise bad_input("input_ids", f"{type(input_ids).__name__} of shape {tuple(getattr(input_ids, 'shape', ()))} "
+                        f"and dtype {getattr(input_ids, 'dtype', None)}", "a (B, n) LongTensor of token ids with n >= 1")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+        raise bad_input("attention_mask", f"{type(attention_mask).__name__} of shape "
+                        f"{tuple(getattr(attention_mask, 'shape', ()))}",
+                        f"None or a tensor of input_ids' shape {tuple(input_ids.shape)}")
+
+
 def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
     """``model.generate`` with a fresh ReFreeKV cache. Returns (output ids, cache)."""
+    for name in ("past_key_values", "cache"):
+        if generate_kwargs.get(name) is not None:
+            raise bad_input(name, f"a {type(generate_kwargs[name]).__name__}",
+                            "nothing: generate() makes a fresh ReFreeKVCache (to continue one, call "
+                            "model.generate(..., past_key_values=cache) inside refreekv_hooks(model))")
+    if "input_ids" in generate_kwargs:
+        _check_ids(generate_kwargs["input_ids"], generate_kwargs.get("attention_mask"))
     cache = ReFreeKVCache(model, config)
     with refreekv_hooks(model):
         out = model.generate(**generate_kwargs, **{cache_kwarg(model): cache})
@@ -477,9 +499,9 @@ def capture_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     configs: ReFreeKVConfig | list[ReFreeKVConfig] | None = None, rows: int | None = None) -> Prefill:
     """Prefill ``input_ids`` (B, n) with a plain cache, keeping what ``ReFreeKVCache.from_prefill``
     needs for every configuration in ``configs`` (or the newest ``rows`` rows per layer)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise bad_input("input_ids", f"{type(input_ids).__name__} of shape {getattr(input_ids, 'shape', None)}",
-                        "a (B, n) LongTensor with n >= 1")
+    _check_ids(input_ids, attention_mask)
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise bad_input("rows", repr(rows), "None (what configs need) or an int >= 1")
     cfgs = [_check_model(model, None)] if configs is None else \
         [_check_model(model, c) for c in ([configs] if isinstance(configs, ReFreeKVConfig) else configs)]
     n = input_ids.shape[1]

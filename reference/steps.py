@@ -216,12 +216,17 @@ def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", st
 def threshold_cut(ratio, *, threshold: float, sinks: int, start=None) -> np.ndarray:
     """ReFreeKV's stopping rule (SPEC §3.4, decision 3): the shortest prefix ``j`` with
     ``ratio[j] <= T``, never fewer than the sinks plus the last token (``m + 1``), never more
-    than ``n_b``. Prompts with ``n_b <= m + 1`` are kept whole. -> (B,) int64."""
+    than ``n_b``. Prompts with ``n_b <= m + 1`` are kept whole, and every prompt at ``T = 0``
+    (the full cache: only rounding, or attention that underflowed to exactly 0, lets a shorter
+    prefix reach ratio 0). -> (B,) int64."""
     R = np.asarray(ratio)
     B, n = R.shape
     cut = np.zeros(B, dtype=np.int64)
     for b, s in enumerate(_starts(start, B)):
         n_b = n - s
+        if threshold == 0:  # T = 0 is the full cache, whatever the rounding of the curve
+            cut[b] = n_b
+            continue
         j = next((j for j in range(1, n_b + 1) if R[b, j - 1] <= threshold), n_b)
         cut[b] = min(n_b, max(j, sinks + 1))
     return cut

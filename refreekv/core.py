@@ -255,9 +255,12 @@ def norm_ratio_curve(be: Backend, a: Array, order: Array, sinks: int, norm_scope
 
 def threshold_cut(be: Backend, ratio: Array, threshold: float, sinks: int, start: Array) -> Array:
     """The shortest prefix with ``ratio <= T`` (first index, so the rule holds even if a
-    parallel cumsum is not perfectly monotone), clamped to ``[m + 1, n_b]``. (B,) int64."""
+    parallel cumsum is not perfectly monotone), clamped to ``[m + 1, n_b]``; ``T = 0`` keeps all
+    ``n_b`` tokens. (B,) int64."""
     n = be.shape(ratio)[-1]
     n_b = n - start
+    if threshold == 0:  # the full cache: in exact arithmetic no shorter prefix has ratio 0, but a
+        return n_b      # float32 curve rounds to 0 once the rest holds < ~1e-7 of the squared norm
     # The whole prompt (j = n_b) always qualifies, so a curve that never reaches T keeps all.
     ok = (ratio <= threshold) | (be.arange(n, like=start)[None, :] >= (n_b - 1)[:, None])
     first = be.argmax(be.astype(ok, "int64"), axis=-1) + 1

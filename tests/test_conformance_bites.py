@@ -216,6 +216,20 @@ class LongestPrefix(NumpyBackend):
         ratio.shape[-1] - start)}
 
 
+def _zero_threshold_evicts(be, ratio, threshold, sinks, start):
+    # The rule without its T = 0 case: the first prefix whose (rounded) ratio is 0 is cut, so a tail
+    # below the dtype's resolution, or with exactly-zero attention, goes at T = 0.
+    n = ratio.shape[-1]
+    n_b = n - start
+    ok = (ratio <= threshold) | (np.arange(n)[None, :] >= (n_b - 1)[:, None])
+    return np.minimum(np.maximum(np.argmax(ok, axis=-1) + 1, np.minimum(n_b, sinks + 1)), n_b)
+
+
+class ZeroThresholdEvicts(NumpyBackend):
+    name = "broken-zero-threshold-evicts"
+    steps = {"threshold_cut": _zero_threshold_evicts}
+
+
 #: bug -> the shipped suite test that must catch it (docs/conformance.md lists the same table)
 PLANTED = [
     (UnstableTies, "test_attention_ranking_ties"),
@@ -237,6 +251,7 @@ PLANTED = [
     (ScaleByD, "test_attention_row"),
     (HalfCumsum, "test_ratio_and_cut"),
     (LongestPrefix, "test_threshold_boundary"),
+    (ZeroThresholdEvicts, "test_threshold_boundary"),
 ]
 
 # The ci profile's examples, without the shrink phase (a bug is caught or not before shrinking).

@@ -158,6 +158,21 @@ def test_output_error_curve_equals_attention_over_the_kept_tokens():
     assert oe.newest_run(torch.tensor([0.01, 0.02]), 0.05) == 0
 
 
+def test_score_selection_keeps_the_count_and_picks_by_score():
+    # scripts/score_selection.py: the default's count per layer, tokens chosen by a score instead of recency
+    sel = _script("score_selection").selected
+    scores = torch.tensor([[[9.0, 0.0, 5.0, 1.0, 7.0, 2.0, 3.0, 0.5, 4.0, 6.0],
+                            [0.0, 8.0, 1.0, 9.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]])  # (1, Hkv=2, n=10)
+    # sinks 1, window 2: position 0, the newest 8 and 9, then the best scores among 1..7
+    assert sel(scores, 5, 1, 2, "score").tolist() == [[[0, 2, 4, 8, 9], [0, 1, 3, 8, 9]]]
+    assert sel(scores, 7, 1, 2, "score").tolist() == [[[0, 2, 4, 5, 6, 8, 9], [0, 1, 3, 6, 7, 8, 9]]]
+    # half: sinks 1, the newest (7 - 1) // 2 = 3, then the best three among 1..6, per head
+    assert sel(scores, 7, 1, 2, "half").tolist() == [[[0, 2, 4, 6, 7, 8, 9], [0, 1, 3, 6, 7, 8, 9]]]
+    assert sel(scores, 10, 1, 2, "score").tolist() == [[list(range(10))] * 2]
+    with pytest.raises(ValueError, match="mode: received 'random'"):
+        sel(scores, 5, 1, 2, "random")
+
+
 @pytest.mark.model
 def test_kl_sources_on_a_short_prompt():
     from refreekv.commands.models import load_torch
@@ -168,15 +183,14 @@ def test_kl_sources_on_a_short_prompt():
     text = filler(tok, "dev", 400, 0)
     prompt = Prompt("short", "continuation", text[:-200], "", 300, target=text[-200:])
     whole = ks.one_prompt(model, tok, prompt, ReFreeKVConfig(threshold=0.0))
-    # T = 0 in float32 can still drop the oldest tokens whose share of the L2 norm is below float32's
-    # resolution (1 - ||kept|| / ||full|| rounds to 0; docs/spec.md): nothing the continuation needs
-    assert whole["kl"] < 1e-6 and all(v < 1e-6 for v in whole["kl_with_layer_whole"].values())
+    # T = 0 is the full cache: every layer whole, nothing to give back
+    assert whole["kept"] == [whole["n"]] * len(whole["kept"]) and whole["kl"] < 1e-9
+    assert whole["kl_with_layer_whole"] == {} and whole["evicted_mass"] == {}
     cut = ks.one_prompt(model, tok, prompt, ReFreeKVConfig(threshold=0.05))
     compressed = {str(i) for i, k in enumerate(cut["kept"]) if k < cut["n"]}
     assert compressed and set(cut["kl_with_layer_whole"]) == compressed and cut["kl"] > 0
     assert min(cut["kl_with_layer_whole"].values()) < cut["kl"]  # giving a layer back removes some of the KL
     assert set(cut["evicted_mass"]) == compressed and all(0 <= v <= 1 for v in cut["evicted_mass"].values())
-    assert all(v < 1e-3 for v in whole["evicted_mass"].values())
     assert 0 < cut["top5_share"] <= 1 and cut["worst_token"]["kl"] > 0
     with pytest.raises(ValueError, match="continuation of at least 2 tokens"):
         ks.one_prompt(model, tok, Prompt("empty", "continuation", text, "", 400), ReFreeKVConfig())

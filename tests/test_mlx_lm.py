@@ -16,7 +16,8 @@ from mlx_lm.models.cache import make_prompt_cache as plain_prompt_cache
 from refreekv import ReFreeKVConfig, ReFreeKVError
 from refreekv import reference as R
 from refreekv.adapters.mlx_lm import (STEP, ReFreeKVCache, attach, budget_report, compress_prompt_cache, detach,
-                                      load_prompt_cache, make_prompt_cache, save_prompt_cache)
+                                      load_prompt_cache, make_prompt_cache, plan_history,
+                                      save_prompt_cache)
 from refreekv.commands.models import load_mlx, load_torch
 from refreekv.commands.prompts import chat, needle_prompt
 from refreekv.testing import valid_cut_range
@@ -49,6 +50,8 @@ def test_zero_threshold_matches_mlx_lm_kvcache(smol, ids):
     cache = make_prompt_cache(model, ReFreeKVConfig(threshold=0.0))
     assert run(model, tok, ids, cache) == full
     assert [c.offset for c in cache] == [c.offset for c in plain]  # true positions, not stored counts
+    # T = 0 is the full cache: every layer kept every prompt token
+    assert [r.kept for r in budget_report(cache).layers] == [[len(ids)]] * len(cache)
 
 
 def test_default_threshold_shrinks_storage_to_the_reference_budget(smol, ids):
@@ -141,8 +144,28 @@ def test_a_tampered_or_truncated_file_loads_nothing(smol, ids, tmp_path):
     flipped[-100] ^= 0x01  # one bit of the last array's data
     (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
     for name, why in (("cut", "unreadable"), ("flipped", "checksum"), ("missing", "unreadable")):
-        with pytest.raises(ReFreeKVError, match=f"file: received .*{why}"):
+        with pytest.raises(ReFreeKVError, match=f"file_name: received .*{why}"):
             load_prompt_cache(str(tmp_path / f"{name}.safetensors"), model)
+
+
+def test_bad_prompt_caches_models_and_paths_fail_at_the_entry(smol, ids, tmp_path):
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)
+    run(model, tok, ids, cache, max_tokens=2)
+    for call, message in (
+            (lambda: make_prompt_cache(None), "model: received type NoneType"),
+            (lambda: compress_prompt_cache([]), "prompt_cache: received an empty list"),
+            (lambda: compress_prompt_cache(plain_prompt_cache(model)), "prompt_cache: received mlx-lm caches "
+             "without a ReFreeKV layer"),
+            (lambda: budget_report(None), "prompt_cache: received type NoneType"),
+            (lambda: plan_history([1, 2]), "prompt_cache: received layer 0 of class int"),
+            (lambda: save_prompt_cache(str(tmp_path / "no" / "such" / "x.safetensors"), cache), "file_name: received .*unwritable"),
+            (lambda: load_prompt_cache(str(tmp_path / "x.safetensors"), object()), "file_name: received .*unreadable")):
+        with pytest.raises(ReFreeKVError, match=message):
+            call()
+    save_prompt_cache(str(tmp_path / "ok.safetensors"), cache)
+    with pytest.raises(ReFreeKVError, match="model: received type object"):
+        load_prompt_cache(str(tmp_path / "ok.safetensors"), object())
 
 
 def test_layers_are_planned_together(smol, ids):

@@ -71,8 +71,9 @@ class LayerCase:
                     K[b, :, s:s + max(m, 1)] = 4.0 * direction / (np.linalg.norm(direction) + 1e-9)
                 else:
                     # Keys older than a recent window get logits of -1000: their attention is
-                    # exactly 0 in every precision, so T = 0 meets ratio == T exactly. Every
-                    # query row lies in the recent window, so no softmax is ill-conditioned.
+                    # exactly 0 in every precision, so small T meet ratio == 0 exactly before the
+                    # whole prompt (T = 0 still keeps it all). Every query row lies in the recent
+                    # window, so no softmax is ill-conditioned.
                     q[b, :, :, 0] = 4.0
                     recent = max(8, k + 1, (n - s) // 2)  # covers every query row
                     K[b, :, s + m:max(s + m, n - recent), 0] = -1000.0 * np.sqrt(d) / 4.0

@@ -117,7 +117,10 @@ def valid_cut_range(ratio_row: np.ndarray, threshold: float, tol: float, sinks: 
 
     ``lo``: shortest prefix whose ratio could round to <= T; ``hi``: the first prefix whose
     ratio is surely <= T (by more than ``tol``, or exactly 0: an exactly-zero tail is exact in
-    every precision). Both clamped to ``[sinks + 1, n_b]``."""
+    every precision). Both clamped to ``[sinks + 1, n_b]``. ``T = 0`` allows only ``n_b``: the full
+    cache, whatever the curve's rounding."""
+    if threshold == 0:
+        return n_b, n_b
     r = ratio_row[:n_b]
     lo = next((j for j in range(1, n_b + 1) if r[j - 1] <= threshold + tol), n_b)
     hi = next((j for j in range(1, n_b + 1) if r[j - 1] <= threshold - tol or r[j - 1] == 0.0), n_b)
