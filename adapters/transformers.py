@@ -466,6 +466,11 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
                             "model.generate(..., past_key_values=cache) inside refreekv_hooks(model))")
     if "input_ids" in generate_kwargs:
         _check_ids(generate_kwargs["input_ids"], generate_kwargs.get("attention_mask"))
+    gen = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    chunk = generate_kwargs.get("prefill_chunk_size", getattr(gen, "prefill_chunk_size", None))
+    if chunk is not None:
+        raise bad_input("prefill_chunk_size", repr(chunk), "None: ReFreeKV plans once the whole prompt is "
+                        "prefilled, and a chunked prefill would plan after its first chunk")
     cache = ReFreeKVCache(model, config)
     with refreekv_hooks(model):
         out = model.generate(**generate_kwargs, **{cache_kwarg(model): cache})

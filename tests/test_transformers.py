@@ -252,9 +252,30 @@ def test_bad_configurations_fail_before_any_work(smol):
             (lambda: capture_prefill(model, ids[:1], rows=0), "rows: received 0"),
             (lambda: generate(model, None, input_ids=ids[:1], past_key_values=ReFreeKVCache(model)),
              "past_key_values: received a ReFreeKVCache"),
-            (lambda: generate(model, None, input_ids=ids[:1].float()), "input_ids: received")):
+            (lambda: generate(model, None, input_ids=ids[:1].float()), "input_ids: received"),
+            (lambda: generate(model, None, input_ids=ids[:1], prefill_chunk_size=8), "prefill_chunk_size: received 8")):
         with pytest.raises(ReFreeKVError, match=message):
             call()
+
+
+def test_beam_search_and_several_sequences_carry_the_kept_slots(smol, prompt):
+    # generate() expands the batch (batch_repeat_interleave) and beam search reorders it
+    # (batch_select_indices): at T = 0 the output is the full cache's; compressed, every row's slot mask follows
+    model, _ = smol
+    n = prompt["input_ids"].shape[1]
+    for kw in (dict(num_beams=3), dict(do_sample=True, top_k=1, num_return_sequences=2)):
+        torch.manual_seed(0)
+        full = model.generate(**prompt, max_new_tokens=8, **kw)
+        torch.manual_seed(0)
+        out, cache = generate(model, ReFreeKVConfig(threshold=0.0), **prompt, max_new_tokens=8, **kw)
+        assert out.tolist() == full.tolist()
+        torch.manual_seed(0)
+        out, cache = generate(model, ReFreeKVConfig(), **prompt, max_new_tokens=8, **kw)
+        rows = kw.get("num_beams", kw.get("num_return_sequences"))
+        assert out.shape[0] == (1 if "num_beams" in kw else rows)
+        squeezed = [layer for layer in cache.layers if layer.compressed]
+        assert squeezed and all(layer.slot_valid.shape[0] == rows and layer.keys.shape[0] == rows for layer in squeezed)
+        assert all(k < n for r in cache.report.layers if r.compressed for k in r.kept)
 
 
 def test_hooks_are_removed_and_plain_caches_untouched(smol, prompt):
