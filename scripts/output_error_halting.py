@@ -23,10 +23,8 @@ Writes output_error_halting_<split>.md and .json to --out.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import numpy as np
 import torch
 
 
@@ -68,32 +66,17 @@ def main(argv=None) -> None:
     from refreekv import ReFreeKVConfig
     from refreekv.adapters.transformers import capture_prefill
     from refreekv.commands import runner
+    from refreekv.commands.explore import COLUMNS, continuation_args, continuations, summary_row
     from refreekv.commands.models import load_torch
     from refreekv.commands.output import markdown_table, rich_table, write
-    from refreekv.commands.tasks import build
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--split", choices=["dev", "test"], default="dev")
-    p.add_argument("--thresholds", default="0.02,0.05,0.1,0.2", help="comma-separated relative output errors T")
-    p.add_argument("--limit", type=int, help="only the first N continuations")
-    p.add_argument("--out", default="results")
-    a = p.parse_args(argv)
-    try:
-        Ts = [float(x) for x in a.thresholds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--thresholds: received {a.thresholds!r}; expected comma-separated numbers, e.g. 0.02,0.05")
-    if not Ts or not all(0 < T < 1 for T in Ts):
-        p.error(f"--thresholds: received {a.thresholds!r}; expected numbers T with 0 < T < 1")
-    if a.limit is not None and a.limit < 1:
-        p.error(f"--limit: received {a.limit}; expected an int >= 1")
+    a, Ts = continuation_args(__doc__.split("\n")[0], "0.02,0.05,0.1,0.2", argv)
     cfg = ReFreeKVConfig()
     t0 = time.perf_counter()
     model, tok = load_torch()
-    prompts = [q for q in build(tok, a.split) if q.kind == "continuation"][:a.limit]
+    prompts = continuations(tok, a.split, a.limit)
     records = []
-    for prompt in track(prompts, description=f"{a.split} continuations"):
-        ids = tok([prompt.text], return_tensors="pt", add_special_tokens=False)["input_ids"]
-        targets = tok(prompt.target, add_special_tokens=False)["input_ids"]
+    for prompt, ids, targets in track(prompts, description=f"{a.split} continuations"):
         n = ids.shape[1]
         pre = capture_prefill(model, ids, configs=[cfg])
         L = len(pre.cache.layers)
@@ -120,14 +103,8 @@ def main(argv=None) -> None:
             kept = [cfg.sinks + r for r in runs[T]]
             records.append({"prompt": prompt.id, "T": T, "n": n, "budget": sum(kept) / (L * n), "kl": kl,
                             "top1": top1, "kept": kept})
-    rows = []
-    for T in Ts:
-        rs = [r for r in records if r["T"] == T]
-        b = [r["budget"] for r in rs]
-        rows.append([f"output error T={T:g}", f"{np.mean(b):.1%} ({min(b):.0%}-{max(b):.0%})",
-                     f"{np.mean([r['kl'] for r in rs]):.4f}", f"{np.mean([r['top1'] for r in rs]):.3f}",
-                     f"{max(r['kl'] for r in rs):.4f}"])
-    headers = ["halting", "budget (min-max)", "cont. KL", "top-1", "largest KL of one prompt"]
+    rows = [summary_row(f"output error T={T:g}", [r for r in records if r["T"] == T]) for T in Ts]
+    headers = ["halting", *COLUMNS]
     seconds = time.perf_counter() - t0
     md = (f"# Halting on the attention output error ({a.split} split, exploratory)\n\n"
           f"`python scripts/output_error_halting.py --split {a.split} --thresholds {a.thresholds}`: "

@@ -21,10 +21,8 @@ It stays a script because choosing by attention did not lower the KL at equal bu
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import numpy as np
 import torch
 
 MODES = ("position", "score", "half")
@@ -62,33 +60,18 @@ def main(argv=None) -> None:
     from refreekv import ReFreeKVConfig, api
     from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
     from refreekv.commands import runner
+    from refreekv.commands.explore import COLUMNS, continuation_args, continuations, summary_row
     from refreekv.commands.models import load_torch
     from refreekv.commands.output import markdown_table, rich_table, write
-    from refreekv.commands.tasks import build
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--split", choices=["dev", "test"], default="dev")
-    p.add_argument("--thresholds", default="0.001,0.0005", help="comma-separated T of the default's rule")
-    p.add_argument("--limit", type=int, help="only the first N continuations")
-    p.add_argument("--out", default="results")
-    a = p.parse_args(argv)
-    try:
-        Ts = [float(x) for x in a.thresholds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--thresholds: received {a.thresholds!r}; expected comma-separated numbers, e.g. 0.001,0.0005")
-    if not Ts or not all(0 < T < 1 for T in Ts):
-        p.error(f"--thresholds: received {a.thresholds!r}; expected numbers T with 0 < T < 1")
-    if a.limit is not None and a.limit < 1:
-        p.error(f"--limit: received {a.limit}; expected an int >= 1")
+    a, Ts = continuation_args(__doc__.split("\n")[0], "0.001,0.0005", argv)
     t0 = time.perf_counter()
     model, tok = load_torch()
     cfgs = [ReFreeKVConfig(threshold=T) for T in Ts]
     rows, window, pool = cfgs[0].rows_for(2048), 32, 7
-    prompts = [q for q in build(tok, a.split) if q.kind == "continuation"][:a.limit]
+    prompts = continuations(tok, a.split, a.limit)
     records = []
-    for prompt in track(prompts, description=f"{a.split} continuations"):
-        ids = tok([prompt.text], return_tensors="pt", add_special_tokens=False)["input_ids"]
-        targets = tok(prompt.target, add_special_tokens=False)["input_ids"]
+    for prompt, ids, targets in track(prompts, description=f"{a.split} continuations"):
         n = ids.shape[1]
         pre = capture_prefill(model, ids, configs=cfgs)
         with torch.no_grad():
@@ -118,12 +101,8 @@ def main(argv=None) -> None:
     table = []
     for T in Ts:
         for mode in MODES:
-            rs = [r for r in records if r["T"] == T and r["mode"] == mode]
-            b = [r["budget"] for r in rs]
-            table.append([f"T={T:g} {mode}", f"{np.mean(b):.1%} ({min(b):.0%}-{max(b):.0%})",
-                          f"{np.mean([r['kl'] for r in rs]):.4f}", f"{np.mean([r['top1'] for r in rs]):.3f}",
-                          f"{max(r['kl'] for r in rs):.4f}"])
-    headers = ["budget rule, choice", "budget (min-max)", "cont. KL", "top-1", "largest KL of one prompt"]
+            table.append(summary_row(f"T={T:g} {mode}", [r for r in records if r["T"] == T and r["mode"] == mode]))
+    headers = ["budget rule, choice", *COLUMNS]
     seconds = time.perf_counter() - t0
     md = (f"# The default's per-layer budget, tokens chosen by attention ({a.split} split, exploratory)\n\n"
           f"`python scripts/score_selection.py --split {a.split} --thresholds {a.thresholds}`: "

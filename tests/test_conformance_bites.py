@@ -61,11 +61,17 @@ class HalfSoftmax(NumpyBackend):
         return np.exp(x.astype(np.float16)).astype(x.dtype)
 
 
-def _strict_less(be, ratio, threshold, sinks, start):
-    n = ratio.shape[-1]
-    n_b = n - start
-    ok = (ratio < threshold) | (np.arange(n)[None, :] >= (n_b - 1)[:, None])
-    return np.minimum(np.maximum(np.argmax(ok, axis=-1) + 1, np.minimum(n_b, sinks + 1)), n_b)
+def _first_prefix(meets):
+    """threshold_cut with ``meets(ratio, T)`` for ``ratio <= T`` and no T = 0 case."""
+    def cut(be, ratio, threshold, sinks, start):
+        n = ratio.shape[-1]
+        n_b = n - start
+        ok = meets(ratio, threshold) | (np.arange(n)[None, :] >= (n_b - 1)[:, None])
+        return np.minimum(np.maximum(np.argmax(ok, axis=-1) + 1, np.minimum(n_b, sinks + 1)), n_b)
+    return cut
+
+
+_strict_less = _first_prefix(np.less)
 
 
 class StrictLess(NumpyBackend):
@@ -216,13 +222,9 @@ class LongestPrefix(NumpyBackend):
         ratio.shape[-1] - start)}
 
 
-def _zero_threshold_evicts(be, ratio, threshold, sinks, start):
-    # The rule without its T = 0 case: the first prefix whose (rounded) ratio is 0 is cut, so a tail
-    # below the dtype's resolution, or with exactly-zero attention, goes at T = 0.
-    n = ratio.shape[-1]
-    n_b = n - start
-    ok = (ratio <= threshold) | (np.arange(n)[None, :] >= (n_b - 1)[:, None])
-    return np.minimum(np.maximum(np.argmax(ok, axis=-1) + 1, np.minimum(n_b, sinks + 1)), n_b)
+# The rule without its T = 0 case: the first prefix whose (rounded) ratio is 0 is cut, so a tail
+# below the dtype's resolution, or with exactly-zero attention, goes at T = 0.
+_zero_threshold_evicts = _first_prefix(np.less_equal)
 
 
 class ZeroThresholdEvicts(NumpyBackend):

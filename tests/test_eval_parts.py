@@ -158,6 +158,22 @@ def test_output_error_curve_equals_attention_over_the_kept_tokens():
     assert oe.newest_run(torch.tensor([0.01, 0.02]), 0.05) == 0
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--thresholds", "a,b"], "--thresholds: received 'a,b'; expected comma-separated numbers"),
+    (["--thresholds", "0.5,1.5"], "--thresholds: received '0.5,1.5'; expected numbers T with 0 < T < 1"),
+    (["--thresholds", ","], "--thresholds: received ','; expected numbers T with 0 < T < 1"),
+    (["--limit", "0"], "--limit: received 0; expected an int >= 1"),
+    (["--split", "train"], "invalid choice: 'train'")])
+def test_exploratory_scripts_refuse_bad_arguments(argv, message, capsys):
+    from refreekv.commands.explore import continuation_args
+
+    with pytest.raises(SystemExit):
+        continuation_args("x", "0.001", argv)
+    assert message in capsys.readouterr().err
+    a, Ts = continuation_args("x", "0.001,0.0005", ["--split", "test", "--limit", "2"])
+    assert (a.split, a.limit, a.out, Ts) == ("test", 2, "results", [0.001, 0.0005])
+
+
 def test_score_selection_keeps_the_count_and_picks_by_score():
     # scripts/score_selection.py: the default's count per layer, tokens chosen by a score instead of recency
     sel = _script("score_selection").selected
