@@ -344,7 +344,7 @@ def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
     return cache
 
 
-def _checked(prompt_cache, ours: bool = False) -> list:
+def _checked(prompt_cache, ours: bool = False) -> None:
     """``prompt_cache`` must be a non-empty list of mlx-lm or ReFreeKV caches (with ``ours``: at least
     one ReFreeKV cache, i.e. one made by ``make_prompt_cache`` or ``load_prompt_cache``)."""
     if not isinstance(prompt_cache, (list, tuple)) or not prompt_cache:
@@ -357,7 +357,6 @@ def _checked(prompt_cache, ours: bool = False) -> list:
     if ours and not any(isinstance(c, ReFreeKVCache) for c in prompt_cache):
         raise bad_input("prompt_cache", "mlx-lm caches without a ReFreeKV layer",
                         "a prompt cache from refreekv.adapters.mlx_lm.make_prompt_cache(model)")
-    return list(prompt_cache)
 
 
 def _connect(prompt_cache: list) -> Planner:

@@ -232,6 +232,20 @@ def threshold_cut(ratio, *, threshold: float, sinks: int, start=None) -> np.ndar
     return cut
 
 
+def mass_floor_cut(a, order, cut, *, mass_threshold, sinks: int, norm_scope: str = "candidates", heads: str = "mean",
+                   start=None) -> np.ndarray:
+    """The mass floor under the threshold rule (``ReFreeKVConfig.mass_threshold``, docs/spec.md):
+    per sample, ``max(cut[b], c_m[b])`` where ``c_m`` is the threshold rule's own cut on the
+    attention-mass curve of the same order (``norm_ratio_curve(..., norm="l1")``, same scope and
+    heads) at ``T = mass_threshold``. ``mass_threshold`` None leaves ``cut`` as it is. -> (B,) int64."""
+    cut = np.asarray(cut, dtype=np.int64)
+    if mass_threshold is None:
+        return cut.copy()
+    mass = norm_ratio_curve(a, order, sinks=sinks, norm_scope=norm_scope, start=start, norm="l1", heads=heads)
+    floor = threshold_cut(mass, threshold=mass_threshold, sinks=sinks, start=start)
+    return np.array([max(int(x), int(y)) for x, y in zip(cut, floor)], dtype=np.int64)
+
+
 def fixed_budget_cut(batch: int, n: int, *, halting: str, budget, sinks: int, start=None) -> np.ndarray:
     """The fixed-budget halting rule of the baselines (SPEC §5): keep ``ceil(budget * n_b)``
     tokens (halting "ratio") or ``budget`` tokens ("count"), clamped to ``[m + 1, n_b]``.
@@ -346,6 +360,8 @@ def plan_layer(q_rows, keys, config, *, start=None, scale=None) -> dict:
                              norm=config.norm, heads=config.heads)
     if config.halting == "threshold":
         cut = threshold_cut(ratio, threshold=config.threshold, sinks=config.sinks, start=start)
+        cut = mass_floor_cut(a, order, cut, mass_threshold=getattr(config, "mass_threshold", None),
+                             sinks=config.sinks, norm_scope=config.norm_scope, heads=config.heads, start=start)
     else:
         cut = fixed_budget_cut(B, n, halting=config.halting, budget=config.budget,
                                sinks=config.sinks, start=start)

@@ -36,7 +36,8 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 #: The steps of ``refreekv.core`` a backend may replace with its own function (same signature).
 STEPS = ("attention_scores", "attention_rows", "attention_row", "position_ranking", "h2o_scores",
-         "snapkv_scores", "window_scores", "attention_ranking", "norm_ratio_curve", "threshold_cut", "decide",
+         "snapkv_scores", "window_scores", "attention_ranking", "norm_ratio_curve", "threshold_cut", "mass_floor_cut",
+         "decide",
          "kept_positions", "position_kept_positions", "evict", "evict_runs")
 
 

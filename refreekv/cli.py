@@ -72,10 +72,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=_number, help="the fixed budget for --halting ratio|count")
     g.add_argument("--replan", choices=list(rules.REPLANS), help=f"{_choices(rules.REPLANS)} (default {d.replan})")
     g.add_argument("--replan-every", type=int, help="also re-plan every N generated tokens (default 0: never)")
+    g.add_argument("--mass-threshold", type=float, help="Tm: also keep until the evicted attention mass is <= Tm, "
+                   "a floor under the threshold rule's cut (default: off)")
 
 
 _FIELDS = ("threshold", "sinks", "retained_layers", "query_rows", "combine", "norm", "heads", "norm_scope",
-           "ranking", "window", "pool_kernel", "halting", "budget", "replan", "replan_every")
+           "ranking", "window", "pool_kernel", "halting", "budget", "replan", "replan_every", "mass_threshold")
 
 
 def config_from(a: argparse.Namespace) -> ReFreeKVConfig:
@@ -128,10 +130,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--conversations", type=int, default=3, help="--task conversation: how many 10-turn chats")
     e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
-    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "ablations", "quick"],
+    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "ablations", "quick"],
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
                    "threshold-free design space; candidates: the default against its second-round variants; "
-                   "thresholds: the default's rule at other thresholds and halting norms, with the fixed-budget front")
+                   "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
+                   "fixed-budget front; options: the default against its options for lower KL")
     e.add_argument("--split", choices=["dev", "test"], default="test", help="dev: choose on it; test: report on it")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
                    help="full: 60 needles at 1k-7.5k tokens + 24 other prompts; medium: 1k-2k; quick: a smoke test")
@@ -184,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "eval" and a.task != "benchmark":
             from .commands.conversation import run_conversation, run_generation
 
-            if min(a.conversations, a.gen_tokens, a.every) < 1:
-                p.error(f"--conversations/--gen-tokens/--every: received {a.conversations}/{a.gen_tokens}/{a.every}; "
-                        "expected ints >= 1")
+            for flag, value in (("--conversations", a.conversations), ("--gen-tokens", a.gen_tokens),
+                                ("--every", a.every)):
+                if value < 1:
+                    p.error(f"{flag}: received {value}; expected an int >= 1")
             result = (run_conversation(a.split, a.out, a.conversations, a.json, config) if a.task == "conversation"
                       else run_generation(a.split, a.out, a.gen_tokens, a.every, a.json, config))
         elif a.command == "eval":
@@ -208,10 +212,12 @@ def main(argv: list[str] | None = None) -> int:
 
             if a.quick:
                 a.lengths, a.synthetic, a.mlx_lengths, a.repeat, a.decode_tokens = [512], [1024], [], 1, 8
-            if min(a.lengths + a.synthetic + a.mlx_lengths, default=8) < 8:
-                p.error("--lengths/--synthetic/--mlx-lengths: received a length below 8; expected prompt lengths >= 8")
-            if a.repeat < 1 or a.decode_tokens < 1:
-                p.error(f"--repeat/--decode-tokens: received {a.repeat}/{a.decode_tokens}; expected ints >= 1")
+            for flag, values in (("--lengths", a.lengths), ("--synthetic", a.synthetic), ("--mlx-lengths", a.mlx_lengths)):
+                if min(values, default=8) < 8:
+                    p.error(f"{flag}: received {','.join(map(str, values))}; expected prompt lengths >= 8")
+            for flag, value in (("--repeat", a.repeat), ("--decode-tokens", a.decode_tokens)):
+                if value < 1:
+                    p.error(f"{flag}: received {value}; expected an int >= 1")
             if a.device != "cpu":
                 import torch
 

@@ -65,6 +65,11 @@ class ReFreeKVConfig:
             segment, with the segment's queries; "once" plans after the first prompt only (the paper).
         replan_every: also plan again every this many generated tokens, with the newest generated
             tokens' queries (0: never; opt-in for long generations).
+        mass_threshold: None (the default: off), or Tm with 0 <= Tm < 1: a floor under the threshold
+            rule's cut. The layer also keeps at least the shortest prefix of the same ranking whose
+            evicted attention mass (``norm="l1"``'s ratio, same scope and heads) is <= Tm, so a
+            layer whose L2 norm hardly moves while its score rows' mass goes (attention on a few
+            recent tokens, thousands of tiny entries evicted) keeps more. Halting "threshold" only.
     """
 
     threshold: float = 0.001
@@ -82,6 +87,7 @@ class ReFreeKVConfig:
     budget: float | int | None = None
     replan: str = "turns"
     replan_every: int = 0
+    mass_threshold: float | None = None
 
     @classmethod
     def paper(cls, **changes) -> ReFreeKVConfig:
@@ -90,7 +96,8 @@ class ReFreeKVConfig:
         code's "candidates" scope. Per layer it keeps what the authors' code keeps."""
         return cls(**{**dict(threshold=0.01, sinks=4, retained_layers=(0, 1), norm_scope="candidates",
                              query_rows=1, combine="mean", norm="l2", heads="mean", ranking="position",
-                             halting="threshold", budget=None, replan="once", replan_every=0), **changes})
+                             halting="threshold", budget=None, replan="once", replan_every=0,
+                             mass_threshold=None), **changes})
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -130,6 +137,14 @@ class ReFreeKVConfig:
         if not _int(p) or p < 1 or p % 2 == 0:
             raise bad_input("pool_kernel", repr(p), "an odd int >= 1")
         object.__setattr__(self, "pool_kernel", int(p))
+        mt = self.mass_threshold
+        if mt is not None:
+            if not _real(mt) or not math.isfinite(mt) or not 0 <= mt < 1:
+                raise bad_input("mass_threshold", repr(mt), "None (off) or a number Tm with 0 <= Tm < 1, e.g. 0.03")
+            if self.halting != "threshold":
+                raise bad_input("mass_threshold", repr(mt), f'None with halting="{self.halting}" (a floor under the '
+                                'threshold rule\'s cut: set halting="threshold")')
+            object.__setattr__(self, "mass_threshold", float(mt))
         b = self.budget
         if self.halting == "threshold":
             if b is not None:

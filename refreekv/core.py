@@ -268,10 +268,23 @@ def threshold_cut(be: Backend, ratio: Array, threshold: float, sinks: int, start
     return be.minimum(be.maximum(first, low), n_b)
 
 
+def mass_floor_cut(be: Backend, a: Array, order: Array, cut: Array, mass_threshold: float | None, sinks: int,
+                   norm_scope: str, heads: str, start: Array) -> Array:
+    """The threshold rule's ``cut`` (B,) raised, where needed, to the shortest prefix of the same
+    ``order`` whose evicted attention mass (the "l1" ratio curve, same scope and heads) is <= Tm
+    (``ReFreeKVConfig.mass_threshold``; None: ``cut`` as it is). (B,) int64."""
+    if mass_threshold is None:
+        return cut
+    mass = step(be, "norm_ratio_curve")(a, order, sinks, norm_scope, start, "l1", heads)
+    return be.maximum(cut, step(be, "threshold_cut")(mass, mass_threshold, sinks, start))
+
+
 def decide(be: Backend, logits: Array, start: Array, rows: Array, sinks: int, norm_scope: str, norm: str,
-           heads: str, combine: str, threshold: float, num_kv_heads: int) -> tuple[Array, ...]:
-    """Everything after the logits for the position ranking and the threshold rule, as one step
-    that a backend can fuse or compile (``adapters/backends/torch.py``: ``compiled_backend``).
+           heads: str, combine: str, threshold: float, num_kv_heads: int,
+           mass_threshold: float | None = None) -> tuple[Array, ...]:
+    """Everything after the logits for the position ranking and the threshold rule (with its
+    optional mass floor), as one step that a backend can fuse or compile
+    (``adapters/backends/torch.py``: ``compiled_backend``).
     logits (B, H, k, n) -> (a (B, H, n), order (B, Hkv, n), ratio (B, n), cut (B,), finite (1,))."""
     A, visible = softmax_rows(be, logits, start, rows)
     a = combine_rows(be, A, visible, combine)
@@ -279,6 +292,7 @@ def decide(be: Backend, logits: Array, start: Array, rows: Array, sinks: int, no
     order = step(be, "position_ranking")(B, num_kv_heads, n, sinks, start)
     ratio = step(be, "norm_ratio_curve")(a, order, sinks, norm_scope, start, norm, heads)
     cut = step(be, "threshold_cut")(ratio, threshold, sinks, start)
+    cut = step(be, "mass_floor_cut")(a, order, cut, mass_threshold, sinks, norm_scope, heads, start)
     return a, order, ratio, cut, be.all_finite(logits)
 
 

@@ -107,7 +107,8 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
             a = core.combine_rows(be, A, visible, cfg.combine)
     if fused:  # the paper's rule: one step from the logits to the cuts (a backend may compile it)
         a, order, ratio, cut_dev, flag = step(be, "decide")(logits, st_all, rows_all, cfg.sinks, cfg.norm_scope,
-                                                             cfg.norm, cfg.heads, cfg.combine, cfg.threshold, Hkv)
+                                                             cfg.norm, cfg.heads, cfg.combine, cfg.threshold, Hkv,
+                                                             cfg.mass_threshold)
         packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64"), flag], axis=0))  # the one host read
         cut, ok = packed[:L * B], packed[L * B:]
     else:
@@ -124,6 +125,8 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
         flags = [be.all_finite(x) for x in guarded]
         if cfg.halting == "threshold":
             cut_dev = step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st_all)
+            cut_dev = step(be, "mass_floor_cut")(a, order, cut_dev, cfg.mass_threshold, cfg.sinks, cfg.norm_scope,
+                                                 cfg.heads, st_all)
             packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64")] + flags, axis=0))  # the one host read
             cut, ok = packed[:L * B], packed[L * B:]
         else:

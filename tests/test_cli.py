@@ -22,7 +22,8 @@ def run_json(capsys, *argv) -> dict:
     (["demo", "--halting", "ratio"], 'budget: received None; expected a ratio 0 < budget <= 1 for halting="ratio"'),
     (["demo", "--retained-layers", "0,99"], "retained_layers: received (0, 99); expected indices below the model's number of layers (30)"),
     (["bench", "--lengths", "1k"], "received '1k'; expected comma-separated integers"),
-    (["bench", "--lengths", "4"], "--lengths/--synthetic/--mlx-lengths: received a length below 8"),
+    (["bench", "--lengths", "4"], "--lengths: received 4; expected prompt lengths >= 8"),
+    (["bench", "--mlx-lengths", "256,2"], "--mlx-lengths: received 256,2; expected prompt lengths >= 8"),
     (["bench", "--device", "tpu"], "--device: received 'tpu'; expected cpu, or cuda[:N] on a machine with CUDA"),
     (["inspect", "--file", "/nonexistent.txt"], "--file: received '/nonexistent.txt'; expected an existing text file"),
     (["inspect", "  "], "text: received an empty prompt"),
@@ -37,7 +38,10 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--kinds", "needles"], "received 'needles'; expected comma-separated prompt kinds among needle, "
      "multikey, continuation, open"),
     (["eval", "--kinds", ","], "received ','; expected comma-separated prompt kinds"),
-    (["bench", "--repeat", "0"], "--repeat/--decode-tokens: received 0/32; expected ints >= 1"),
+    (["bench", "--repeat", "0"], "--repeat: received 0; expected an int >= 1"),
+    (["bench", "--decode-tokens", "-1"], "--decode-tokens: received -1; expected an int >= 1"),
+    (["eval", "--task", "conversation", "--conversations", "0"], "--conversations: received 0; expected an int >= 1"),
+    (["eval", "--task", "generation", "--every", "0"], "--every: received 0; expected an int >= 1"),
 ])
 def test_argument_errors_are_clear(capsys, argv, message):
     with pytest.raises(SystemExit) as info:

@@ -67,8 +67,12 @@ def test_method_groups_never_run_one_setting_twice():
     assert "k=32 T=0.1%" not in runner.methods("variants") and "k=32 T=0.1%" in runner.variants()
     thresholds = runner.methods("thresholds")  # the threshold curve next to the whole fixed-budget front
     assert set(runner.thresholds()) < set(thresholds) and len(thresholds) == 2 + len(runner.thresholds()) + 27
-    for group in ("main", "variants", "candidates", "thresholds", "ablations", "quick"):
+    for group in ("main", "variants", "candidates", "thresholds", "options", "ablations", "quick"):
         assert runner.methods(group)["refreekv (default)"] == ReFreeKVConfig()
+    assert list(runner.methods("options")) == ["full", "refreekv (default)", *runner.options()]
+    # a mass floor that is off leaves a record's settings (and so its results-cache key) as before the field
+    assert "mass_threshold" not in runner.ResultsCache.settings(ReFreeKVConfig())
+    assert runner.ResultsCache.settings(ReFreeKVConfig(mass_threshold=0.03))["mass_threshold"] == 0.03
     # a --threshold etc. on the command line replaces the default; a candidate equal to it is dropped
     assert list(runner.methods("candidates", ReFreeKVConfig(threshold=0.0005))) == \
         ["full", "refreekv (default)", "k=32 T=0.1% max-rows", "k=32 T=0.3% max-heads"]

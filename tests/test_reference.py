@@ -192,3 +192,52 @@ def test_model_budget_counts_retained_layers_as_one():
 def test_fixed_budget_cut(halting, budget, expected):
     cut = R.fixed_budget_cut(2, 100, halting=halting, budget=budget, sinks=4, start=[0, 20])
     assert cut.tolist() == expected
+
+
+def test_hand_worked_mass_floor():
+    # n = 6, m = 1, a = 1/6 everywhere, ranking [0, 5, 4, 3, 2, 1], candidates scope. The L2 rule at
+    # T = 0.2 keeps j = 5 (test_hand_worked_candidates_scope). The mass curve is 1 - (j - 1) / 5:
+    # at Tm = 0.1 it needs (j - 1) / 5 >= 0.9, so j = 6 (every token) and the floor raises the cut;
+    # at Tm = 0.5 it needs j - 1 >= 2.5, j = 4, below the L2 cut, which stays.
+    q, K = uniform_case(6)
+    raised = R.plan_layer(q, K, ReFreeKVConfig.paper(threshold=0.2, sinks=1, mass_threshold=0.1))
+    assert raised["cut"].tolist() == [6] and raised["idx"][0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_allclose(raised["ratio"][0], [1 - math.sqrt((j - 1) / 5) for j in range(1, 7)], atol=1e-12)
+    kept = R.plan_layer(q, K, ReFreeKVConfig.paper(threshold=0.2, sinks=1, mass_threshold=0.5))
+    assert kept["cut"].tolist() == [5]
+
+
+@given(layer_cases(max_n=200, ranking="position"), st.sampled_from([0.0, 0.01, 0.05, 0.3]) | st.floats(0, 0.99))
+def test_mass_floor_is_the_larger_of_two_threshold_cuts(case, mass):
+    # The floor's cut is max(the norm rule's cut at T, the mass rule's cut at Tm) on the same order,
+    # and its kept part holds at least 1 - Tm of the scoped attention mass.
+    assume(case.config.halting == "threshold")
+    plain = _reference_plan(case)
+    floored = _reference_plan(case, mass_threshold=mass)
+    by_mass = _reference_plan(case, norm="l1", threshold=mass)
+    assert floored["cut"].tolist() == np.maximum(plain["cut"], by_mass["cut"]).tolist()
+    assert (floored["order"] == plain["order"]).all() and np.array_equal(floored["ratio"], plain["ratio"])
+    if case.heads == 1:
+        for b, s in enumerate(case.start):
+            a, m = floored["a"][b, 0], min(case.config.sinks, case.n - s)
+            scope = np.zeros(case.n, bool)
+            scope[s + (m if case.config.norm_scope == "candidates" else 0):] = True
+            kept = np.zeros(case.n, bool)
+            kept[floored["idx"][b, 0, :floored["cut"][b]]] = True
+            assert a[scope & kept].sum() >= (1 - mass) * a[scope].sum() - 1e-12
+
+
+@pytest.mark.parametrize("value,expected", [
+    (-0.1, "a number Tm with 0 <= Tm < 1"), (1.0, "a number Tm with 0 <= Tm < 1"), (float("nan"), "0 <= Tm < 1"),
+    ("0.05", "a number Tm with 0 <= Tm < 1"), (True, "a number Tm with 0 <= Tm < 1"),
+])
+def test_mass_threshold_is_checked(value, expected):
+    from refreekv import ReFreeKVError
+
+    with pytest.raises(ReFreeKVError, match="mass_threshold") as info:
+        ReFreeKVConfig(mass_threshold=value)
+    assert expected in str(info.value)
+    with pytest.raises(ReFreeKVError, match='mass_threshold: received 0.05; expected None with halting="ratio"'):
+        ReFreeKVConfig(halting="ratio", budget=0.5, mass_threshold=0.05)
+    assert ReFreeKVConfig(mass_threshold=np.float32(0.25)).mass_threshold == 0.25
+    assert ReFreeKVConfig.from_dict(ReFreeKVConfig(mass_threshold=0.03).to_dict()).mass_threshold == 0.03

@@ -275,7 +275,14 @@ def test_beam_search_and_several_sequences_carry_the_kept_slots(smol, prompt):
         assert out.shape[0] == (1 if "num_beams" in kw else rows)
         squeezed = [layer for layer in cache.layers if layer.compressed]
         assert squeezed and all(layer.slot_valid.shape[0] == rows and layer.keys.shape[0] == rows for layer in squeezed)
-        assert all(k < n for r in cache.report.layers if r.compressed for k in r.kept)
+        # each row's slot mask marks exactly its kept prompt tokens; every token decoded after the prefill follows
+        decoded = cache.get_seq_length() - n
+        assert decoded == 7
+        by_index = {r.layer: r for r in cache.report.layers}
+        for i, layer in enumerate(cache.layers):
+            if layer.compressed:
+                assert layer.slot_valid.sum(-1).tolist() == list(by_index[i].kept)
+                assert layer.keys.shape[-2] == layer.slot_valid.shape[-1] + decoded
 
 
 def test_hooks_are_removed_and_plain_caches_untouched(smol, prompt):

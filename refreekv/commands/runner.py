@@ -72,14 +72,24 @@ def candidates() -> dict[str, ReFreeKVConfig]:
 
 def thresholds() -> dict[str, ReFreeKVConfig]:
     """The KL-against-budget curve of the threshold-free rule (issue 10's KL target): the default's
-    rule at other thresholds, halting on attention mass (``norm="l1"``) instead of the L2 norm, and
-    the most demanding head deciding. Read next to the fixed-budget front on the same prompts."""
+    rule at other thresholds, halting on attention mass (``norm="l1"``) instead of the L2 norm, the
+    most demanding head deciding, and the default with a mass floor (``mass_threshold``). Read next
+    to the fixed-budget front on the same prompts."""
     D = ReFreeKVConfig
     return {
         "l2 T=0.3%": D(threshold=0.003), "l2 T=0.05%": D(threshold=0.0005), "l2 T=0.02%": D(threshold=0.0002),
         "l1 T=2%": D(norm="l1", threshold=0.02), "l1 T=1%": D(norm="l1", threshold=0.01),
         "l1 T=0.5%": D(norm="l1", threshold=0.005), "l2 T=0.1% max-heads": D(heads="max"),
+        "l2 T=0.1% mass 5%": D(mass_threshold=0.05), "l2 T=0.1% mass 3%": D(mass_threshold=0.03),
+        "l2 T=0.1% mass 2%": D(mass_threshold=0.02),
     }
+
+
+def options() -> dict[str, ReFreeKVConfig]:
+    """The options for lower KL than the default, on every prompt kind: the default's rule at
+    T = 0.05 %, and the default with a 3 % mass floor (both about 67 % of a continuation prompt)."""
+    D = ReFreeKVConfig
+    return {"l2 T=0.05%": D(threshold=0.0005), "l2 T=0.1% mass 3%": D(mass_threshold=0.03)}
 
 
 def _distinct(table: dict[str, ReFreeKVConfig | None]) -> dict[str, ReFreeKVConfig | None]:
@@ -99,6 +109,7 @@ def methods(group: str, default: ReFreeKVConfig | None = None) -> dict[str, ReFr
     SnapKV at 10 %..90 %). ``variants``: full and the threshold-free design space.
     ``candidates``: full, the default and the second round of variants (``candidates()``).
     ``thresholds``: full, the default, ``thresholds()`` and the fixed-budget front.
+    ``options``: full, the default and the options for lower KL (``options()``).
     ``ablations``: the paper's ablations. ``quick``: full, default, paper, StreamingLLM 20 %.
     A name whose settings an earlier name has is left out (e.g. variants' "k=32 T=0.1%" is the default)."""
     return _distinct(_methods(group, default))
@@ -115,6 +126,8 @@ def _methods(group: str, default: ReFreeKVConfig | None) -> dict[str, ReFreeKVCo
         return {"full": None, "refreekv (default)": default} | variants()
     if group == "candidates":
         return {"full": None, "refreekv (default)": default} | candidates()
+    if group == "options":
+        return {"full": None, "refreekv (default)": default} | options()
     if group == "thresholds":
         return ({"full": None, "refreekv (default)": default} | thresholds()
                 | {f"{name} {b:.0%}": fixed(name, b) for name in FIXED for b in FRONT_BUDGETS})
@@ -167,9 +180,11 @@ class ResultsCache:
     @staticmethod
     def settings(config: ReFreeKVConfig | None) -> dict | None:
         """What decides an eval result: eval plans once, after the prompt, so the re-planning fields
-        cannot change one."""
+        cannot change one; a mass floor that is off is left out (records made before the field existed
+        keep their keys)."""
         return None if config is None else {k: v for k, v in config.to_dict().items()
-                                            if k not in ("replan", "replan_every")}
+                                            if k not in ("replan", "replan_every")
+                                            and not (k == "mass_threshold" and v is None)}
 
     @staticmethod
     def key(prompt: Prompt, config: ReFreeKVConfig | None, fingerprint: str) -> str:

@@ -6,7 +6,7 @@ failing case prints as a one-line, copy-pasteable reproducer (``LayerCase(...)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from hypothesis import strategies as st
@@ -86,8 +86,10 @@ class LayerCase:
 
 
 @st.composite
-def configs(draw, ranking: str | None = None) -> ReFreeKVConfig:
-    """Configurations across the paper's knobs and the baselines' rules."""
+def configs(draw, ranking: str | None = None, mass: bool = False) -> ReFreeKVConfig:
+    """Configurations across the paper's knobs and the baselines' rules; with ``mass``, the
+    threshold rule's mass floor too (``mass_threshold``; drawn last, so the other tests' examples
+    stay as they were)."""
     others = sorted(set(rules.RANKINGS) - {"position"})
     rk = ranking or draw(st.sampled_from(["position"] * len(others) + others))
     halting = draw(st.sampled_from(["threshold"] * 4 + ["ratio", "count"]))
@@ -96,7 +98,7 @@ def configs(draw, ranking: str | None = None) -> ReFreeKVConfig:
         budget = draw(st.sampled_from([0.2, 0.5, 0.9, 1.0]))
     elif halting == "count":
         budget = draw(st.integers(1, 64))
-    return ReFreeKVConfig(
+    config = ReFreeKVConfig(
         threshold=draw(st.sampled_from([0.0, 0.001, 0.01, 0.05, 0.2, 0.6]) | st.floats(0, 0.99)),
         sinks=draw(st.integers(0, 6)),
         retained_layers=(),
@@ -111,13 +113,18 @@ def configs(draw, ranking: str | None = None) -> ReFreeKVConfig:
         halting=halting,
         budget=budget,
     )
+    if mass and halting == "threshold":  # the mass floor under the threshold rule (often off, as by default)
+        floor = draw(st.sampled_from([None, None, 0.0, 0.01, 0.05, 0.3]) | st.floats(0, 0.99))
+        config = replace(config, mass_threshold=floor)
+    return config
 
 
 @st.composite
 def layer_cases(draw, max_n: int = 2048, ranking: str | None = None, batch: int | None = None,
-                styles: tuple[str, ...] = STYLES) -> LayerCase:
-    """Shapes (B, H, Hkv with GQA groups 1..8, n from 1 to ``max_n``, d), padding and styles."""
-    cfg = draw(configs(ranking))
+                styles: tuple[str, ...] = STYLES, mass: bool = False) -> LayerCase:
+    """Shapes (B, H, Hkv with GQA groups 1..8, n from 1 to ``max_n``, d), padding and styles;
+    ``mass``: configurations with the mass floor too."""
+    cfg = draw(configs(ranking, mass))
     kv = draw(st.integers(1, 4))
     g = draw(st.sampled_from([1, 1, 2, 3, 4, 8]))
     # Attention rankings run the reference's slowest loops (H2O over every query row, pooling,

@@ -128,6 +128,25 @@ def valid_cut_range(ratio_row: np.ndarray, threshold: float, tol: float, sinks: 
     return clamp(lo), clamp(hi)
 
 
+def config_cut_range(config, ratio_row: np.ndarray, mass_row: np.ndarray | None, tol: float, n_b: int) -> tuple[int, int]:
+    """``valid_cut_range`` for a configuration's threshold rule, its mass floor included: the cut is
+    ``max(c_T, c_m)`` with ``c_T`` in the range of the norm curve at T and ``c_m`` in that of the
+    attention-mass curve ``mass_row`` at ``config.mass_threshold`` (None: no floor)."""
+    lo, hi = valid_cut_range(ratio_row, config.threshold, tol, config.sinks, n_b)
+    if config.mass_threshold is None:
+        return lo, hi
+    lo_m, hi_m = valid_cut_range(mass_row, config.mass_threshold, tol, config.sinks, n_b)
+    return max(lo, lo_m), max(hi, hi_m)
+
+
+def _mass_curve(config, a, order, start) -> np.ndarray | None:
+    """The reference attention-mass curve along ``order`` when the configuration has a mass floor."""
+    if config.mass_threshold is None:
+        return None
+    return ref.norm_ratio_curve(a, order, sinks=config.sinks, norm_scope=config.norm_scope, start=start,
+                                norm="l1", heads=config.heads)
+
+
 def _check_order(target, dtype, case, got, want, scores, tol_abs, start, sinks, window) -> None:
     """Attention rankings: head (sinks + window) and padding tail exact; the rest by
     non-increasing reference score, where only near-ties (within tolerance) may swap."""
@@ -275,16 +294,23 @@ def _plan_vs_reference(target: Target, dtype: str, case: LayerCase, plan, qn, Kn
     own = ref.norm_ratio_curve(np.asarray(target.numpy(plan.a), np.float64), order, sinks=c.sinks,
                                norm_scope=c.norm_scope, start=case.start, norm=c.norm, heads=c.heads)
     near = lambda x: (np.abs(got_r - x) <= tol.ratio_atol).all(axis=-1)  # noqa: E731
-    r = np.where((~near(r) & near(own))[:, None], own, r)
+    use_own = ~near(r) & near(own)
+    r = np.where(use_own[:, None], own, r)
     _close(f"{what} ratio", target, dtype, case, r, got_r, atol=tol.ratio_atol, rtol=0)
+    mass = _mass_curve(c, want["a"], order, case.start)
+    if mass is not None:  # the floor's curve, from the same scores as the norm curve it sits under
+        mass = np.where(use_own[:, None], _mass_curve(c, np.asarray(target.numpy(plan.a), np.float64), order,
+                                                      case.start), mass)
     for b, s in enumerate(case.start):
         if c.halting == "threshold":
-            lo, hi = valid_cut_range(r[b], c.threshold, tol.ratio_atol, c.sinks, case.n - s)
+            lo, hi = config_cut_range(c, r[b], None if mass is None else mass[b], tol.ratio_atol, case.n - s)
         else:
             lo = hi = int(want["cut"][b])
         if not lo <= plan.cut[b] <= hi:
             _fail(f"{what} cut", target, dtype, case, f"{lo}" if lo == hi else f"one of {lo}..{hi}",
-                  int(plan.cut[b]), f"sample {b}; reference ratio near the cut: {r[b, max(0, lo - 3):hi + 2].tolist()}")
+                  int(plan.cut[b]), f"sample {b}; reference ratio near the cut: {r[b, max(0, lo - 3):hi + 2].tolist()}"
+                  + ("" if mass is None else f"; mass curve (floor Tm = {c.mass_threshold}): "
+                     f"{mass[b, max(0, lo - 3):hi + 2].tolist()}"))
     want_idx, want_valid = ref.kept_positions(order, plan.cut)
     _equal(f"{what} kept positions", target, dtype, case, want_idx, target.numpy(plan.idx))
     _equal(f"{what} valid slots", target, dtype, case, want_valid, target.numpy(plan.valid))
@@ -346,11 +372,12 @@ def check_batch_invariance(target: Target, case: LayerCase, dtype: str) -> None:
             alone = refreekv.plan_layer(target.array(qn[b:b + 1, :, case.rows - k_alone:], dtype),
                                         target.array(Kn[b:b + 1, :, s:], dtype), c)
             k_b = ref.rows_for(c, case.n - s)
-            r = ref.norm_ratio_curve(ref.attention_row(qn[b:b + 1, :, case.rows - k_b:], Kn[b:b + 1, :, s:],
-                                                       rows=[k_b], combine=c.combine),
-                                     target.numpy(alone.order), sinks=c.sinks, norm_scope=c.norm_scope,
-                                     norm=c.norm, heads=c.heads)
-            lo, hi = (valid_cut_range(r[0], c.threshold, tolerance(dtype).ratio_atol, c.sinks, case.n - s)
+            a_b = ref.attention_row(qn[b:b + 1, :, case.rows - k_b:], Kn[b:b + 1, :, s:], rows=[k_b], combine=c.combine)
+            order_b = target.numpy(alone.order)
+            r = ref.norm_ratio_curve(a_b, order_b, sinks=c.sinks, norm_scope=c.norm_scope, norm=c.norm, heads=c.heads)
+            mass = _mass_curve(c, a_b, order_b, None)
+            lo, hi = (config_cut_range(c, r[0], None if mass is None else mass[0], tolerance(dtype).ratio_atol,
+                                       case.n - s)
                       if c.halting == "threshold" else (alone.cut[0], alone.cut[0]))
             if lo == hi and batch.cut[b] != alone.cut[0]:
                 _fail("batch invariance cut", target, dtype, case, f"sample {b}'s cut alone: {alone.cut[0]}",
