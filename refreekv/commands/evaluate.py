@@ -181,7 +181,8 @@ def plot_front(results: dict, path: str, title: str) -> None:
         ax.set(xlabel="mean budget (fraction of prompt tokens kept)", ylabel=label, title=f"{label} ({title})")
         if metric == "cont_kl":
             ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7)
+        if curves:  # the fixed-budget curves are the only labelled artists (points are annotated)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
