@@ -55,13 +55,13 @@ def skipped(pre, cfg, m: int) -> tuple[list[_Layer], list[int]]:
     import refreekv
     from refreekv.adapters.transformers import _queries
 
+    if m < 1:
+        raise ValueError(f"m: received {m}; expected an int >= 1 (m = 0 is the default itself)")
     layers, kept = [], []
     for i, (c, layer) in enumerate(zip(pre.captured, pre.cache.layers)):
         K, V = layer.keys, layer.values
         n = K.shape[-2]
-        if cfg.is_retained(i) or m <= 0:
-            if m <= 0 and not cfg.is_retained(i):
-                raise ValueError("skipped: m must be >= 1 (m = 0 is the default itself)")
+        if cfg.is_retained(i):
             layers.append(_Layer(K, V))
             kept.append(n)
             continue
