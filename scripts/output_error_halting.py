@@ -28,11 +28,6 @@ import time
 import torch
 
 
-class _Layer:
-    def __init__(self, keys, values):
-        self.keys, self.values, self.slot_valid = keys, values, None
-
-
 
 def output_error_curve(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, sinks: int) -> torch.Tensor:
     """E(j) for j = 1 .. n - sinks oldest candidates evicted: (n - sinks,) float.
@@ -66,7 +61,7 @@ def main(argv=None) -> None:
     from refreekv import ReFreeKVConfig
     from refreekv.adapters.transformers import capture_prefill
     from refreekv.commands import runner
-    from refreekv.commands.explore import COLUMNS, continuation_args, continuations, summary_row
+    from refreekv.commands.explore import COLUMNS, KeptLayer, continuation_args, continuations, summary_row
     from refreekv.commands.models import load_torch
     from refreekv.commands.output import markdown_table, rich_table, write
 
@@ -95,7 +90,7 @@ def main(argv=None) -> None:
             layers = []
             for i, layer in enumerate(pre.cache.layers):
                 idx = torch.cat([torch.arange(cfg.sinks), torch.arange(n - runs[T][i], n)])
-                layers.append(_Layer(layer.keys[:, :, idx], layer.values[:, :, idx]))
+                layers.append(KeptLayer(layer.keys[:, :, idx], layer.values[:, :, idx]))
             caches.append(runner.Layers(layers))
         logits = runner.forced_many(model, [runner._fork(pre.cache), *caches], pre.logits, n, targets)
         for T, lg in zip(Ts, logits[1:]):

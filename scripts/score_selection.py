@@ -28,11 +28,6 @@ import torch
 MODES = ("position", "score", "half")
 
 
-class _Layer:
-    def __init__(self, keys, values):
-        self.keys, self.values, self.slot_valid = keys, values, None
-
-
 def selected(scores: torch.Tensor, count: int, sinks: int, window: int, mode: str) -> torch.Tensor:
     """Kept positions (1, Hkv, count), ascending, per KV head. scores: (1, Hkv, n), higher = keep.
 
@@ -60,7 +55,7 @@ def main(argv=None) -> None:
     from refreekv import ReFreeKVConfig, api
     from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
     from refreekv.commands import runner
-    from refreekv.commands.explore import COLUMNS, continuation_args, continuations, summary_row
+    from refreekv.commands.explore import COLUMNS, KeptLayer, continuation_args, continuations, summary_row
     from refreekv.commands.models import load_torch
     from refreekv.commands.output import markdown_table, rich_table, write
 
@@ -87,10 +82,10 @@ def main(argv=None) -> None:
                 layers = []
                 for layer, s, m in zip(pre.cache.layers, scores, kept):
                     if m >= n:
-                        layers.append(_Layer(layer.keys, layer.values))
+                        layers.append(KeptLayer(layer.keys, layer.values))
                         continue
                     idx = selected(s, m, cfg.sinks, window, mode)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-                    layers.append(_Layer(layer.keys.gather(2, idx), layer.values.gather(2, idx)))
+                    layers.append(KeptLayer(layer.keys.gather(2, idx), layer.values.gather(2, idx)))
                 caches.append(runner.Layers(layers))
                 names.append((mode, T, kept))
         logits = runner.forced_many(model, [runner._fork(pre.cache), *caches], pre.logits, n, targets)

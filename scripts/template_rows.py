@@ -24,7 +24,6 @@ It stays a script unless the dev split shows a gain (docs/results.md).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -43,17 +42,13 @@ def template_tail(tok) -> int:
     return n_all - n_head
 
 
-class _Layer:
-    def __init__(self, keys, values):
-        self.keys, self.values, self.slot_valid = keys, values, None
-
-
 @torch.no_grad()
-def skipped(pre, cfg, m: int) -> tuple[list[_Layer], list[int]]:
+def skipped(pre, cfg, m: int) -> tuple[list, list[int]]:
     """Per layer the K/V "skip" keeps and its kept count, from a prefill whose captured rows
     include the newest ``rows_for(n) + m`` positions."""
     import refreekv
     from refreekv.adapters.transformers import _queries
+    from refreekv.commands.explore import KeptLayer
 
     if m < 1:
         raise ValueError(f"m: received {m}; expected an int >= 1 (m = 0 is the default itself)")
@@ -62,7 +57,7 @@ def skipped(pre, cfg, m: int) -> tuple[list[_Layer], list[int]]:
         K, V = layer.keys, layer.values
         n = K.shape[-2]
         if cfg.is_retained(i):
-            layers.append(_Layer(K, V))
+            layers.append(KeptLayer(K, V))
             kept.append(n)
             continue
         k = cfg.rows_for(n - m)
@@ -70,7 +65,7 @@ def skipped(pre, cfg, m: int) -> tuple[list[_Layer], list[int]]:
         rows = _queries(c.module, c.hidden[:, sl], c.cos[:, sl], c.sin[:, sl])
         k2, v2, _, report = refreekv.compress_layer(rows, K[:, :, :n - m], V[:, :, :n - m], cfg, layer=i,
                                                     scale=c.module.scaling)
-        layers.append(_Layer(torch.cat([k2, K[:, :, n - m:]], 2), torch.cat([v2, V[:, :, n - m:]], 2)))
+        layers.append(KeptLayer(torch.cat([k2, K[:, :, n - m:]], 2), torch.cat([v2, V[:, :, n - m:]], 2)))
         kept.append(int(report.kept[0]) + m)
     return layers, kept
 
@@ -84,28 +79,13 @@ def main(argv=None) -> None:
     from refreekv import ReFreeKVConfig
     from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
     from refreekv.commands import runner
+    from refreekv.commands.explore import continuation_args
     from refreekv.commands.models import load_torch
     from refreekv.commands.output import markdown_table, rich_table, write
     from refreekv.commands.tasks import build
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--split", choices=["dev", "test"], default="dev")
-    p.add_argument("--thresholds", default="0.001", help="comma-separated thresholds T (default: 0.001)")
-    p.add_argument("--max-length", type=int, default=4096, help="prompts up to this many tokens (default 4096)")
-    p.add_argument("--limit", type=int, help="only the first N prompts of each kind")
-    p.add_argument("--out", default="results")
-    a = p.parse_args(argv)
-    try:
-        Ts = [float(x) for x in a.thresholds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--thresholds: received {a.thresholds!r}; expected comma-separated numbers, e.g. 0.001")
-    if not Ts or not all(0 < T < 1 for T in Ts):
-        p.error(f"--thresholds: received {a.thresholds!r}; expected numbers T with 0 < T < 1")
-    if a.limit is not None and a.limit < 1:
-        p.error(f"--limit: received {a.limit}; expected an int >= 1")
-    if a.max_length < 1:
-        p.error(f"--max-length: received {a.max_length}; expected an int >= 1")
-
+    a, Ts = continuation_args(__doc__.split("\n")[0], "0.001", argv, limit_help="only the first N prompts of each kind",
+                              max_length=4096)
     t0 = time.perf_counter()
     model, tok = load_torch()
     m = template_tail(tok)

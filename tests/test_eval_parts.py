@@ -175,7 +175,17 @@ def test_exploratory_scripts_refuse_bad_arguments(argv, message, capsys):
         continuation_args("x", "0.001", argv)
     assert message in capsys.readouterr().err
     a, Ts = continuation_args("x", "0.001,0.0005", ["--split", "test", "--limit", "2"])
-    assert (a.split, a.limit, a.out, Ts) == ("test", 2, "results", [0.001, 0.0005])
+    assert (a.split, a.limit, a.out, Ts) == ("test", 2, "results", [0.001, 0.0005]) and not hasattr(a, "max_length")
+
+
+def test_exploratory_max_length_is_checked(capsys):
+    from refreekv.commands.explore import continuation_args
+
+    assert continuation_args("x", "0.001", [], max_length=4096)[0].max_length == 4096
+    assert continuation_args("x", "0.001", ["--max-length", "1024"], max_length=4096)[0].max_length == 1024
+    with pytest.raises(SystemExit):
+        continuation_args("x", "0.001", ["--max-length", "0"], max_length=4096)
+    assert "--max-length: received 0; expected an int >= 1" in capsys.readouterr().err
 
 
 def test_score_selection_keeps_the_count_and_picks_by_score():

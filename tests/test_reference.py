@@ -237,6 +237,11 @@ def test_mass_threshold_is_checked(value, expected):
     with pytest.raises(ReFreeKVError, match="mass_threshold") as info:
         ReFreeKVConfig(mass_threshold=value)
     assert expected in str(info.value)
+
+
+def test_mass_threshold_needs_the_threshold_rule_and_round_trips():
+    from refreekv import ReFreeKVError
+
     with pytest.raises(ReFreeKVError, match='mass_threshold: received 0.05; expected None with halting="ratio"'):
         ReFreeKVConfig(halting="ratio", budget=0.5, mass_threshold=0.05)
     assert ReFreeKVConfig(mass_threshold=np.float32(0.25)).mass_threshold == 0.25

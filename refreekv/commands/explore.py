@@ -1,20 +1,28 @@
-"""What the exploratory scripts share (``scripts/output_error_halting.py``, ``scripts/score_selection.py``):
-their command line (a split, thresholds, a limit, an output folder) and the continuations they run on."""
+"""What the exploratory scripts share (``scripts/output_error_halting.py``, ``scripts/score_selection.py``,
+``scripts/template_rows.py``): their command line (a split, thresholds, a limit, an output folder), the
+continuations they run on, a cache layer made of chosen K/V, and their table rows."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def continuation_args(description: str, thresholds: str, argv=None) -> tuple[argparse.Namespace, list[float]]:
-    """Parse ``--split --thresholds --limit --out``; bad values exit with the argument, what came and
-    what was expected. Returns the namespace and the thresholds as floats (each 0 < T < 1)."""
+def continuation_args(description: str, thresholds: str, argv=None, *, limit_help: str = "only the first N continuations",
+                      max_length: int | None = None) -> tuple[argparse.Namespace, list[float]]:
+    """Parse ``--split --thresholds --limit --out`` (and ``--max-length``, default ``max_length``, when
+    that is given); bad values exit with the argument, what came and what was expected. Returns the
+    namespace and the thresholds as floats (each 0 < T < 1)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--split", choices=["dev", "test"], default="dev")
     p.add_argument("--thresholds", default=thresholds, help=f"comma-separated thresholds T (default: {thresholds})")
-    p.add_argument("--limit", type=int, help="only the first N continuations")
+    p.add_argument("--limit", type=int, help=limit_help)
+    if max_length is not None:
+        p.add_argument("--max-length", type=int, default=max_length,
+                       help=f"prompts up to this many tokens (default {max_length})")
     p.add_argument("--out", default="results")
     a = p.parse_args(argv)
+    if max_length is not None and a.max_length < 1:
+        p.error(f"--max-length: received {a.max_length}; expected an int >= 1")
     try:
         Ts = [float(x) for x in a.thresholds.split(",") if x.strip()]
     except ValueError:
@@ -36,6 +44,13 @@ def continuations(tok, split: str, limit: int | None = None) -> list:
         ids = tok([prompt.text], return_tensors="pt", add_special_tokens=False)["input_ids"]
         out.append((prompt, ids, tok(prompt.target, add_special_tokens=False)["input_ids"]))
     return out
+
+
+class KeptLayer:
+    """One layer of a cache-like view (``runner.Layers``) holding chosen K/V, all slots valid."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values, self.slot_valid = keys, values, None
 
 
 #: The columns after the method's name in every exploratory table (``summary_row``).
