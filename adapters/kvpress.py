@@ -49,6 +49,8 @@ class PressLayer(ReFreeKVLayer):
     """A compressed layer as kvpress expects: ``get_seq_length`` is the stored length (kvpress
     trims questions and answers back to it and passes true positions itself)."""
 
+    needs_hooks = False  # its mask hooks live as long as the cache (_mask_hooks_for)
+
     def get_seq_length(self) -> int:
         return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
 

@@ -34,6 +34,7 @@ import dataclasses
 import inspect
 import sys
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -84,8 +85,14 @@ class ReFreeKVLayer(DynamicLayer):
     the uncompressed (virtual) length, so positions never drift.
     """
 
+    #: Calls must come through the hooks (``refreekv_hooks`` marks each one): a prompt prefilled
+    #: without them is not compressed, and a compressed layer without its own mask attends to the
+    #: wrong slots or fails inside the attention kernel. kvpress's layers keep their hooks with the cache.
+    needs_hooks = True
+
     def __init__(self):
         super().__init__()
+        self.hooked = False           # set by the pre-hook for the call under way, cleared by update
         self.evicted = 0              # positions removed so far (the virtual length minus the slots)
         self.compressed_at = 0        # the virtual length when it was last planned (n after the prompt)
         self.kept_slots = 0           # J
@@ -99,6 +106,18 @@ class ReFreeKVLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.evicted
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized and self.keys is not None and key_states.shape[0] != self.keys.shape[0]:
+            raise bad_input("input_ids", f"a batch of {key_states.shape[0]} on a cache that holds {self.keys.shape[0]}",
+                            f"a batch of {self.keys.shape[0]}, the one this cache was filled with (a new batch needs a new cache)")
+        if self.needs_hooks and not self.hooked:
+            raise bad_input("model", "a forward pass with a ReFreeKVCache outside refreekv_hooks(model)",
+                            "every call that uses the cache inside `with refreekv_hooks(model):` (or through "
+                            "refreekv.adapters.transformers.generate): without the hooks a prompt is not compressed "
+                            "and a compressed layer gets no mask of its own")
+        self.hooked = False
+        return super().update(key_states, value_states, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.compressed:
@@ -174,6 +193,7 @@ class ReFreeKVCache(DynamicCache):
     def __init__(self, model, config: ReFreeKVConfig | None = None):
         cfg = _check_model(model, config)
         super().__init__(config=model.config)
+        self.module_ids = frozenset(id(m) for m in attention_modules(model))  # ids: a deepcopy copies no module
         self.layers = [ReFreeKVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         self.refreekv_config = cfg
         self.additive_mask = model.config._attn_implementation == "eager"
@@ -389,7 +409,10 @@ def layer_mask_kwargs(module, kwargs):
     if layers is None or module.layer_idx >= len(layers):
         return None
     layer = layers[module.layer_idx]
-    if not isinstance(layer, ReFreeKVLayer) or not layer.compressed:
+    if not isinstance(layer, ReFreeKVLayer):
+        return None
+    layer.hooked = True
+    if not layer.compressed:
         return None
     hidden = kwargs["hidden_states"]
     shared = kwargs.get("attention_mask")
@@ -401,8 +424,13 @@ def layer_mask_kwargs(module, kwargs):
 
 def _pre_hook(module, args, kwargs):
     """Give a compressed layer a mask of its own for this call."""
-    if _cache_of(kwargs) is None:
+    cache = _cache_of(kwargs)
+    if cache is None:
         return None
+    if id(module) not in cache.module_ids:
+        raise bad_input("cache", "a ReFreeKVCache made for another model (this attention module is not one of its "
+                        f"model's; layer {module.layer_idx}, the cache has {len(cache.layers)} layers)",
+                        "ReFreeKVCache(model, ...) of the model that runs it")
     new = layer_mask_kwargs(module, kwargs)
     return None if new is None else (args, new)
 
@@ -423,20 +451,32 @@ def _post_hook(module, args, kwargs, output):
     return None
 
 
+#: attention modules whose ReFreeKV hooks are on (weak: a deleted model leaves nothing behind)
+_HOOKED: weakref.WeakSet = weakref.WeakSet()
+
+
 @contextmanager
 def refreekv_hooks(model):
     """Switch ReFreeKV on for ``model`` inside the block: registers a forward pre-hook and a
     forward hook on every attention module, and removes them on exit (also on error or
-    KeyboardInterrupt)."""
+    KeyboardInterrupt). A nested block on the same model changes nothing: the outer one owns the
+    hooks. Every call with a ``ReFreeKVCache`` must run inside such a block (else ``ReFreeKVError``)."""
+    modules = attention_modules(model)
+    if any(m in _HOOKED for m in modules):  # already on (nested blocks): the outer block owns the hooks
+        yield model
+        return
     handles = []
     try:
-        for m in attention_modules(model):
+        _HOOKED.update(modules)
+        for m in modules:
             handles.append(m.register_forward_pre_hook(_pre_hook, with_kwargs=True))
             handles.append(m.register_forward_hook(_post_hook, with_kwargs=True))
         yield model
     finally:
         for h in handles:
             h.remove()
+        for m in modules:
+            _HOOKED.discard(m)
 
 
 def cache_kwarg(model) -> str:
@@ -444,8 +484,9 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _check_ids(input_ids, attention_mask=None) -> None:
-    """input_ids (B, n) integer with n >= 1; attention_mask, if given, a tensor of the same shape."""
+def _check_ids(input_ids, attention_mask=None, model=None) -> None:
+    """input_ids (B, n) integer with n >= 1 (ids below ``model``'s vocabulary size when given);
+    attention_mask, if given, a tensor of the same shape."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 \
             or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise bad_input("input_ids", f"{type(input_ids).__name__} of shape {tuple(getattr(input_ids, 'shape', ()))} "
@@ -455,6 +496,11 @@ def _check_ids(input_ids, attention_mask=None) -> None:
         raise bad_input("attention_mask", f"{type(attention_mask).__name__} of shape "
                         f"{tuple(getattr(attention_mask, 'shape', ()))}",
                         f"None or a tensor of input_ids' shape {tuple(input_ids.shape)}")
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) if model is not None else None
+    if vocab is not None:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise bad_input("input_ids", f"token ids from {lo} to {hi}", f"ids in [0, {vocab - 1}] (the model's vocabulary)")
 
 
 def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
@@ -465,7 +511,7 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
                             "nothing: generate() makes a fresh ReFreeKVCache (to continue one, call "
                             "model.generate(..., past_key_values=cache) inside refreekv_hooks(model))")
     if "input_ids" in generate_kwargs:
-        _check_ids(generate_kwargs["input_ids"], generate_kwargs.get("attention_mask"))
+        _check_ids(generate_kwargs["input_ids"], generate_kwargs.get("attention_mask"), model)
     gen = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
     chunk = generate_kwargs.get("prefill_chunk_size", getattr(gen, "prefill_chunk_size", None))
     if chunk is not None:
@@ -504,7 +550,7 @@ def capture_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     configs: ReFreeKVConfig | list[ReFreeKVConfig] | None = None, rows: int | None = None) -> Prefill:
     """Prefill ``input_ids`` (B, n) with a plain cache, keeping what ``ReFreeKVCache.from_prefill``
     needs for every configuration in ``configs`` (or the newest ``rows`` rows per layer)."""
-    _check_ids(input_ids, attention_mask)
+    _check_ids(input_ids, attention_mask, model)
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise bad_input("rows", repr(rows), "None (what configs need) or an int >= 1")
     cfgs = [_check_model(model, None)] if configs is None else \

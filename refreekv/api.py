@@ -23,6 +23,10 @@ __all__ = ["CompressedLayer", "LayerPlan", "attention_ranking", "attention_row",
            "norm_ratio_curve", "plan_layer", "plan_layers", "position_ranking", "snapkv_scores", "threshold_cut"]
 
 
+#: How far below 0 a ratio curve may round (kept / full can exceed 1 by a few ulps).
+RATIO_ROUNDING = 1e-3
+
+
 def _guarded(be: Backend, out: Array, argument: str) -> Array:
     """A step's output, checked for NaN/inf (one host read): a non-finite input or an overflow
     raises instead of flowing on."""
@@ -107,15 +111,16 @@ def norm_ratio_curve(a: Array, order: Array, *, sinks: int, norm_scope: str = "c
     be = v.backend_of(a, "a")
     B, H, n = v.float_array(be, a, "a", 3, "(B, H, n)")
     v.same_backend(be, order, "order", "a")
-    o = be.shape(order)
-    if len(o) != 3 or o[0] != B or o[2] != n or H % o[1] or be.dtype_name(order) not in ("int64", "int32"):
-        raise bad_input("order", f"shape {o} dtype {be.dtype_name(order)}",
-                        f"(B, Hkv, n) int64 with B = {B}, n = {n} and Hkv dividing H = {H}")
+    sinks = v.integer(sinks, "sinks")
+    options = (_option("norm_scope", norm_scope, NORM_SCOPES), _option("norm", norm, NORMS), _option("heads", heads, HEADS))
+    host = v.start_host(be, start, B, n)
+    v.ranking_order(be, order, "order", B, n, H, host, sinks)
     _guarded(be, a, "a")
-    st = be.from_numpy(v.start_host(be, start, B, n), "int64", like=a)
-    return step(be, "norm_ratio_curve")(a, be.astype(order, "int64"), v.integer(sinks, "sinks"),
-                                        _option("norm_scope", norm_scope, NORM_SCOPES), st,
-                                        _option("norm", norm, NORMS), _option("heads", heads, HEADS))
+    if (np.asarray(be.to_numpy(a)) < 0).any():
+        raise bad_input("a", "negative scores", "attention scores >= 0 (a score row from attention_row, or "
+                        "scores like h2o_scores / snapkv_scores)")
+    st = be.from_numpy(host, "int64", like=a)
+    return step(be, "norm_ratio_curve")(a, be.astype(order, "int64"), sinks, options[0], st, options[1], options[2])
 
 
 def threshold_cut(ratio: Array, *, threshold: float, sinks: int, start=None) -> Array:
@@ -123,6 +128,12 @@ def threshold_cut(ratio: Array, *, threshold: float, sinks: int, start=None) -> 
     be = v.backend_of(ratio, "ratio")
     B, n = v.float_array(be, ratio, "ratio", 2, "(B, n)")
     cfg = ReFreeKVConfig(threshold=threshold, sinks=v.integer(sinks, "sinks"))
+    _guarded(be, ratio, "ratio")
+    r = be.to_numpy(ratio)
+    if (r > 1).any() or (r < -RATIO_ROUNDING).any():
+        raise bad_input("ratio", f"values from {float(r.min()):.6g} to {float(r.max()):.6g}",
+                        f"a ratio curve in [0, 1] (norm_ratio_curve's output; down to -{RATIO_ROUNDING:g} "
+                        "for rounding)")
     st = be.from_numpy(v.start_host(be, start, B, n), "int64", like=ratio)
     return step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st)
 
@@ -146,6 +157,7 @@ def kept_positions(order: Array, cut) -> tuple[Array, Array]:
     if len(o) != 3 or 0 in o or be.dtype_name(order) not in ("int64", "int32"):
         raise bad_input("order", f"shape {o} dtype {be.dtype_name(order)}", "(B, Hkv, n) int64 positions")
     B, _, n = o
+    v.ranking_order(be, order, "order", B, n)
     host = v.host_ints(be, cut, "cut", B)
     if (host < 1).any() or (host > n).any():
         raise bad_input("cut", host.tolist(), f"({B},) counts in [1, {n}]")
@@ -211,6 +223,7 @@ def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Arra
     want = (len(plan.cut), be.shape(plan.order)[1], be.shape(plan.order)[2])
     if shape[:3] != want or vshape[:3] != want:
         raise bad_input("keys", f"shape {shape} (values {vshape})", f"(B, Hkv, n) = {want}, the shapes the plan was made for")
+    planner.check_plan_fields(plan, be, *want)
     return planner.evict(plan, keys, values, be)
 
 

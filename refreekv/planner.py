@@ -179,6 +179,35 @@ def evict(plan_: LayerPlan, keys: Array, values: Array, be: Backend) -> tuple[Ar
     return step(be, "evict")(keys, values, plan_.idx)
 
 
+def check_plan_fields(plan_: LayerPlan, be: Backend, B: int, Hkv: int, n: int, argument: str = "plan") -> None:
+    """A LayerPlan consistent with itself and with (B, Hkv, n) keys: host (B,) ints ``start`` in
+    [0, n), ``prompt_lengths = n - start``, ``cut`` in [1, prompt_lengths], and the native arrays'
+    shapes (order (B, Hkv, n), idx (B, Hkv, max(cut)), valid (B, max(cut))). A plan edited by hand
+    (``dataclasses.replace(plan, cut=...)``) fails here instead of evicting something else."""
+    if not isinstance(plan_.config, ReFreeKVConfig):
+        raise bad_input(argument, f"config of type {type(plan_.config).__name__}", "a LayerPlan whose config is a ReFreeKVConfig")
+    host = {}
+    for name in ("cut", "start", "prompt_lengths"):
+        x = getattr(plan_, name)
+        if not isinstance(x, np.ndarray) or x.shape != (B,) or x.dtype.kind not in "iu":
+            got = f"{name} of shape {getattr(x, 'shape', None)} ({type(x).__name__})"
+            raise bad_input(argument, got, f"a LayerPlan for B = {B} samples: {name} a host (B,) int array")
+        host[name] = x.astype(np.int64)
+    start, lengths, cut = host["start"], host["prompt_lengths"], host["cut"]
+    if (start < 0).any() or (start >= n).any() or not np.array_equal(lengths, n - start):
+        raise bad_input(argument, f"start {start.tolist()} and prompt_lengths {lengths.tolist()}",
+                        f"a LayerPlan for n = {n}: start in [0, {n - 1}] and prompt_lengths = n - start")
+    if (cut < 1).any() or (cut > lengths).any():
+        raise bad_input(argument, f"cut {cut.tolist()}", f"counts in [1, prompt_lengths] = [1, {lengths.tolist()}]")
+    J = int(cut.max())
+    shapes = {"order": (B, Hkv, n), "idx": (B, Hkv, J), "valid": (B, J)}
+    for name, want in shapes.items():
+        got = tuple(be.shape(getattr(plan_, name)))
+        if got != want:
+            raise bad_input(argument, f"{name} of shape {got} with cut {cut.tolist()}",
+                            f"{name} of shape {want}, as plan_layer made it (edit no field of a LayerPlan)")
+
+
 def check_reuse(req: Request, reuse) -> list[LayerPlan] | None:
     """``reuse`` must hold one LayerPlan per layer of ``req``, made for the same shapes and padding
     under the same ranking configuration (``ORDER_FIELDS``)."""
@@ -188,6 +217,7 @@ def check_reuse(req: Request, reuse) -> list[LayerPlan] | None:
     if not isinstance(reuse, (list, tuple)) or len(reuse) != L or not all(isinstance(p, LayerPlan) for p in reuse):
         raise bad_input("reuse", f"type {type(reuse).__name__}", f"None or {L} LayerPlans, one per layer")
     for p in reuse:
+        check_plan_fields(p, req.be, B, Hkv, n, "reuse")
         same = all(getattr(p.config, f) == getattr(req.config, f) for f in ORDER_FIELDS)
         if not same or tuple(req.be.shape(p.order)) != (B, Hkv, n) or not np.array_equal(p.start, req.start):
             raise bad_input("reuse", "plans made for other shapes, padding or ranking settings",

@@ -108,6 +108,40 @@ def start_host(be: Backend, start, batch: int, n: int) -> np.ndarray:
     return host
 
 
+def ranking_order(be: Backend, order: Array, argument: str, batch: int, n: int, hkv_divides: int | None = None,
+                  start: np.ndarray | None = None, sinks: int | None = None) -> None:
+    """A ranking (B, Hkv, n) int: each row a permutation of the positions 0..n-1 (one host read).
+    With ``start`` and ``sinks`` also the order every ranking of this library has: the sinks
+    ``[s, s + m_b)`` first, the left padding ``[0, s)`` last (SPEC §3.2)."""
+    o = be.shape(order)
+    if (len(o) != 3 or o[0] != batch or o[2] != n or 0 in o or (hkv_divides is not None and hkv_divides % o[1])
+            or be.dtype_name(order) not in ("int64", "int32")):
+        heads = f" and Hkv dividing H = {hkv_divides}" if hkv_divides is not None else ""
+        raise bad_input(argument, f"shape {o} dtype {be.dtype_name(order)}",
+                        f"(B, Hkv, n) int64 with B = {batch}, n = {n}{heads}")
+    host = np.asarray(be.to_numpy(order))
+    bad = np.argwhere((np.sort(host, axis=-1) != np.arange(n)).any(axis=-1))
+    if len(bad):
+        b, h = bad[0]
+        raise bad_input(argument, f"row [{b}, {h}] = {_short(host[b, h])}",
+                        f"each row a permutation of the positions 0..{n - 1} (a ranking)")
+    if start is None or sinks is None:
+        return
+    for b, s in enumerate(start.tolist()):
+        m = min(sinks, n - s)
+        lead, tail = np.sort(host[b, :, :m], axis=-1), np.sort(host[b, :, n - s:], axis=-1)
+        if (lead != np.arange(s, s + m)).any() or (tail != np.arange(s)).any():
+            raise bad_input(argument, f"row [{b}, ...] = {_short(host[b, 0])} with start {s} and sinks {sinks}",
+                            f"the {m} sinks (positions {s}..{s + m - 1}) ranked first and the {s} padding "
+                            f"positions last, as position_ranking and attention_ranking order them")
+
+
+def _short(row: np.ndarray) -> str:
+    """A ranking row for a message: whole if short, else its ends."""
+    r = row.tolist()
+    return str(r) if len(r) <= 12 else f"[{', '.join(map(str, r[:6]))}, ..., {', '.join(map(str, r[-4:]))}]"
+
+
 def q_rows_4d(be: Backend, q_rows: Array, argument: str = "q_rows") -> Array:
     """(B, H, k, d), or (B, H, d) for the last token alone, as (B, H, 1, d)."""
     shape = be.shape(q_rows)

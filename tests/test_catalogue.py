@@ -19,6 +19,7 @@ BACKENDS = ["numpy", "torch", "mlx"]
 OTHER = {"numpy": "torch", "torch": "mlx", "mlx": "torch"}  # never NumPy: NumPy start offsets are valid everywhere
 rng = np.random.default_rng(0)
 Q, K, V = rng.normal(size=(1, 4, 1, 8)), rng.normal(size=(1, 2, 12, 8)), rng.normal(size=(1, 2, 12, 8))
+ORDER = np.broadcast_to(np.arange(12), (1, 2, 12)).copy()  # a valid ranking of 12 positions (no padding)
 
 
 class Arrays:
@@ -123,8 +124,15 @@ BAD = [
     ("one layer's values of another shape", "values[1]",
      lambda a: CL([a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V), a.A(V[:, :, :3])])),
     ("layers of different lengths", "keys[1]", lambda a: PL([a.A(Q)] * 2, [a.A(K), a.A(K[:, :, 1:])])),
-    ("a cut past the prompt", "cut", lambda a: refreekv.kept_positions(a.A(np.zeros((1, 2, 12)), "int64"), [13])),
-    ("a cut of zero", "cut", lambda a: refreekv.kept_positions(a.A(np.zeros((1, 2, 12)), "int64"), [0])),
+    ("a cut past the prompt", "cut", lambda a: refreekv.kept_positions(a.A(ORDER, "int64"), [13])),
+    ("a cut of zero", "cut", lambda a: refreekv.kept_positions(a.A(ORDER, "int64"), [0])),
+    ("an order that is no ranking", "order", lambda a: refreekv.kept_positions(a.A(np.zeros((1, 2, 12)), "int64"), [3])),
+    ("an order without the sinks first", "order",
+     lambda a: refreekv.norm_ratio_curve(a.A(np.ones((1, 4, 12))), a.A(ORDER[:, :, ::-1].copy(), "int64"), sinks=1)),
+    ("negative scores", "a", lambda a: refreekv.norm_ratio_curve(a.A(-np.ones((1, 4, 12))), a.A(ORDER, "int64"), sinks=1)),
+    ("a NaN in the ratio", "ratio",
+     lambda a: refreekv.threshold_cut(a.A(np.full((1, 12), np.nan)), threshold=0.01, sinks=1)),
+    ("a ratio above 1", "ratio", lambda a: refreekv.threshold_cut(a.A(np.full((1, 12), 2.0)), threshold=0.01, sinks=1)),
     ("positions past the prompt", "idx", lambda a: refreekv.evict(a.A(K), a.A(V), a.A(np.full((1, 2, 3), 12), "int64"))),
     ("positions of the wrong rank", "idx", lambda a: refreekv.evict(a.A(K), a.A(V), a.A(np.zeros((1, 3)), "int64"))),
     ("float positions", "idx", lambda a: refreekv.evict(a.A(K), a.A(V), a.A(np.zeros((1, 2, 3))))),
@@ -133,7 +141,7 @@ BAD = [
     ("a threshold of 1.5", "threshold", lambda a: refreekv.threshold_cut(a.A(np.zeros((1, 12))), threshold=1.5, sinks=1)),
     ("combine 'median'", "combine", lambda a: refreekv.attention_row(a.A(Q), a.A(K), combine="median")),
     ("norm 'l3'", "norm", lambda a: refreekv.norm_ratio_curve(a.A(np.ones((1, 4, 12))),
-                                                              a.A(np.zeros((1, 2, 12)), "int64"), sinks=1, norm="l3")),
+                                                              a.A(ORDER, "int64"), sinks=1, norm="l3")),
     ("rows past the given rows", "rows", lambda a: refreekv.attention_row(a.A(Q), a.A(K), rows=[2])),
     ("query_rows as a string", "query_rows", lambda a: ReFreeKVConfig(query_rows="8")),
     ("sinks as a float", "sinks", lambda a: ReFreeKVConfig(sinks=np.float64(2.0))),
@@ -141,6 +149,12 @@ BAD = [
     ("replan 'always'", "replan", lambda a: ReFreeKVConfig(replan="always")),
     ("plans reused under another ranking", "reuse",
      lambda a: CL([a.A(Q)], [a.A(K)], [a.A(V)], ReFreeKVConfig.paper(window=2), reuse=PL([a.A(Q)], [a.A(K)]))),
+    ("a plan whose cut was edited past the prompt", "plan", lambda a: refreekv.evict_plan(
+        a.A(K), a.A(V), dataclasses.replace(P(a.A(Q), a.A(K)), cut=np.array([13])))),
+    ("a plan whose cut was edited without its idx", "plan", lambda a: refreekv.evict_plan(
+        a.A(K), a.A(V), dataclasses.replace(P(a.A(Q), a.A(K)), cut=np.array([5])))),
+    ("a reused plan whose padding was edited", "reuse", lambda a: CL(
+        [a.A(Q)], [a.A(K)], [a.A(V)], reuse=[dataclasses.replace(P(a.A(Q), a.A(K)), start=np.array([3]))])),
     ("a plan for other keys", "keys", lambda a: refreekv.evict_plan(a.A(K[:, :, :6]), a.A(V[:, :, :6]),
                                                                    P(a.A(Q), a.A(K)))),
 ]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from refreekv import ReFreeKVConfig
 from refreekv.cli import main
 
 
@@ -38,6 +39,10 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--kinds", "needles"], "received 'needles'; expected comma-separated prompt kinds among needle, "
      "multikey, continuation, open"),
     (["eval", "--kinds", ","], "received ','; expected comma-separated prompt kinds"),
+    (["eval", "--max-length", "10"], "--max-length: received 10; expected a filter that keeps some of the test split's"),
+    (["eval", "--min-length", "5000", "--kinds", "multikey"],
+     "--kinds: received multikey; expected a filter that keeps some of the test split's prompts (left by the filters "
+     "before it: kinds ['needle'], lengths [7500]"),
     (["bench", "--repeat", "0"], "--repeat: received 0; expected an int >= 1"),
     (["bench", "--decode-tokens", "-1"], "--decode-tokens: received -1; expected an int >= 1"),
     (["eval", "--task", "conversation", "--conversations", "0"], "--conversations: received 0; expected an int >= 1"),
@@ -55,6 +60,7 @@ def test_inspect_json_schema(capsys, tmp_path):
     out = run_json(capsys, "inspect", "The quick brown fox jumps over the lazy dog. " * 20, "--no-plot",
                    "--out", str(tmp_path))
     assert set(out) == {"tokens", "config", "budget", "layers"}
+    assert ReFreeKVConfig.from_dict(out["config"]) == ReFreeKVConfig()  # the config as data, not a repr
     assert len(out["layers"]) == 30 and out["tokens"] > 100
     for layer in out["layers"]:
         assert set(layer) == {"layer", "kept", "budget", "retained", "cut_if_compressed"}
@@ -69,6 +75,7 @@ def test_inspect_raw_and_plot(capsys, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Once upon a time there was a tiny model. " * 10)
     out = run_json(capsys, "inspect", "--file", str(prompt), "--raw", "--threshold", "0.05", "--out", str(tmp_path))
+    assert out["config"]["threshold"] == 0.05
     assert out["tokens"] < 120 and (tmp_path / "inspect.png").stat().st_size > 10_000
 
 

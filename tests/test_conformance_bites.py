@@ -246,6 +246,37 @@ class MassFloorAsCeiling(NumpyBackend):
                  sinks, start))}
 
 
+class ArgmaxLast(NumpyBackend):
+    # A framework whose argmax returns the last of equal maxima (the core's first-index rule needs the first).
+    name = "broken-argmax-last-of-ties"
+
+    def argmax(self, x, axis=-1):
+        return x.shape[axis] - 1 - np.argmax(np.flip(x, axis), axis=axis)
+
+
+class FusedDecideWithoutFloor(NumpyBackend):
+    # A fused decide written before the mass floor existed: it drops the new config field.
+    name = "broken-fused-decide-drops-mass-floor"
+    steps = {"decide": lambda be, logits, start, rows, sinks, scope, norm, heads, combine, threshold, hkv,
+             mass_threshold=None: core.decide(be, logits, start, rows, sinks, scope, norm, heads, combine, threshold,
+                                              hkv, None)}
+
+
+class RecentRunShifted(NumpyBackend):
+    # The two-run eviction of the position ranking takes the recent run one token early.
+    name = "broken-recent-run-shifted"
+    steps = {"evict_runs": lambda be, keys, values, start, sinks, recent: tuple(
+        np.concatenate([x[:, :, start:start + sinks], x[:, :, x.shape[2] - recent - 1:x.shape[2] - 1]], axis=2)
+        for x in (keys, values))}
+
+
+class ObservationWindowShort(NumpyBackend):
+    # SnapKV's observation window one query short.
+    name = "broken-snapkv-window-short"
+    steps = {"snapkv_scores": lambda be, q, K, start, window, pool_kernel, scale=None: core.snapkv_scores(
+        be, q, K, start, max(1, window - 1), pool_kernel, scale)}
+
+
 #: bug -> the shipped suite test that must catch it (docs/conformance.md lists the same table)
 PLANTED = [
     (UnstableTies, "test_attention_ranking_ties"),
@@ -269,6 +300,10 @@ PLANTED = [
     (LongestPrefix, "test_threshold_boundary"),
     (ZeroThresholdEvicts, "test_threshold_boundary"),
     (MassFloorAsCeiling, "test_plan_matches_reference"),
+    (ArgmaxLast, "test_threshold_boundary"),
+    (FusedDecideWithoutFloor, "test_plan_matches_reference"),
+    (RecentRunShifted, "test_plan_matches_reference"),
+    (ObservationWindowShort, "test_scores_and_rankings"),
 ]
 
 # The ci profile's examples, without the shrink phase (a bug is caught or not before shrinking).

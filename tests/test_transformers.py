@@ -331,6 +331,43 @@ def test_other_architectures(arch):
 
 
 @torch.no_grad()
+def test_misuse_of_a_cache_is_one_error_not_a_crash_or_a_wrong_cache():
+    """Calls without the hooks (the prompt would go uncompressed; a compressed layer would attend
+    without its mask), a cache of another model, another batch, token ids past the vocabulary, and
+    nested hook blocks (a no-op, not a second capture)."""
+    model, other = tiny("qwen2"), tiny("mistral")
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 128, (2, 40), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    cfg = ReFreeKVConfig(threshold=0.2, retained_layers=(), query_rows=8)
+    with pytest.raises(ReFreeKVError, match="model: received a forward pass with a ReFreeKVCache outside refreekv_hooks"):
+        model(ids, attention_mask=mask, past_key_values=ReFreeKVCache(model, cfg))  # the prefill
+    cache = ReFreeKVCache(model, cfg)
+    with refreekv_hooks(model):
+        model(ids, attention_mask=mask, past_key_values=cache)
+    assert any(r.compressed for r in cache.report.layers)
+    step = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    with pytest.raises(ReFreeKVError, match="outside refreekv_hooks"):  # decoding after the block
+        model(ids[:, -1:], attention_mask=step, past_key_values=cache)
+    with refreekv_hooks(model), pytest.raises(ReFreeKVError, match="input_ids: received a batch of 1 on a cache that holds 2"):
+        model(ids[:1, -1:], past_key_values=cache)
+    with refreekv_hooks(other), pytest.raises(ReFreeKVError, match="cache: received a ReFreeKVCache made for another model"):
+        other(ids[:1], past_key_values=ReFreeKVCache(model, cfg))
+    with pytest.raises(ReFreeKVError, match="input_ids: received token ids from .* to 128"):
+        capture_prefill(model, torch.full((1, 8), 128))
+    once, twice = ReFreeKVCache(model, cfg), ReFreeKVCache(model, cfg)
+    with refreekv_hooks(model):
+        a = model(ids, attention_mask=mask, past_key_values=once).logits
+        with refreekv_hooks(model):
+            b = model(ids, attention_mask=mask, past_key_values=twice).logits
+        c = model(ids[:, -1:], attention_mask=step, past_key_values=twice).logits  # the outer block still holds
+    assert torch.equal(a, b) and len(twice.history.plans) == len(once.history.plans) == 1
+    assert [r.kept for r in twice.report.layers] == [r.kept for r in once.report.layers] and c.isfinite().all()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in attention_modules(model))
+
+
+@torch.no_grad()
 def test_a_prefill_compressed_many_ways_equals_the_hooks(smol, prompt):
     """capture_prefill + ReFreeKVCache.from_prefill (one prefill, many configurations, plans shared
     across fixed budgets) gives the cache the hooks give, configuration by configuration."""

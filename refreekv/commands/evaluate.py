@@ -67,17 +67,19 @@ def evaluate(group: str, split: str, size: str, out_dir: str, *, default: ReFree
     model, tok = load_torch()
     prompts = build(tok, split, size)
     lengths = sorted({p.length for p in prompts})
-    if max_length is not None:
-        prompts = [p for p in prompts if p.length <= max_length]
-    if min_length is not None:
-        prompts = [p for p in prompts if p.length >= min_length]
-    if kinds:
-        prompts = [p for p in prompts if p.kind in kinds]
+    filters = (("--max-length", max_length, lambda p: p.length <= max_length),
+               ("--min-length", min_length, lambda p: p.length >= min_length),
+               ("--kinds", ",".join(kinds or ()), lambda p: p.kind in kinds))
+    for option, value, keep in filters:
+        if not value:
+            continue
+        kept = [p for p in prompts if keep(p)]
+        if not kept:  # the filter that left nothing is the one to name
+            left = f"kinds {sorted({p.kind for p in prompts})}, lengths {sorted({p.length for p in prompts})}"
+            raise bad_input(option, value, f"a filter that keeps some of the {split} split's prompts (left by the "
+                            f"filters before it: {left}; the split's lengths {lengths})")
+        prompts = kept
     prompts = prompts[:limit]
-    if not prompts:
-        raise bad_input("--min-length/--max-length/--kinds", f"{min_length}/{max_length}/{kinds}",
-                        f"filters that keep some of the {split} split's prompts (lengths "
-                        f"{lengths})")
     table = methods(group, default)
     fp = code_fingerprint()
     store = ResultsCache(Path(out_dir) / "eval_cache.jsonl" if use_cache else None)

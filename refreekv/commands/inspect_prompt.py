@@ -39,7 +39,7 @@ def inspect_prompt(text: str, config: ReFreeKVConfig, out_dir: str, raw: bool = 
                        "cut_if_compressed": int(plan.cut[0])})
         rows.append([i, kept, f"{kept / n:.1%}", "retained" if config.is_retained(i) else ""])
     budget = float(np.mean([x["budget"] for x in layers]))
-    result = {"tokens": n, "config": repr(config), "budget": budget, "layers": layers}
+    result = {"tokens": n, "config": config.to_dict(), "budget": budget, "layers": layers}
     md = f"# refreekv inspect: {n} tokens, budget {budget:.1%}\n\n" + markdown_table(["layer", "kept", "budget", ""], rows)
     write(out_dir, "inspect", dict(result, ratio_curves=curves), md)
     if plot:

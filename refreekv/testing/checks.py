@@ -415,6 +415,13 @@ def check_errors(target: Target, dtype: str) -> None:
         ("values None", "values", lambda: refreekv.compress_layer(A(q), A(K), None)),
         ("positions past the prompt", "idx",
          lambda: refreekv.evict(A(K), A(K), target.backend.from_numpy(np.full((1, 2, 3), 12), "int64"))),
+        ("an order that is no ranking", "order",
+         lambda: refreekv.kept_positions(target.backend.from_numpy(np.zeros((1, 2, 12)), "int64"), [3])),
+        ("a ranking without the sinks first", "order",
+         lambda: refreekv.norm_ratio_curve(A(np.ones((1, 4, 12))), target.backend.from_numpy(
+             np.broadcast_to(np.arange(12)[::-1], (1, 2, 12)).copy(), "int64"), sinks=2)),
+        ("NaN in a ratio curve", "ratio",
+         lambda: refreekv.threshold_cut(A(np.full((1, 12), np.nan)), threshold=0.01, sinks=2)),
     ]
     big = {"float64": 1e160, "float32": 1e20, "bfloat16": 1e20}.get(dtype)  # finite, but q.K overflows
     if big is not None:  # (float16 inputs cannot overflow the float32 scores)
