@@ -198,8 +198,9 @@ class ReFreeKVCache:
         q = self.probe.take_queries(keys) if self.probe is not None else None
         if wants_rows:
             if q is None:
-                raise bad_input("model", "no captured queries", "a model prepared with "
-                                "refreekv.adapters.mlx_lm.attach(model) (make_prompt_cache does it)")
+                raise bad_input("model", f"no captured queries for layer {self.layer}",
+                                "the model this prompt cache was made for, prepared with refreekv.adapters.mlx_lm."
+                                "attach(model) (make_prompt_cache and load_prompt_cache(file, model) do it)")
             self._buffer_rows(q)
         self._append(keys, values)
         if L > 1:
