@@ -496,7 +496,8 @@ def _check_ids(input_ids, attention_mask=None, model=None) -> None:
         raise bad_input("attention_mask", f"{type(attention_mask).__name__} of shape "
                         f"{tuple(getattr(attention_mask, 'shape', ()))}",
                         f"None or a tensor of input_ids' shape {tuple(input_ids.shape)}")
-    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) if model is not None else None
+    embeddings = getattr(model, "get_input_embeddings", None)  # not a model: the model check names it later
+    vocab = getattr(embeddings(), "num_embeddings", None) if callable(embeddings) else None
     if vocab is not None:
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab:

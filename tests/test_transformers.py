@@ -253,6 +253,8 @@ def test_bad_configurations_fail_before_any_work(smol):
             (lambda: generate(model, None, input_ids=ids[:1], past_key_values=ReFreeKVCache(model)),
              "past_key_values: received a ReFreeKVCache"),
             (lambda: generate(model, None, input_ids=ids[:1].float()), "input_ids: received"),
+            (lambda: generate("gpt2", None, input_ids=ids[:1]), "model: received type str"),
+            (lambda: generate(model, None, input_ids=ids[:1] + 10 ** 6), "input_ids: received token ids from"),
             (lambda: generate(model, None, input_ids=ids[:1], prefill_chunk_size=8), "prefill_chunk_size: received 8")):
         with pytest.raises(ReFreeKVError, match=message):
             call()
