@@ -12,7 +12,7 @@ import numpy as np
 
 from . import planner
 from . import validate as v
-from .backend import Array, Backend
+from .backend import Array, Backend, find_backend
 from .config import ReFreeKVConfig
 from .errors import bad_input
 from .planner import CompressedLayer, LayerPlan, step
@@ -220,10 +220,13 @@ def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Arra
     shape = v.float_array(be, keys, "keys", 4, "(B, Hkv, n, d)")
     v.same_backend(be, values, "values")
     vshape = v.float_array(be, values, "values", 4, "(B, Hkv, n, d_v)")
-    want = (len(plan.cut), be.shape(plan.order)[1], be.shape(plan.order)[2])
+    if find_backend(plan.order) is not be or len(be.shape(plan.order)) != 3:
+        raise bad_input("plan", f"order of type {type(plan.order).__name__}",
+                        f"a LayerPlan whose order is a (B, Hkv, n) {be.name} array, as plan_layer made it")
+    want = tuple(be.shape(plan.order))
+    planner.check_plan_fields(plan, be, *want)
     if shape[:3] != want or vshape[:3] != want:
         raise bad_input("keys", f"shape {shape} (values {vshape})", f"(B, Hkv, n) = {want}, the shapes the plan was made for")
-    planner.check_plan_fields(plan, be, *want)
     return planner.evict(plan, keys, values, be)
 
 

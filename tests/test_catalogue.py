@@ -151,6 +151,8 @@ BAD = [
      lambda a: CL([a.A(Q)], [a.A(K)], [a.A(V)], ReFreeKVConfig.paper(window=2), reuse=PL([a.A(Q)], [a.A(K)]))),
     ("a plan whose cut was edited past the prompt", "plan", lambda a: refreekv.evict_plan(
         a.A(K), a.A(V), dataclasses.replace(P(a.A(Q), a.A(K)), cut=np.array([13])))),
+    ("a plan whose cut was edited to an int", "plan", lambda a: refreekv.evict_plan(
+        a.A(K), a.A(V), dataclasses.replace(P(a.A(Q), a.A(K)), cut=5))),
     ("a plan whose cut was edited without its idx", "plan", lambda a: refreekv.evict_plan(
         a.A(K), a.A(V), dataclasses.replace(P(a.A(Q), a.A(K)), cut=np.array([5])))),
     ("a reused plan whose padding was edited", "reuse", lambda a: CL(
