@@ -58,7 +58,8 @@ FORMAT = "refreekv-mlx-prompt-cache/1"
 
 
 class QueryProbe(nn.Module):
-    """Wraps an attention module's ``rope`` and keeps its last two outputs (queries, then keys)."""
+    """Wraps an attention module's ``rope`` and keeps its last two outputs with the offset each was
+    rotated at (queries, then keys, in mlx-lm's Llama-family models)."""
 
     def __init__(self, rope, scale: float):
         super().__init__()
@@ -68,18 +69,34 @@ class QueryProbe(nn.Module):
 
     def __call__(self, x, *args, **kwargs):
         out = self.inner(x, *args, **kwargs)
-        self._recent.append(out)
+        self._recent.append((out, kwargs.get("offset", args[0] if args else 0)))
         return out
 
-    def take_queries(self, keys: mx.array) -> mx.array | None:
-        """The queries rotated in this call (the first of the last two rope outputs)."""
+    def take_queries(self, keys: mx.array, offset: int) -> mx.array | None:
+        """The queries rotated in this call, or None if what was rotated is not exactly "queries, then
+        these keys, both at ``offset``": keys rotated after the cache update, queries rotated after it
+        (a previous call's would be stale), a rope applied elsewhere, or shapes that do not fit."""
         if len(self._recent) < 2:
+            self._recent.clear()
             return None
-        q, k = self._recent[0], self._recent[1]
+        (q, q_at), (k, k_at) = self._recent
         self._recent.clear()
-        if k.shape != keys.shape or q.shape[2] != keys.shape[2] or q.shape[1] % keys.shape[1]:
+        if q is keys or (k is not keys and k.shape != keys.shape):
+            return None  # keys rotated first (q would be the keys), or the second output is not these keys
+        if not (_same_offset(q_at, offset) and _same_offset(k_at, offset)):
+            return None  # e.g. queries rotated after the cache update: these are the previous call's
+        if q.ndim != 4 or q.shape[0] != keys.shape[0] or q.shape[2] != keys.shape[2] or q.shape[3] != keys.shape[3] \
+                or q.shape[1] % keys.shape[1]:
             return None
         return q
+
+
+def _same_offset(at, offset: int) -> bool:
+    """Whether a rope offset (an int or a one-element array) is ``offset``."""
+    try:
+        return int(at.item() if isinstance(at, mx.array) else at) == offset
+    except (TypeError, ValueError):
+        return False
 
 
 def _attention_modules(model) -> list:
@@ -195,7 +212,7 @@ class ReFreeKVCache:
         # Rows that can score a plan: a prompt segment's (its last token included) and, with
         # replan_every, generated tokens'. Decode steps' rows are not kept otherwise.
         wants_rows = (plans_segments and (L > 1 or segment_end)) or cfg.replan_every > 0
-        q = self.probe.take_queries(keys) if self.probe is not None else None
+        q = self.probe.take_queries(keys, self.offset) if self.probe is not None else None
         if wants_rows:
             if q is None:
                 raise bad_input("model", f"no captured queries for layer {self.layer}",

@@ -261,14 +261,44 @@ def register_backend(backend: Backend | type[Backend]) -> Backend:
 
 
 def load_backend(path: str) -> Backend:
-    """A backend from ``"module:attribute"``: an instance, a class or a factory function."""
+    """A backend from ``"module:attribute"``: an instance, a class or a factory function
+    (``attribute`` defaults to ``backend``). ReFreeKVError naming ``backend`` if the module does not
+    import, lacks the attribute, or the attribute does not give a ``refreekv.Backend``."""
+    from .errors import bad_input
+
+    expected = '"module:attribute" naming a refreekv.Backend instance, subclass or factory'
+    if not isinstance(path, str) or not path or path.startswith(":"):
+        raise bad_input("backend", repr(path), expected)
     mod, _, attr = path.partition(":")
-    obj = getattr(importlib.import_module(mod), attr or "backend")
-    return obj if isinstance(obj, Backend) else obj()
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as e:
+        raise bad_input("backend", f"{path!r}, whose module does not import ({e})", expected) from e
+    if not hasattr(module, attr or "backend"):
+        raise bad_input("backend", f"{path!r}: module {mod!r} has no attribute {attr or 'backend'!r}", expected)
+    obj = getattr(module, attr or "backend")
+    if isinstance(obj, Backend):
+        return obj
+    if isinstance(obj, type) and not issubclass(obj, Backend):
+        raise bad_input("backend", f"{path!r}, the class {obj.__name__} (not a refreekv.Backend subclass)", expected)
+    if not callable(obj):
+        raise bad_input("backend", f"{path!r}, an object of type {type(obj).__name__}", expected)
+    try:
+        inst = obj()
+    except Exception as e:
+        raise bad_input("backend", f"{path!r}, whose call with no arguments failed ({type(e).__name__}: {e})",
+                        expected) from e
+    if not isinstance(inst, Backend):
+        raise bad_input("backend", f"{path!r}, which returned an object of type {type(inst).__name__}", expected)
+    return inst
 
 
 def builtin_backend(name: str) -> Backend:
     """The built-in backend ``"numpy"``, ``"torch"`` or ``"mlx"`` (imports its framework)."""
+    if not isinstance(name, str) or name not in _BUILTIN:
+        from .errors import bad_input
+
+        raise bad_input("name", repr(name), " or ".join(f'"{k}"' for k in _BUILTIN))
     if name not in _builtin_loaded:
         _builtin_loaded[name] = load_backend(_BUILTIN[name])
     return _builtin_loaded[name]

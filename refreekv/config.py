@@ -21,6 +21,12 @@ def _real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_"
 
 
+def _length(n: object) -> int:
+    if not _int(n) or n < 1:
+        raise bad_input("n", repr(n), "an int >= 1 (a prompt length in tokens)")
+    return int(n)
+
+
 def _choice(name: str, value: object, table: dict) -> None:
     if not isinstance(value, str) or value not in table:
         raise bad_input(name, repr(value), " or ".join(f'"{k}"' for k in table))
@@ -161,11 +167,11 @@ class ReFreeKVConfig:
     # -- what engines ask ---------------------------------------------------------------------
     def rows_for(self, n: int) -> int:
         """k, the newest prompt queries that make the score row a, for a prompt of n tokens."""
-        return rules.rows_for(self, n)
+        return rules.rows_for(self, _length(n))
 
     def rows_needed(self, n: int) -> int:
         """Query rows an engine must capture for a prompt of n tokens (``rules.rows_needed``)."""
-        return rules.rows_needed(self, n)
+        return rules.rows_needed(self, _length(n))
 
     def check_layers(self, num_layers: int) -> None:
         """Raise if a retained layer index does not exist in a model of ``num_layers`` layers."""
@@ -175,6 +181,9 @@ class ReFreeKVConfig:
                             f"indices below the model's number of layers ({num_layers})")
 
     def is_retained(self, layer: int) -> bool:
+        """Whether layer index ``layer`` (an int >= 0) is never compressed."""
+        if not _int(layer) or layer < 0:
+            raise bad_input("layer", repr(layer), "an int >= 0 (a layer index)")
         return layer in self.retained_layers
 
     # -- plain data (saved caches, the CLI, results files) ------------------------------------

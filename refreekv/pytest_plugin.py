@@ -36,14 +36,44 @@ def pytest_addoption(parser):
                     help="comma-separated input dtypes (default: the backend's own list)")
 
 
+def _target(config):
+    """The backend under test and its dtypes from the two options; pytest.UsageError (one message,
+    before any test runs) when either names something that does not work."""
+    import numpy as np
+
+    from refreekv.backend import builtin_backend, load_backend
+    from refreekv.errors import ReFreeKVError
+    from refreekv.testing.checks import Target
+
+    name = config.getoption("--refreekv-backend") or "numpy"
+    try:
+        backend = builtin_backend(name) if name in ("numpy", "torch", "mlx") else load_backend(name)
+    except ReFreeKVError as err:
+        raise pytest.UsageError(f"--refreekv-backend={name}: {err}") from err
+    option = config.getoption("--refreekv-dtypes")
+    dtypes = tuple(d.strip() for d in option.split(",") if d.strip()) if option is not None else tuple(backend.dtypes)
+    known = ("float16", "bfloat16", "float32", "float64")
+    unknown = [d for d in dtypes if d not in known]
+    if not dtypes or unknown:
+        raise pytest.UsageError(f"--refreekv-dtypes={option}: received {', '.join(map(repr, unknown)) or 'no dtype'}; "
+                                f"expected a comma-separated list of {', '.join(known)}")
+    for d in dtypes:  # a dtype the backend cannot make fails here, once, not in every check
+        try:
+            backend.from_numpy(np.zeros(2), d)
+        except Exception as err:
+            raise pytest.UsageError(f"--refreekv-dtypes={option}: backend {backend.name} cannot make a {d} array "
+                                    f"({type(err).__name__}: {err}); expected dtypes it supports") from err
+    return Target(backend, dtypes)
+
+
+def pytest_configure(config):
+    """Check the options as the run starts, only when one was given (other projects' runs: nothing)."""
+    if config.getoption("--refreekv-backend", None) is not None or config.getoption("--refreekv-dtypes", None) is not None:
+        config._refreekv_target = _target(config)
+
+
 @pytest.fixture(scope="session")
 def refreekv_target(request):
     """The backend under test, from ``--refreekv-backend`` (NumPy when not given)."""
-    from refreekv.backend import builtin_backend, load_backend
-    from refreekv.testing.checks import Target
-
-    name = request.config.getoption("--refreekv-backend") or "numpy"
-    backend = builtin_backend(name) if name in ("numpy", "torch", "mlx") else load_backend(name)
-    option = request.config.getoption("--refreekv-dtypes")
-    dtypes = tuple(option.split(",")) if option else tuple(backend.dtypes)
-    return Target(backend, dtypes)
+    target = getattr(request.config, "_refreekv_target", None)
+    return target if target is not None else _target(request.config)

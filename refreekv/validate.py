@@ -92,7 +92,7 @@ def host_ints(be: Backend, value: object, argument: str, batch: int) -> np.ndarr
         host = np.asarray(be.to_numpy(value))
     else:
         raise bad_input(argument, f"an object of type {_describe(value)}",
-                        f"({batch},) ints as a list, tuple, numpy array or {be.name} array")
+                        f"({batch},) ints as a list, tuple or numpy array" + ("" if be.name == "numpy" else f" or {be.name} array"))
     if host.shape != (batch,) or host.dtype.kind not in "iu":
         raise bad_input(argument, f"shape {host.shape} dtype {host.dtype}", f"({batch},) ints")
     return host.astype(np.int64)
@@ -238,6 +238,8 @@ def request(q_rows, keys, values, config, *, start=None, scale=None, layers=None
         if not isinstance(layers, (list, tuple)) or len(layers) != L:
             raise bad_input(layers_name, repr(layers), f"None or {L} layer indices, one per layer")
         layers = [integer(x, layers_name) for x in layers]
+        if len(set(layers)) != len(layers):
+            raise bad_input(layers_name, repr(layers), "distinct layer indices (each layer planned once per call)")
     # Retained layers and prompts too short to compress (n_b <= sinks + 1) need no queries.
     planned = (layers is None or not all(cfg.is_retained(i) for i in layers)) and int(n - host.min()) > cfg.sinks + 1
     need = max(cfg.rows_needed(int(n - s)) for s in host)

@@ -159,6 +159,15 @@ BAD = [
         [a.A(Q)], [a.A(K)], [a.A(V)], reuse=[dataclasses.replace(P(a.A(Q), a.A(K)), start=np.array([3]))])),
     ("a plan for other keys", "keys", lambda a: refreekv.evict_plan(a.A(K[:, :, :6]), a.A(V[:, :, :6]),
                                                                    P(a.A(Q), a.A(K)))),
+    ("one layer index twice", "layers", lambda a: CL([a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V)] * 2, layers=[3, 3])),
+    ("rows for a prompt of no tokens", "n", lambda a: ReFreeKVConfig().rows_needed(0)),
+    ("rows for a prompt length that is a string", "n", lambda a: ReFreeKVConfig().rows_for("12")),
+    ("is_retained of a negative layer", "layer", lambda a: ReFreeKVConfig().is_retained(-1)),
+    ("an unknown built-in backend", "name", lambda a: builtin_backend("jax")),
+    ("a backend module that does not import", "backend", lambda a: refreekv.backend.load_backend("no_such_mod:B")),
+    ("a backend path naming a module", "backend", lambda a: refreekv.backend.load_backend("os:path")),
+    ("a backend path naming another class", "backend", lambda a: refreekv.backend.load_backend("collections:Counter")),
+    ("a backend path with a missing attribute", "backend", lambda a: refreekv.backend.load_backend("os:NoSuchThing")),
 ]
 
 

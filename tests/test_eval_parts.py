@@ -243,3 +243,9 @@ def test_needle_sources_refuses_other_prompts_and_agrees_at_a_tiny_threshold(tmp
         {f"all but {i} (only it compressed)" for i in compressed} | \
         {k for k in answers if k.startswith("all layers that dropped the needle")}
     assert 0 < out["back"] < out["n"]
+
+
+def test_demo_divergence_refuses_a_bad_token_count(capsys):
+    with pytest.raises(SystemExit):
+        _script("demo_divergence").main(["--max-new-tokens", "0"])
+    assert "--max-new-tokens: received 0; expected an int >= 1" in capsys.readouterr().err

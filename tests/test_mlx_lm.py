@@ -54,26 +54,29 @@ def test_zero_threshold_matches_mlx_lm_kvcache(smol, ids):
     assert [r.kept for r in budget_report(cache).layers] == [[len(ids)]] * len(cache)
 
 
-def test_default_threshold_shrinks_storage_to_the_reference_budget(smol, ids):
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, query_rows=0.4)], ids=["32_rows", "fraction_of_n"])
+def test_default_threshold_shrinks_storage_to_the_reference_budget(smol, ids, cfg):
+    """Each layer's cut is the reference's on the prefill's own queries and keys (with a fraction
+    of n as query rows, the buffer holds more rows than score: the newest must)."""
     model, tok = smol
     n = len(ids)
     # Capture each layer's post-RoPE last query and keys from a plain prefill.
     probes = attach(model)
     plain = plain_prompt_cache(model)
     model(mx.array(ids)[None], cache=plain)
-    rows = CFG.rows_needed(n)
-    captured = [(np.array(p._recent[0][:, :, -rows:]).astype(np.float64),
+    rows = cfg.rows_needed(n)
+    captured = [(np.array(p._recent[0][0][:, :, -rows:]).astype(np.float64),  # (queries, their rope offset)
                  np.array(c.keys[..., :n, :]).astype(np.float64)) for p, c in zip(probes, plain)]
-    cache = make_prompt_cache(model, CFG)
+    cache = make_prompt_cache(model, cfg)
     model(mx.array(ids[:-1])[None], cache=cache)
     model(mx.array(ids[-1:])[None], cache=cache)  # the last prompt token: compression happens here
     report = budget_report(cache)
     for i, ((q, K), c, rep) in enumerate(zip(captured, cache, report.layers)):
         assert c.offset == n and c.stored == rep.kept[0] and c.nbytes >= rep.bytes_after
-        if i in CFG.retained_layers:
+        if i in cfg.retained_layers:
             assert not rep.compressed
             continue
-        lo, hi = valid_cut_range(R.plan_layer(q, K, CFG)["ratio"][0], CFG.threshold, 2e-4, CFG.sinks, n)
+        lo, hi = valid_cut_range(R.plan_layer(q, K, cfg)["ratio"][0], cfg.threshold, 2e-4, cfg.sinks, n)
         assert lo <= rep.kept[0] <= hi, (i, rep.kept, lo, hi)
         assert c.keys.shape[2] == c.stored  # storage after a plan: exactly the kept tokens
     assert report.bytes_after < 0.9 * report.bytes_before
@@ -236,8 +239,88 @@ def test_a_segment_of_at_most_sinks_tokens_is_appended_without_a_plan(smol, ids)
     run(model, tok, ids, cache, max_tokens=2)
     ours = [c for c in cache if isinstance(c, ReFreeKVCache)]
     plans, stored = ours[0].planner.history.plans[:], [c.stored for c in ours]
-    run(model, tok, tok.encode(" Yes, go")[:3], cache, max_tokens=2)  # 3 tokens: no plan
+    words = tok.encode(" And now tell me about the essay, please.")
+    assert len(words) > 5
+    run(model, tok, words[:4], cache, max_tokens=2)  # a segment of exactly `sinks` tokens: no plan
     assert len(ours[0].planner.history.plans) == len(plans)
     assert all(c.stored > s for c, s in zip(ours, stored))  # appended, nothing evicted
-    run(model, tok, tok.encode(" And now tell me about the essay, please."), cache, max_tokens=2)
+    run(model, tok, words[:5], cache, max_tokens=2)  # sinks + 1 tokens: planned
     assert len(ours[0].planner.history.plans) == len(plans) + 1
+
+
+def test_queries_rotated_after_the_cache_update_are_refused_not_taken_stale(smol, ids, monkeypatch):
+    """Some mlx-lm models rotate the keys, update the cache, and only then rotate the queries (gemma3n's
+    order): at the update the probe holds no queries of this call. The cache raises instead of
+    scoring with anything else (the offset rule below also refuses a previous call's queries)."""
+    from mlx_lm.models import llama
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    model, tok = smol
+
+    def keys_first(self, x, mask=None, cache=None):
+        B, L, _ = x.shape
+        queries = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset
+        keys = self.rope(keys, offset=offset)
+        keys, values = cache.update_and_fetch(keys, values)
+        queries = self.rope(queries, offset=offset)
+        out = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    cache = make_prompt_cache(model, dataclasses.replace(CFG, replan_every=2))
+    model(mx.array(ids[:1])[None], cache=cache)  # normal order: fine
+    monkeypatch.setattr(llama.Attention, "__call__", keys_first)
+    with pytest.raises(ReFreeKVError, match="model: received no captured queries"):
+        model(mx.array(ids[1:2])[None], cache=cache)  # one token, same shapes as the previous call's queries
+
+
+def test_the_probe_gives_queries_only_when_both_were_rotated_at_this_calls_offset():
+    from refreekv.adapters.mlx_lm import QueryProbe
+
+    probe = QueryProbe(lambda x, offset=0: x, 0.125)  # rotation itself does not matter here: identity
+    q, k = mx.zeros((1, 4, 1, 8)), mx.ones((1, 2, 1, 8))
+    probe(q, offset=7), probe(k, offset=7)
+    assert probe.take_queries(k, 7) is q
+    probe(q, offset=6), probe(k, offset=7)  # queries of the previous step (same shape) and this step's keys
+    assert probe.take_queries(k, 7) is None
+    probe(q, 7), probe(k, 7)  # offset passed positionally
+    assert probe.take_queries(k, 7) is q
+    probe(q, offset=mx.array(7)), probe(k, offset=mx.array(7))  # an array offset
+    assert probe.take_queries(k, 7) is q
+    mha = mx.ones((1, 4, 1, 8))  # as many KV heads as query heads: shapes cannot tell queries from keys
+    probe(mha, offset=7), probe(q, offset=7)  # keys rotated first, then the queries (gemma4_text's order)
+    assert probe.take_queries(mha, 7) is None
+    probe(k, offset=7)  # keys alone: nothing to take
+    assert probe.take_queries(k, 7) is None
+    probe(q, offset=7), probe(mx.ones((1, 2, 3, 8)), offset=7)  # the second output is not these keys
+    assert probe.take_queries(k, 7) is None
+
+
+def test_decoding_after_a_plan_continues_at_true_positions_as_torch_does(smol, ids):
+    """With a fixed budget both engines keep exactly the same positions; the next tokens' logits,
+    teacher-forced over several steps after the plan, then agree between MLX and torch (a position
+    counted from the stored slots instead of the tokens seen rotates them elsewhere), and every
+    cache's offset counts the tokens seen."""
+    from refreekv.adapters.transformers import ReFreeKVCache as TorchCache, refreekv_hooks
+
+    cfg = ReFreeKVConfig(halting="ratio", budget=0.5)
+    model, _ = smol
+    tmodel, _ = load_torch()
+    tcache = TorchCache(tmodel, cfg)
+    with refreekv_hooks(tmodel), torch.no_grad():
+        t_logits = [tmodel(input_ids=torch.tensor([ids]), cache=tcache).logits[0, -1]]
+        forced = [int(t_logits[0].argmax())]
+        for _ in range(5):
+            t_logits.append(tmodel(input_ids=torch.tensor([[forced[-1]]]), cache=tcache).logits[0, -1])
+            forced.append(int(t_logits[-1].argmax()))
+    cache = make_prompt_cache(model, cfg)
+    model(mx.array(ids[:-1])[None], cache=cache)
+    m_logits = [model(mx.array(ids[-1:])[None], cache=cache)[0, -1]]
+    assert any(c.stored < len(ids) for c in cache)
+    for step, tok_id in enumerate(forced[:-1], 1):
+        m_logits.append(model(mx.array([[tok_id]]), cache=cache)[0, -1])
+        assert all(c.offset == len(ids) + step for c in cache)
+    for step, (a, b) in enumerate(zip(t_logits, m_logits)):
+        np.testing.assert_allclose(np.array(b), a.numpy(), atol=2e-3, rtol=0, err_msg=f"step {step}")

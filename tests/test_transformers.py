@@ -547,7 +547,179 @@ def test_a_segment_of_at_most_sinks_tokens_is_appended_without_a_plan(smol, prom
     assert len(cache.history.plans) == plans
     for old, layer in zip(before, cache.layers):
         assert layer.keys.shape[-2] == old.shape[-2] + 4 and torch.equal(layer.keys[..., :old.shape[-2], :], old)
-    longer = tok(" And now tell me about the essay, please.", return_tensors="pt")["input_ids"]
+    longer = tok(" And now tell me about the essay, please.", return_tensors="pt")["input_ids"][:, :5]  # sinks + 1
     with refreekv_hooks(model):
         model(input_ids=longer, attention_mask=torch.ones(1, n + 4 + longer.shape[1], dtype=torch.long), cache=cache)
     assert len(cache.history.plans) == plans + 1
+
+
+@pytest.mark.parametrize("arch", ["smol", "qwen2", "gemma3"])
+@torch.no_grad()
+def test_recomputed_score_queries_are_the_models_own(arch, smol):
+    """The queries the cache recomputes from a layer's captured rows (q_proj, q_norm where the model
+    has one, RoPE at the rows' true positions) equal those the attention module itself computed."""
+    import sys
+
+    from refreekv.adapters.transformers import Captured
+
+    model = smol[0] if arch == "smol" else tiny(arch)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    seen, inputs = [], {}
+    namespace = sys.modules[type(attention_modules(model)[0]).__module__]
+    real = namespace.apply_rotary_pos_emb
+
+    def record(q, k, *args, **kw):
+        out = real(q, k, *args, **kw)
+        seen.append(out[0])
+        return out
+
+    hooks = [m.register_forward_hook(lambda mod, a, kw, o: inputs.__setitem__(mod.layer_idx, kw), with_kwargs=True)
+             for m in attention_modules(model)]
+    namespace.apply_rotary_pos_emb = record
+    try:
+        model(input_ids=ids, cache=DynamicCache(config=model.config))
+    finally:
+        namespace.apply_rotary_pos_emb = real
+        for h in hooks:
+            h.remove()
+    modules = attention_modules(model)
+    assert len(seen) == len(modules)
+    for m, own in zip(modules, seen):
+        kw = inputs[m.layer_idx]
+        cos, sin = kw["position_embeddings"]
+        cap = Captured(m, kw["hidden_states"][:, -8:], cos[:, -8:], sin[:, -8:])
+        torch.testing.assert_close(cap.queries(8), own[:, :, -8:], atol=1e-5, rtol=1e-5)
+
+
+def _by_hand(module, kw, keys, values, kept):
+    """A layer's attention output computed by hand: each of the call's q tokens sees the ``kept``
+    slots and, causally, the call's own tokens (the last q slots of ``keys``)."""
+    h, (cos, sin) = kw["hidden_states"], kw["position_embeddings"]
+    q_len = h.shape[1]
+    q = module.q_proj(h).view(1, q_len, -1, module.head_dim).transpose(1, 2)
+    half = module.head_dim // 2
+    q = q * cos[:, None] + torch.cat([-q[..., half:], q[..., :half]], -1) * sin[:, None]
+    g = q.shape[1] // keys.shape[1]
+    logits = q @ keys.repeat_interleave(g, 1).transpose(-1, -2) * module.scaling
+    S = keys.shape[-2]
+    col, row = torch.arange(S)[None, :], torch.arange(q_len)[:, None]
+    visible = (col < kept) | ((col >= S - q_len) & (col - (S - q_len) <= row))
+    w = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)
+    return module.o_proj((w @ values.repeat_interleave(g, 1)).transpose(1, 2).reshape(1, q_len, -1))
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["attention_mask", "no_mask"])
+@torch.no_grad()
+def test_segments_after_a_plan_attend_to_the_kept_slots_and_causally_to_themselves(smol, prompt, with_mask):
+    """A multi-token call on a compressed cache (after the first plan, and again after a re-plan), with
+    and without an attention mask: each layer's output equals attention by hand over its kept slots
+    plus the call's own tokens, causally; no token sees a later one of its segment (nor misses
+    itself), and positions continue from the true length."""
+    model, tok = smol
+    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.05, replan="turns"))
+    n = prompt["input_ids"].shape[1]
+    with refreekv_hooks(model):
+        model(**prompt, cache=cache)
+    segments = [tok(["<|im_start|>user\nAnd what else is there to say about it?<|im_end|>\n"],
+                    return_tensors="pt")["input_ids"],
+                tok(["<|im_start|>user\nTell me more, please.<|im_end|>\n"], return_tensors="pt")["input_ids"]]
+    seen_len = n
+    for seg in segments:
+        layer_idx = max(range(2, len(cache.layers)), key=lambda i: seen_len - cache.layers[i].keys.shape[-2])
+        layer, module = cache.layers[layer_idx], attention_modules(model)[layer_idx]
+        kept = layer.keys.shape[-2]
+        assert kept < seen_len and layer.all_slots_valid
+        seen = {}
+        hook = module.register_forward_hook(lambda m, a, kw, out: seen.update(kw=kw, out=out[0]), with_kwargs=True)
+        keys_after = {}
+        spy = module.register_forward_hook(
+            lambda m, a, kw, out: keys_after.update(k=layer.keys, v=layer.values), with_kwargs=True, prepend=True)
+        mask = {"attention_mask": torch.ones(1, seen_len + seg.shape[1], dtype=torch.long)} if with_mask else {}
+        with refreekv_hooks(model):
+            model(input_ids=seg, cache=cache, **mask)
+        hook.remove(), spy.remove()
+        q_len = seg.shape[1]
+        assert seen["kw"]["position_ids"].tolist() == [list(range(seen_len, seen_len + q_len))]
+        K, V = keys_after["k"], keys_after["v"]
+        assert K.shape[-2] == kept + q_len
+        torch.testing.assert_close(seen["out"], _by_hand(module, seen["kw"], K, V, kept), atol=1e-5, rtol=1e-4)
+        seen_len += q_len
+    assert len(cache.history.plans) == 3
+
+
+@torch.no_grad()
+def test_reordering_a_compressed_batch_moves_each_rows_slot_mask_with_it(smol):
+    """batch_select_indices / batch_repeat_interleave (beam search, several sequences) carry each
+    row's slot mask with its keys, for a batch whose samples kept different numbers of slots."""
+    model, tok = smol
+    tok.padding_side = "left"
+    batch = tok([chat(tok, needle_prompt(300, depth=0.3)), chat(tok, "Name three colours.")],
+                return_tensors="pt", padding=True)
+    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.01))
+    with refreekv_hooks(model):
+        model(**batch, cache=cache)
+    layers = [layer for layer in cache.layers if layer.compressed and not layer.all_slots_valid]
+    assert layers  # some layer holds padded slots for the shorter sample
+    before = [(layer.keys.clone(), layer.slot_valid.clone()) for layer in layers]
+    cache.batch_select_indices(torch.tensor([1, 0]))
+    for layer, (k, valid) in zip(layers, before):
+        assert torch.equal(layer.keys, k[[1, 0]]) and torch.equal(layer.slot_valid, valid[[1, 0]])
+    cache.batch_repeat_interleave(2)
+    for layer, (k, valid) in zip(layers, before):
+        assert torch.equal(layer.keys, k[[1, 1, 0, 0]]) and torch.equal(layer.slot_valid, valid[[1, 1, 0, 0]])
+
+
+@torch.no_grad()
+def test_a_padded_batch_decodes_the_same_with_or_without_an_attention_mask(smol):
+    """Decoding a left-padded, compressed batch without an attention mask (each layer then builds its
+    mask from its own slot mask and causality alone) gives the logits of the same step with the mask.
+    No layer is retained: a plain (retained) layer would attend to the padding without a mask."""
+    model, tok = smol
+    tok.padding_side = "left"
+    batch = tok([chat(tok, needle_prompt(300, depth=0.6)), chat(tok, "Name three colours.")],
+                return_tensors="pt", padding=True)
+    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.01, retained_layers=()))
+    with refreekv_hooks(model):
+        nxt = model(**batch, cache=cache).logits[:, -1:].argmax(-1)
+    assert any(layer.compressed and not layer.all_slots_valid for layer in cache.layers)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    twin, positions = copy.deepcopy(cache), mask.cumsum(-1)[:, -1:] - 1  # each sample's own next position
+    with refreekv_hooks(model):
+        with_mask = model(input_ids=nxt, attention_mask=mask, position_ids=positions, cache=cache).logits
+        without = model(input_ids=nxt, position_ids=positions, cache=twin).logits
+    torch.testing.assert_close(without, with_mask, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_plan_during_generation_scores_only_tokens_generated_since_the_last_plan(smol, prompt, monkeypatch):
+    """With replan_every, the rows that score a plan are the newest generated tokens' own: tokens
+    generated before a new segment was planned never score a later plan (their positions are older
+    than the segment's)."""
+    import refreekv
+
+    model, tok = smol
+    rows_used = []
+    real = refreekv.compress_layers
+
+    def spy(q, keys, values, config, **kw):
+        rows_used.extend(x.shape[2] for x, i in zip(q, kw["layers"]) if not config.is_retained(i))
+        return real(q, keys, values, config, **kw)
+
+    monkeypatch.setattr(refreekv, "compress_layers", spy)
+    cache = ReFreeKVCache(model, ReFreeKVConfig(replan="turns", replan_every=4))
+    n = prompt["input_ids"].shape[1]
+    step = lambda ids, seen: model(input_ids=ids, attention_mask=torch.ones(1, seen + ids.shape[1], dtype=torch.long),
+                                   cache=cache).logits[:, -1:].argmax(-1)  # noqa: E731
+    with refreekv_hooks(model):
+        nxt, seen = step(prompt["input_ids"], 0), n
+        for _ in range(3):  # 3 generated tokens: fewer than replan_every, no plan
+            nxt, seen = step(nxt, seen), seen + 1
+        plans = len(cache.history.plans)
+        seg = tok(["<|im_start|>user\nAnd what else is there to say about it?<|im_end|>\n"], return_tensors="pt")["input_ids"]
+        nxt, seen = step(seg, seen), seen + seg.shape[1]
+        assert len(cache.history.plans) == plans + 1
+        del rows_used[:]
+        for _ in range(4):  # 4 tokens generated after the segment: one plan, scored by those 4 rows
+            nxt, seen = step(nxt, seen), seen + 1
+    assert len(cache.history.plans) == plans + 2
+    assert rows_used and set(rows_used) == {4}, rows_used
