@@ -451,6 +451,16 @@ def _post_hook(module, args, kwargs, output):
     return None
 
 
+def _clear_hooked(module, args, kwargs, output):
+    """After every call, also one that raised inside the layer (``always_call``): the layer's "this call
+    came through the hooks" mark never outlives its call, so a later call outside the hooks is refused
+    at the first layer, before any layer appends to the cache."""
+    cache = _cache_of(kwargs)
+    if cache is not None and module.layer_idx < len(cache.layers) and isinstance(cache.layers[module.layer_idx], ReFreeKVLayer):
+        cache.layers[module.layer_idx].hooked = False
+    return None
+
+
 #: attention modules whose ReFreeKV hooks are on (weak: a deleted model leaves nothing behind)
 _HOOKED: weakref.WeakSet = weakref.WeakSet()
 
@@ -471,6 +481,7 @@ def refreekv_hooks(model):
         for m in modules:
             handles.append(m.register_forward_pre_hook(_pre_hook, with_kwargs=True))
             handles.append(m.register_forward_hook(_post_hook, with_kwargs=True))
+            handles.append(m.register_forward_hook(_clear_hooked, with_kwargs=True, always_call=True))
         yield model
     finally:
         for h in handles:

@@ -723,3 +723,32 @@ def test_a_plan_during_generation_scores_only_tokens_generated_since_the_last_pl
             nxt, seen = step(nxt, seen), seen + 1
     assert len(cache.history.plans) == plans + 2
     assert rows_used and set(rows_used) == {4}, rows_used
+
+
+@torch.no_grad()
+def test_a_call_that_failed_inside_a_layer_does_not_let_a_later_unhooked_call_through():
+    """A forward that raises between a layer's pre-hook and its cache update must not leave that layer
+    marked as called through the hooks: a later call outside refreekv_hooks is then refused at the
+    first layer, before any layer appends to the cache (it once appended to layer 0, then raised)."""
+    model = tiny("qwen2")
+    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.1, retained_layers=()))
+    with refreekv_hooks(model):
+        model(input_ids=ids, cache=cache)
+    for failing in (0, 3):  # the first layer, and one in the middle
+        k_proj = attention_modules(model)[failing].k_proj
+
+        def boom(*a, **k):
+            raise RuntimeError("inside the layer")
+
+        handle = k_proj.register_forward_pre_hook(boom)  # after the layer's pre-hook, before its update
+        try:
+            with refreekv_hooks(model), pytest.raises(RuntimeError, match="inside the layer"):
+                model(input_ids=ids[:, :1], cache=cache)
+        finally:
+            handle.remove()
+        assert not cache.layers[failing].hooked
+        held = [layer.keys.shape[-2] for layer in cache.layers]
+        with pytest.raises(ReFreeKVError, match="outside refreekv_hooks"):
+            model(input_ids=ids[:, :1], cache=cache)
+        assert [layer.keys.shape[-2] for layer in cache.layers] == held  # nothing was appended
