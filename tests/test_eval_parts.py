@@ -249,3 +249,10 @@ def test_demo_divergence_refuses_a_bad_token_count(capsys):
     with pytest.raises(SystemExit):
         _script("demo_divergence").main(["--max-new-tokens", "0"])
     assert "--max-new-tokens: received 0; expected an int >= 1" in capsys.readouterr().err
+
+
+def test_every_planted_engine_bug_still_matches_its_adapter(capsys):
+    # scripts/engine_mutants.py plants each bug by replacing one exact snippet: if an adapter changes so
+    # that a snippet no longer occurs exactly once, the list must be updated (the script stops).
+    _script("engine_mutants").main(["--list"])
+    assert len(capsys.readouterr().out.splitlines()) == 20

@@ -1,0 +1,126 @@
+"""Would the engines' tests notice a wrong port? Plant one plausible bug at a time in the transformers or
+mlx-lm adapter and run that engine's tests on the copy.
+
+    python scripts/engine_mutants.py [--engine transformers|mlx|all] [--only 0,3] [--list]
+
+For each mutant: copy the working tree (without .git, .venv-kvpress and results) to a temporary folder,
+replace one exact snippet of the adapter (each snippet must occur exactly once, or the script stops:
+the mutant no longer matches the code), run ``pytest -x`` on ``tests/test_transformers.py`` or
+``tests/test_mlx_lm.py`` there, and print CAUGHT (a test failed) or MISSED, with the failing test.
+docs/results.md ("Planted bugs in the adapters") lists what the tests caught. About 1-3 min per mutant
+on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T, M = "adapters/transformers.py", "adapters/mlx_lm.py"
+
+#: (engine, name, file, snippet, replacement)
+MUTANTS = [
+    ("transformers", "kept slots' validity ignored in the layer mask", T,
+     "kept = self.slot_valid[:, None, None, :].expand(B, 1, q_len, J)",
+     "kept = torch.ones_like(self.slot_valid)[:, None, None, :].expand(B, 1, q_len, J)"),
+    ("transformers", "new columns of the shared mask off by one", T,
+     "new = shared[..., self.compressed_at:self.compressed_at + D]",
+     "new = shared[..., self.compressed_at - 1:self.compressed_at + D - 1]"),
+    ("transformers", "evicted count off by one", T,
+     "self.evicted = virtual_length - self.kept_slots", "self.evicted = virtual_length - self.kept_slots - 1"),
+    ("transformers", "score queries rotated at the oldest rows' positions", T,
+     "self.hidden[:, -rows:], self.cos[:, -rows:], self.sin[:, -rows:]",
+     "self.hidden[:, -rows:], self.cos[:, :rows], self.sin[:, :rows]"),
+    ("transformers", "no q_norm in the recomputed queries", T,
+     "    if hasattr(module, \"q_norm\"):\n        q = module.q_norm(q)\n", ""),
+    ("transformers", "batch_select_indices leaves the slot mask in the old order", T,
+     "self.slot_valid = self.slot_valid[indices]", "pass"),
+    ("transformers", "left padding ignored", T,
+     "    if mask is None:\n        return [0] * batch\n", "    return [0] * batch\n"),
+    ("transformers", "every layer captured with one query row", T,
+     "rows = 1 if self.refreekv_config.is_retained(idx) else engine.capture_rows(self.refreekv_config, n)",
+     "rows = 1"),
+    ("transformers", "a re-plan stores the physical length as the virtual one", T,
+     "layer.store_compressed(out.keys, out.values, out.valid, layer.get_seq_length())",
+     "layer.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])"),
+    ("transformers", "without a mask, a new token does not see itself", T,
+     "new = (u <= (D - q_len) + t)[None, None]", "new = (u < (D - q_len) + t)[None, None]"),
+    ("transformers", "plans reused across configurations whatever their ranking", T,
+     "key = (tuple(getattr(cfg, f) for f in ORDER_FIELDS), tuple(c.module.layer_idx for c in chunk))",
+     "key = tuple(c.module.layer_idx for c in chunk)"),
+    ("transformers", "eager additive mask inverted without a shared mask (unreachable through transformers)", T,
+     "return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)",
+     "return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, torch.finfo(dtype).min)"),
+    ("transformers", "a new segment keeps rows generated before it for replan_every", T,
+     "            self._generated.clear()\n            self.defer(module, hidden, cos, sin, None)",
+     "            self.defer(module, hidden, cos, sin, None)"),
+    ("transformers", "a short segment scored with more rows than it has", T,
+     "            cfg = dataclasses.replace(cfg, query_rows=min(cfg.rows_for(most), captured))\n        if planned",
+     "            pass\n        if planned"),
+    ("mlx", "offset set to the stored slots (positions drift after a plan)", M,
+     "        self.offset += L\n", "        self.offset = self.stored\n"),
+    ("mlx", "planning with the oldest buffered query rows", M,
+     "return q[:, :, -rows:].astype(mx.float32)", "return q[:, :, :rows].astype(mx.float32)"),
+    ("mlx", "trim allowed into planned slots", M,
+     "if self.plans and n > self.stored - self.planned_kept:", "if self.plans and n > self.stored:"),
+    ("mlx", "the short-segment rule off by one", M,
+     "self._segment_prompt + 1 <= cfg.sinks", "self._segment_prompt <= cfg.sinks"),
+    ("mlx", "one buffered query row too few", M,
+     "keep = cfg.rows_needed(10 ** 9)", "keep = cfg.rows_needed(10 ** 9) - 1"),
+    ("mlx", "saved arrays' digests not checked at load", M, "if _digest(arrays[k]) != d:", "if False:"),
+]
+TESTS = {"transformers": "tests/test_transformers.py", "mlx": "tests/test_mlx_lm.py"}
+
+
+def _copy(dest: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv-kvpress", "results", "__pycache__")
+    shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--engine", choices=("transformers", "mlx", "all"), default="all")
+    p.add_argument("--only", default="", help="comma-separated mutant numbers (see --list)")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    a = p.parse_args(argv)
+    try:
+        only = {int(x) for x in a.only.split(",") if x.strip()}
+    except ValueError:
+        p.error(f"--only: received {a.only!r}; expected comma-separated mutant numbers")
+    if only - set(range(len(MUTANTS))):
+        p.error(f"--only: received {a.only!r}; expected numbers from 0 to {len(MUTANTS) - 1}")
+    chosen = [(i, m) for i, m in enumerate(MUTANTS)
+              if (a.engine in ("all", m[0])) and (not only or i in only)]
+    for i, (engine, name, path, old, _) in chosen:
+        count = (ROOT / path).read_text().count(old)
+        if count != 1:
+            sys.exit(f"mutant {i} ({name}): its snippet occurs {count} times in {path}; expected once "
+                     "(the adapter changed: update the mutant)")
+    if a.list:
+        for i, (engine, name, *_rest) in chosen:
+            print(f"{i:2}  {engine:12}  {name}")
+        return
+    for i, (engine, name, path, old, new) in chosen:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp) / "tree"
+            _copy(d)
+            target = d / path
+            target.write_text(target.read_text().replace(old, new))
+            t0 = time.perf_counter()
+            run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", TESTS[engine]],
+                                 cwd=d, env={**os.environ, "PYTHONPATH": str(d)}, capture_output=True, text=True)
+            failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
+            verdict = "CAUGHT" if run.returncode else "MISSED"
+            print(f"{i:2} {verdict} {engine}: {name} ({time.perf_counter() - t0:.0f} s)"
+                  + (f"\n     by {failed[0].split(' - ')[0].removeprefix('FAILED ')}" if failed else ""), flush=True)
+
+
+if __name__ == "__main__":
+    main()
