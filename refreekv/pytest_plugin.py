@@ -41,7 +41,7 @@ def _target(config):
     before any test runs) when either names something that does not work."""
     import numpy as np
 
-    from refreekv.backend import builtin_backend, load_backend
+    from refreekv.backend import FLOAT_DTYPES, builtin_backend, load_backend
     from refreekv.errors import ReFreeKVError
     from refreekv.testing.checks import Target
 
@@ -52,11 +52,10 @@ def _target(config):
         raise pytest.UsageError(f"--refreekv-backend={name}: {err}") from err
     option = config.getoption("--refreekv-dtypes")
     dtypes = tuple(d.strip() for d in option.split(",") if d.strip()) if option is not None else tuple(backend.dtypes)
-    known = ("float16", "bfloat16", "float32", "float64")
-    unknown = [d for d in dtypes if d not in known]
+    unknown = [d for d in dtypes if d not in FLOAT_DTYPES]
     if not dtypes or unknown:
         raise pytest.UsageError(f"--refreekv-dtypes={option}: received {', '.join(map(repr, unknown)) or 'no dtype'}; "
-                                f"expected a comma-separated list of {', '.join(known)}")
+                                f"expected a comma-separated list of {', '.join(FLOAT_DTYPES)}")
     for d in dtypes:  # a dtype the backend cannot make fails here, once, not in every check
         try:
             backend.from_numpy(np.zeros(2), d)
