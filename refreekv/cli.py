@@ -130,12 +130,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--conversations", type=int, default=3, help="--task conversation: how many 10-turn chats")
     e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
-    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "ablations", "quick"],
+    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "holdout",
+                                         "ablations", "quick"],
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
                    "threshold-free design space; candidates: the default against its second-round variants; "
                    "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
-                   "fixed-budget front; options: the default against its options for lower KL")
-    e.add_argument("--split", choices=["dev", "test"], default="test", help="dev: choose on it; test: report on it")
+                   "fixed-budget front; options: the default against its options for lower KL; holdout: the default, the "
+                   "default before round three, the paper and SnapKV/StreamingLLM at 70 and 80 %")
+    e.add_argument("--split", choices=["dev", "test", "holdout"], default="holdout",
+                   help="dev: choose on it; test: chosen on too since round three; holdout: report on it (other texts)")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
                    help="full: 60 needles at 1k-7.5k tokens + 24 other prompts; medium: 1k-2k; quick: a smoke test")
     e.add_argument("--limit", type=int, help="only the first N prompts")

