@@ -135,10 +135,10 @@ def parser() -> argparse.ArgumentParser:
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
                    "threshold-free design space; candidates: the default against its second-round variants; "
                    "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
-                   "fixed-budget front; options: the default against its options for lower KL; holdout: the default, the "
-                   "default before round three, the paper and SnapKV/StreamingLLM at 70 and 80 %")
+                   "fixed-budget front; options: the three rules round three chose among; holdout: the default, the "
+                   "default before round three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")
     e.add_argument("--split", choices=["dev", "test", "holdout"], default="holdout",
-                   help="dev: choose on it; test: chosen on too since round three; holdout: report on it (other texts)")
+                   help="dev and test: choose on them; holdout: report on it")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
                    help="full: 60 needles at 1k-7.5k tokens + 24 other prompts; medium: 1k-2k; quick: a smoke test")
     e.add_argument("--limit", type=int, help="only the first N prompts")

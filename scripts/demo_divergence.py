@@ -3,8 +3,8 @@
     python scripts/demo_divergence.py [--max-new-tokens 24] [--out results]
 
 Each demo prompt is prefilled once. The full cache decodes greedily; its answer is then teacher-forced
-to get the full cache's top-1 / top-2 log-probability margin at every answer token. For the default,
-T = 0.05 % and the 3 % mass floor, from copies of the same prefill: the compressed answer, the first
+to get the full cache's top-1 / top-2 log-probability margin at every answer token. For the default
+(T = 0.05 %), T = 0.1 % (the default before round three) and the 3 % mass floor, from copies of the same prefill: the compressed answer, the first
 token where it differs from the full cache's and the full cache's margin there (a margin near 0 would
 be a near-tie that any rounding flips; a large one means the compression moved the distribution). Two
 changes that keep attention exact, a prefill in two chunks and eager attention instead of SDPA, say
@@ -39,8 +39,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     torch.set_grad_enabled(False)
     model, tok = load_torch()
-    configs = {"default": ReFreeKVConfig(), "T = 0.05 %": ReFreeKVConfig(threshold=0.0005),
-               "mass floor 3 %": ReFreeKVConfig(mass_threshold=0.03)}
+    configs = {"default (T = 0.05 %)": ReFreeKVConfig(), "T = 0.1 % (default before round three)":
+               ReFreeKVConfig(threshold=0.001), "mass floor 3 % (T = 0.1 %)": ReFreeKVConfig(threshold=0.001,
+                                                                                          mass_threshold=0.03)}
     rows, records = [], []
     for name, prompt, _ in demo_prompts(tok):
         ids = tok([prompt], return_tensors="pt")["input_ids"]

@@ -39,9 +39,9 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--kinds", "needles"], "received 'needles'; expected comma-separated prompt kinds among needle, "
      "multikey, continuation, open"),
     (["eval", "--kinds", ","], "received ','; expected comma-separated prompt kinds"),
-    (["eval", "--max-length", "10"], "--max-length: received 10; expected a filter that keeps some of the test split's"),
+    (["eval", "--max-length", "10"], "--max-length: received 10; expected a filter that keeps some of the holdout split's"),
     (["eval", "--min-length", "5000", "--kinds", "multikey"],
-     "--kinds: received multikey; expected a filter that keeps some of the test split's prompts (left by the filters "
+     "--kinds: received multikey; expected a filter that keeps some of the holdout split's prompts (left by the filters "
      "before it: kinds ['needle'], lengths [7500]"),
     (["bench", "--repeat", "0"], "--repeat: received 0; expected an int >= 1"),
     (["bench", "--decode-tokens", "-1"], "--decode-tokens: received -1; expected an int >= 1"),
@@ -129,7 +129,7 @@ def test_every_command_takes_the_configuration_and_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["eval", "--help"])
     text = capsys.readouterr().out
-    assert "(default 0.001)" in text and "(default: test)" in text and "--replan-every" in text
+    assert "(default 0.0005)" in text and "(default: holdout)" in text and "--replan-every" in text
 
 
 @pytest.mark.model

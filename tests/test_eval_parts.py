@@ -13,6 +13,7 @@ import torch
 
 from refreekv import ReFreeKVConfig
 from refreekv.commands import runner
+from refreekv.commands.prompts import essays
 from refreekv.commands.tasks import SPLITS, build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +32,29 @@ def tok():
 def test_the_splits_share_no_material(tok):
     dev, test = set(SPLITS["dev"].essays), set(SPLITS["test"].essays)
     assert not dev & test
-    assert not {s for s, _ in SPLITS["dev"].needles} & {s for s, _ in SPLITS["test"].needles}
-    assert not set(SPLITS["dev"].names) & set(SPLITS["test"].names)
-    a, b = build(tok, "dev", "full"), build(tok, "test", "full")
-    assert sum(p.kind == "needle" for p in a) == 60 == sum(p.kind == "needle" for p in b)
+    for one, other in (("dev", "test"), ("dev", "holdout"), ("test", "holdout")):
+        x, y = SPLITS[one], SPLITS[other]
+        assert not {s for s, _ in x.needles} & {s for s, _ in y.needles}
+        assert not {q for _, q in x.needles} & {q for _, q in y.needles}
+        assert not set(x.names) & set(y.names) and not set(x.open_questions) & set(y.open_questions)
+        assert x.seed != y.seed
+    # the holdout's texts are not essays: no 12-word run of theirs occurs in any essay
+    essay_runs = {tuple(w[i:i + 12]) for e in essays() for w in [e.split()] for i in range(0, len(w) - 11, 6)}
+    for text in SPLITS["holdout"].documents():
+        w = text.split()
+        assert len(w) > 5000 and not {tuple(w[i:i + 12]) for i in range(len(w) - 11)} & essay_runs
+    a, b, c = build(tok, "dev", "full"), build(tok, "test", "full"), build(tok, "holdout", "full")
+    assert sum(p.kind == "needle" for p in a) == 60 == sum(p.kind == "needle" for p in b) == \
+        sum(p.kind == "needle" for p in c)
+    assert [(p.kind, p.length) for p in a] == [(p.kind, p.length) for p in c]  # the same grid
     assert {p.length for p in a if p.kind == "needle"} == {1024, 2048, 4096, 7500}
-    for p in a + b:
+    assert not {p.text for p in c} & {p.text for p in a + b}
+    for p in a + b + c:
         if p.kind == "needle":
             n = len(tok(p.text)["input_ids"])
             assert abs(n - p.length) <= 0.05 * p.length + 40, (p.id, n)  # lengths are token lengths
             assert p.expect in p.text
-    assert build(tok, "test", "full") == b  # fixed: the same prompts every time
+    assert build(tok, "test", "full") == b and build(tok, "holdout", "full") == c  # the same prompts every time
 
 
 def test_results_cache_keys_change_with_the_code_and_the_config(tmp_path):
@@ -62,14 +75,25 @@ def test_method_groups_never_run_one_setting_twice():
     # two names whose configurations differ only in re-planning (which eval never does) are one setting:
     # the first name stays, the second goes, a real difference stays
     table = {"full": None, "a": ReFreeKVConfig(), "b": ReFreeKVConfig(replan="once"),
-             "c": ReFreeKVConfig(threshold=0.0005), "d": None}
+             "c": ReFreeKVConfig(threshold=0.001), "d": None}
     assert list(runner._distinct(table)) == ["full", "a", "c"]
-    assert "k=32 T=0.1%" not in runner.methods("variants") and "k=32 T=0.1%" in runner.variants()
+    # a variant equal to the default is not run twice (the default before round three was "k=32 T=0.1%")
+    assert "k=32 T=0.1%" in runner.methods("variants") and "k=32 T=0.1%" in runner.variants()
+    assert "k=32 T=0.1%" not in runner.methods("variants", ReFreeKVConfig(threshold=0.001))
     thresholds = runner.methods("thresholds")  # the threshold curve next to the whole fixed-budget front
-    assert set(runner.thresholds()) < set(thresholds) and len(thresholds) == 2 + len(runner.thresholds()) + 27
-    for group in ("main", "variants", "candidates", "thresholds", "options", "ablations", "quick"):
+    curve = set(runner.thresholds()) - {"l2 T=0.05%"}  # that one is the default since round three
+    assert curve < set(thresholds) and len(thresholds) == 2 + len(curve) + 27
+    for group in ("main", "variants", "candidates", "thresholds", "options", "holdout", "ablations", "quick"):
         assert runner.methods(group)["refreekv (default)"] == ReFreeKVConfig()
-    assert list(runner.methods("options")) == ["full", "refreekv (default)", *runner.options()]
+    # options: the three rules round three chose among; the one that is the default is reported as the default
+    assert list(runner.methods("options")) == ["full", "refreekv (default)", "l2 T=0.1%", "l2 T=0.1% mass 3%"]
+    assert runner.options()["l2 T=0.05%"] == ReFreeKVConfig()
+    # the historical groups keep T = 0.1 % where rounds one and two meant the default of their time
+    assert runner.candidates()["k=32 T=0.1% max-rows"].threshold == 0.001
+    assert all(cfg.threshold == 0.001 for name, cfg in runner.thresholds().items() if "T=0.1%" in name)
+    holdout = runner.methods("holdout")
+    assert list(holdout)[:3] == ["full", "refreekv (default)", "refreekv (paper)"] and len(holdout) == 8
+    assert holdout["l2 T=0.1% (default before round three)"] == ReFreeKVConfig(threshold=0.001)
     # a mass floor that is off leaves a record's settings (and so its results-cache key) as before the field
     assert "mass_threshold" not in runner.ResultsCache.settings(ReFreeKVConfig())
     assert runner.ResultsCache.settings(ReFreeKVConfig(mass_threshold=0.03))["mass_threshold"] == 0.03
