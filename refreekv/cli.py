@@ -133,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "holdout",
                                          "ablations", "quick"],
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
-                   "threshold-free design space; candidates: the default against its second-round variants; "
+                   "threshold-free design space; candidates: the second-round variants (around T = 0.1 %%); "
                    "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
                    "fixed-budget front; options: the three rules round three chose among; holdout: the default, the "
                    "default before round three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")

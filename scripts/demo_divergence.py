@@ -1,10 +1,11 @@
 """Where and how firmly a compressed answer of `refreekv demo` leaves the full cache's.
 
-    python scripts/demo_divergence.py [--max-new-tokens 24] [--out results]
+    python scripts/demo_divergence.py [--max-new-tokens 24] [--thresholds 0.0002,0.0001] [--out results]
 
 Each demo prompt is prefilled once. The full cache decodes greedily; its answer is then teacher-forced
 to get the full cache's top-1 / top-2 log-probability margin at every answer token. For the default
-(T = 0.05 %), T = 0.1 % (the default before round three) and the 3 % mass floor, from copies of the same prefill: the compressed answer, the first
+(T = 0.05 %), T = 0.1 % (the default before round three), the 3 % mass floor and the smaller thresholds
+of ``--thresholds`` (where does a free-text answer meet the full cache's, and at what budget?), from copies of the same prefill: the compressed answer, the first
 token where it differs from the full cache's and the full cache's margin there (a margin near 0 would
 be a near-tie that any rounding flips; a large one means the compression moved the distribution). Two
 changes that keep attention exact, a prefill in two chunks and eager attention instead of SDPA, say
@@ -31,10 +32,17 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--thresholds", default="0.0002,0.0001", help="more thresholds T to try, comma-separated")
     p.add_argument("--out", default="results")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error(f"--max-new-tokens: received {a.max_new_tokens}; expected an int >= 1")
+    try:
+        Ts = [float(x) for x in a.thresholds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--thresholds: received {a.thresholds!r}; expected comma-separated numbers, e.g. 0.0002,0.0001")
+    if not all(0 <= T < 1 for T in Ts):
+        p.error(f"--thresholds: received {a.thresholds!r}; expected numbers T with 0 <= T < 1")
     console = Console()
     t0 = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -42,6 +50,7 @@ def main(argv=None) -> None:
     configs = {"default (T = 0.05 %)": ReFreeKVConfig(), "T = 0.1 % (default before round three)":
                ReFreeKVConfig(threshold=0.001), "mass floor 3 % (T = 0.1 %)": ReFreeKVConfig(threshold=0.001,
                                                                                           mass_threshold=0.03)}
+    configs |= {f"T = {T:.3%}": ReFreeKVConfig(threshold=T) for T in Ts}
     rows, records = [], []
     for name, prompt, _ in demo_prompts(tok):
         ids = tok([prompt], return_tensors="pt")["input_ids"]
@@ -55,14 +64,17 @@ def main(argv=None) -> None:
         first = model(input_ids=ids[:, n // 2:], cache=chunked).logits[:, -1]
         stable_chunked = greedy(model, tok, chunked, first, n, a.max_new_tokens).tokens == full.tokens
         for cname, cfg in configs.items():
-            ours = greedy(model, tok, ReFreeKVCache.from_prefill(pre, cfg), pre.logits, n, a.max_new_tokens)
+            compressed = ReFreeKVCache.from_prefill(pre, cfg)
+            budget = float(compressed.report.budget[0])
+            ours = greedy(model, tok, compressed, pre.logits, n, a.max_new_tokens)
             at = next((i for i, (x, y) in enumerate(zip(ours.tokens, full.tokens)) if x != y),
                       None if len(ours.tokens) == len(full.tokens) else min(len(ours.tokens), len(full.tokens)))
             m = margin[at] if at is not None and at < len(margin) else None
-            records.append({"prompt": name, "config": cname, "tokens": n, "same": at is None, "diverges_at": at,
+            records.append({"prompt": name, "config": cname, "tokens": n, "budget": budget, "same": at is None,
+                            "diverges_at": at,
                             "full_margin_there": m, "full_min_margin": min(margin), "answer_full": full.text,
                             "answer": ours.text, "full_same_with_chunked_prefill": stable_chunked})
-            rows.append([name, cname, "same" if at is None else f"token {at}", "" if m is None else f"{m:.3f}",
+            rows.append([name, cname, f"{budget:.1%}", "same" if at is None else f"token {at}", "" if m is None else f"{m:.3f}",
                          f"{min(margin):.3f}", "yes" if stable_chunked else "no"])
     # Eager attention: the same prompts' full-cache answers (a different attention kernel, exact math).
     model.config._attn_implementation = "eager"
@@ -79,7 +91,7 @@ def main(argv=None) -> None:
             if r["prompt"] == name:
                 r["full_same_with_eager"] = same
                 row.append("yes" if same else "no")
-    headers = ["prompt", "config", "answer vs full", "full margin there (nats)", "full's smallest margin",
+    headers = ["prompt", "config", "budget", "answer vs full", "full margin there (nats)", "full's smallest margin",
                "full same, chunked prefill", "full same, eager"]
     seconds = time.perf_counter() - t0
     md = (f"# Where the demo's compressed answers leave the full cache's ({a.max_new_tokens} new tokens, "

