@@ -88,7 +88,17 @@ def test_demo_quick(capsys, tmp_path):
                 "refreekv_correct"} <= set(p)
         assert 0 < p["budget"] <= 1 and p["kv_bytes_refreekv"] <= p["kv_bytes_full"]
         assert p["same_as_full"] == (p["answer_full"] == p["answer_refreekv"])
+        # closeness on the full cache's answer: an identical answer agrees on every forced token
+        assert 0 <= p["forced_top1_agreement"] <= 1 and p["forced_kl"] >= -1e-6
+        assert (p["differs_at_token"] is None) == p["same_as_full"]
+        if p["same_as_full"]:
+            assert p["forced_top1_agreement"] == 1.0
     assert "answers as the full cache" in out["summary"] and "KV memory saved" in out["summary"]
+    assert "top-1 agreement" in out["summary"]
+    # at T = 0 the cache is the full cache: same answers, zero KL
+    zero = run_json(capsys, "demo", "--quick", "--max-new-tokens", "8", "--threshold", "0", "--out", str(tmp_path))
+    for p in zero["prompts"]:
+        assert p["same_as_full"] and p["forced_top1_agreement"] == 1.0 and abs(p["forced_kl"]) < 1e-5
     assert (tmp_path / "demo.md").exists()
 
 

@@ -2,17 +2,22 @@
 
 Each prompt is prefilled once; the full cache and ReFreeKV answer from that prefill. The table
 says, per prompt, whether ReFreeKV's answer is right (when a right answer is known) and whether it
-is the full cache's answer, and a summary line counts both.
+is the full cache's answer, and a summary line counts both. An answer that differs says how close it
+is: the token where it leaves the full cache's, and ReFreeKV teacher-forced on the full cache's answer
+(top-1 agreement and KL per token against the full cache's own distribution there).
 """
 
 from __future__ import annotations
+
+import numpy as np
+import torch
 
 from refreekv import ReFreeKVConfig
 
 from .models import load_torch
 from .output import markdown_table, write
 from .prompts import chat, essays, multikey_prompt, needle_prompt
-from .runner import greedy, _fork
+from .runner import _fork, forced, greedy
 
 
 def demo_prompts(tok, quick: bool = False) -> list[tuple[str, str, str]]:
@@ -31,6 +36,7 @@ def demo_prompts(tok, quick: bool = False) -> list[tuple[str, str, str]]:
     ]
 
 
+@torch.no_grad()
 def run_demo(config: ReFreeKVConfig, out_dir: str, max_new_tokens: int = 24, as_json: bool = False,
              quick: bool = False) -> dict:
     from rich.console import Console
@@ -51,20 +57,33 @@ def run_demo(config: ReFreeKVConfig, out_dir: str, max_new_tokens: int = 24, as_
         rep = cache.report
         same = ours.tokens == full.tokens
         right = (expect in ours.text) if expect else None
+        # closeness on the full cache's answer, teacher-forced (a fresh compressed cache: ``ours`` appended to its own)
+        p_full = forced(model, _fork(pre.cache), pre.logits, n, full.tokens).log_softmax(-1)
+        p_ours = forced(model, ReFreeKVCache.from_prefill(pre, config), pre.logits, n, full.tokens).log_softmax(-1)
+        kl = float((p_full.exp() * (p_full - p_ours)).sum(-1).mean())
+        top1 = int((p_ours.argmax(-1) == torch.tensor(full.tokens)).sum())
+        leaves = next((i for i, (a, b) in enumerate(zip(ours.tokens, full.tokens)) if a != b),
+                      None if same else min(len(ours.tokens), len(full.tokens)))
         rec = {"prompt": name, "tokens": n, "budget": rep.budget[0], "kv_bytes_full": rep.bytes_before,
                "kv_bytes_refreekv": rep.bytes_after, "memory_saved": 1 - rep.bytes_after / rep.bytes_before,
                "compress_seconds": rep.seconds, "answer_full": full.text, "answer_refreekv": ours.text,
                "expected": expect, "full_correct": (expect in full.text) if expect else None,
-               "refreekv_correct": right, "same_as_full": same}
+               "refreekv_correct": right, "same_as_full": same, "differs_at_token": leaves,
+               "forced_top1_agreement": top1 / len(full.tokens), "forced_kl": kl}
         records.append(rec)
-        verdict = ("same as full" if same else "differs") + ("" if right is None else ("; right" if right else "; WRONG"))
+        verdict = ("same as full" if same else
+                   f"differs from token {leaves + 1} of {len(full.tokens)} (on the full cache's answer: "
+                   f"top-1 {top1}/{len(full.tokens)}, KL {kl:.3f})") + ("" if right is None else ("; right" if right else "; WRONG"))
         rows.append([name, n, f"{rep.budget[0]:.0%}", f"{rec['memory_saved']:.0%}", full.text.strip(),
                      ours.text.strip(), verdict])
     saved = 1 - sum(r["kv_bytes_refreekv"] for r in records) / sum(r["kv_bytes_full"] for r in records)
     known = [r for r in records if r["expected"]]
     summary = (f"{sum(r['same_as_full'] for r in records)}/{len(records)} answers as the full cache; "
                f"{sum(bool(r['refreekv_correct']) for r in known)}/{len(known)} right where the answer is known "
-               f"(full cache: {sum(bool(r['full_correct']) for r in known)}/{len(known)}); KV memory saved {saved:.0%}")
+               f"(full cache: {sum(bool(r['full_correct']) for r in known)}/{len(known)}); KV memory saved {saved:.0%}; "
+               f"teacher-forced on the full cache's answers: top-1 agreement "
+               f"{np.mean([r['forced_top1_agreement'] for r in records]):.0%}, "
+               f"KL {np.mean([r['forced_kl'] for r in records]):.3f} per token")
     headers = ["prompt", "tokens", "budget", "KV saved", "full cache", "ReFreeKV", "verdict"]
     md = f"# refreekv demo (SmolLM2-135M-Instruct, {config})\n\n{markdown_table(headers, rows)}\n\n{summary}\n"
     result = {"config": config.to_dict(), "prompts": records, "summary": summary}
