@@ -17,7 +17,7 @@ from refreekv import ReFreeKVConfig
 from .models import load_torch
 from .output import markdown_table, write
 from .prompts import chat, essays, multikey_prompt, needle_prompt
-from .runner import _fork, forced, greedy
+from .runner import _fork, forced, greedy, kl_top1
 
 
 def demo_prompts(tok, quick: bool = False) -> list[tuple[str, str, str]]:
@@ -58,10 +58,9 @@ def run_demo(config: ReFreeKVConfig, out_dir: str, max_new_tokens: int = 24, as_
         same = ours.tokens == full.tokens
         right = (expect in ours.text) if expect else None
         # closeness on the full cache's answer, teacher-forced (a fresh compressed cache: ``ours`` appended to its own)
-        p_full = forced(model, _fork(pre.cache), pre.logits, n, full.tokens).log_softmax(-1)
-        p_ours = forced(model, ReFreeKVCache.from_prefill(pre, config), pre.logits, n, full.tokens).log_softmax(-1)
-        kl = float((p_full.exp() * (p_full - p_ours)).sum(-1).mean())
-        top1 = int((p_ours.argmax(-1) == torch.tensor(full.tokens)).sum())
+        kl, agree = kl_top1(forced(model, _fork(pre.cache), pre.logits, n, full.tokens),
+                            forced(model, ReFreeKVCache.from_prefill(pre, config), pre.logits, n, full.tokens))
+        top1 = round(agree * len(full.tokens))
         leaves = next((i for i, (a, b) in enumerate(zip(ours.tokens, full.tokens)) if a != b),
                       None if same else min(len(ours.tokens), len(full.tokens)))
         rec = {"prompt": name, "tokens": n, "budget": rep.budget[0], "kv_bytes_full": rep.bytes_before,
@@ -69,7 +68,7 @@ def run_demo(config: ReFreeKVConfig, out_dir: str, max_new_tokens: int = 24, as_
                "compress_seconds": rep.seconds, "answer_full": full.text, "answer_refreekv": ours.text,
                "expected": expect, "full_correct": (expect in full.text) if expect else None,
                "refreekv_correct": right, "same_as_full": same, "differs_at_token": leaves,
-               "forced_top1_agreement": top1 / len(full.tokens), "forced_kl": kl}
+               "forced_top1_agreement": agree, "forced_kl": kl}
         records.append(rec)
         verdict = ("same as full" if same else
                    f"differs from token {leaves + 1} of {len(full.tokens)} (on the full cache's answer: "
