@@ -74,6 +74,9 @@ class ReFreeKVPress(BasePress):
     def __post_init__(self):
         if not isinstance(self.config, ReFreeKVConfig):
             raise bad_input("config", f"type {type(self.config).__name__}", "a refreekv.ReFreeKVConfig")
+        if self.config.replan == "history":  # it would keep every prompt whole; a press compresses the prompt it gets
+            raise bad_input("replan", repr(self.config.replan), '"turns" or "once" in a kvpress press (it compresses each '
+                            'prompt once, after prefill; "history" keeps the newest segment whole, i.e. the prompt)')
         self._pending: list = []
         self._modules: list = []
         self._start: list[int] | None = None

@@ -26,7 +26,8 @@ done so, every layer is planned together with one ``refreekv.compress_layers`` c
 read) and each stores only what it keeps. ``offset`` always counts every token seen, so RoPE
 positions stay true. With ``replan="turns"`` the same happens again after every later prompt
 segment (a chat turn): the rule runs over the kept slots plus the new segment, with the new
-segment's queries; evicted tokens stay evicted. After a manual prefill (one
+segment's queries; evicted tokens stay evicted. ``replan="history"`` does the same but keeps the newest
+segment and what is generated after it whole (``keep_newest``). After a manual prefill (one
 ``model(prompt, cache)`` call), call ``compress_prompt_cache(cache)``.
 
 Save and load use our own safetensors layout with per-array SHA-256 digests: a truncated or
@@ -152,13 +153,14 @@ class Planner:
         items = [(c, c.planning_inputs()) for c in ready]
         groups: dict[tuple, list] = {}
         for c, (q, K, V, cfg) in items:
-            groups.setdefault((tuple(q.shape), tuple(K.shape), tuple(V.shape), cfg), []).append((c, q, K, V))
+            groups.setdefault((tuple(q.shape), tuple(K.shape), tuple(V.shape), cfg, c.keep_newest),
+                              []).append((c, q, K, V))
         reports = []
-        for (_, _, _, cfg), group in groups.items():
+        for (_, _, _, cfg, keep_newest), group in groups.items():
             mx.eval([x for _, q, K, V in group for x in (q, K, V)])  # the prefill's own lazy work, not timed
             outs = refreekv.compress_layers([q for _, q, _, _ in group], [K for _, _, K, _ in group],
                                             [V for _, _, _, V in group], cfg, layers=[c.layer for c, *_ in group],
-                                            scale=[c.scale for c, *_ in group])
+                                            scale=[c.scale for c, *_ in group], keep_newest=keep_newest)
             for (c, *_), out in zip(group, outs):
                 c.store(out)
                 reports.append(out.report)
@@ -183,6 +185,7 @@ class ReFreeKVCache:
         self._segment = 0          # tokens added since the last plan
         self._last_call = 0        # tokens added by the previous call
         self._segment_prompt = 0   # prompt tokens (multi-token calls) of the segment not planned yet
+        self._turn = 0             # the newest prompt segment and the tokens generated after it (history)
 
     @property
     def scale(self) -> float | None:
@@ -199,7 +202,7 @@ class ReFreeKVCache:
                             "does not batch; use one prompt cache per prompt)")
         L = keys.shape[2]
         cfg = self.config
-        plans_segments = self.plans == 0 or cfg.replan == "turns"
+        plans_segments = self.plans == 0 or cfg.replan in ("turns", "history")
         # A one-token call right after a multi-token one ends a prompt segment (mlx-lm sends the last
         # prompt token with the first decode step); replan_every counts generated tokens.
         segment_end = L == 1 and self._last_call > 1 and plans_segments
@@ -219,6 +222,10 @@ class ReFreeKVCache:
                                 "the model this prompt cache was made for, prepared with refreekv.adapters.mlx_lm."
                                 "attach(model) (make_prompt_cache and load_prompt_cache(file, model) do it)")
             self._buffer_rows(q)
+        if segment_end:
+            self._turn = self._segment_prompt + 1  # this segment, its last token included
+        elif L == 1:
+            self._turn += 1
         self._append(keys, values)
         if L > 1:
             self._segment_prompt += L
@@ -258,6 +265,7 @@ class ReFreeKVCache:
         self.offset -= n
         self._segment = max(0, self._segment - n)
         self._segment_prompt = max(0, self._segment_prompt - n)
+        self._turn = max(0, self._turn - n)
         if self._rows:
             rows = mx.concatenate(self._rows, axis=2)
             self._rows = [rows[:, :, :max(0, rows.shape[2] - n)]]
@@ -301,11 +309,18 @@ class ReFreeKVCache:
                             "(call attach(model) before prefill; a later segment must hold the ranking's rows)")
         return q[:, :, -rows:].astype(mx.float32), self.keys[..., :n, :], self.values[..., :n, :], cfg
 
+    @property
+    def keep_newest(self) -> int | None:
+        """What a plan must keep whole: with ``replan="history"`` the newest segment and what was
+        generated after it; else None."""
+        return self._turn if self.config.replan == "history" else None
+
     def compress(self) -> LayerReport:
         """Plan this layer alone on what is stored, with the buffered query rows."""
         q, K, V, cfg = self.planning_inputs()
         mx.eval(q, K, V)  # the prefill's own lazy work, not timed
-        out = refreekv.compress_layers([q], [K], [V], cfg, layers=[self.layer], scale=[self.scale])[0]
+        out = refreekv.compress_layers([q], [K], [V], cfg, layers=[self.layer], scale=[self.scale],
+                                       keep_newest=self.keep_newest)[0]
         self.store(out)
         return out.report
 
@@ -394,6 +409,8 @@ def compress_prompt_cache(prompt_cache: list) -> BudgetReport:
         planner = _connect(prompt_cache)
     for c in prompt_cache:
         if isinstance(c, ReFreeKVCache) and c._rows and c.layer not in planner.ready:
+            if c._segment_prompt:  # the manual prefill is the newest segment (replan="history" keeps it)
+                c._turn = c._segment_prompt
             planner.ready[c.layer] = c
     planner.run()
     return budget_report(prompt_cache)
@@ -456,7 +473,7 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
             entry = {"class": "ReFreeKVCache", "offset": c.offset, "stored": c.stored, "planned": c.planned,
                      "plans": c.plans, "layer": c.layer, "config": c.config.to_dict(),
                      "reports": [r.__dict__ for r in c.reports], "segment": c._segment, "last_call": c._last_call,
-                     "segment_prompt": c._segment_prompt}
+                     "segment_prompt": c._segment_prompt, "turn": c._turn}
             if c.keys is not None:
                 arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.stored, :], c.values[..., :c.stored, :]
             if c._rows:  # query rows of a segment not planned yet (or of generated tokens, for replan_every)
@@ -534,6 +551,7 @@ def _rebuild(i: int, entry: dict, arrays: dict):
             raise ValueError(f"layer {i} was saved in the middle of a prompt segment without its query rows")
         c._segment, c._last_call = int(entry.get("segment", 0)), int(entry.get("last_call", 0))
         c._segment_prompt = int(entry.get("segment_prompt", 0))
+        c._turn = int(entry.get("turn", 0))
         return c
     cls = getattr(mlx_cache, entry["class"], None)
     if cls is None or not inspect.isclass(cls):

@@ -206,6 +206,7 @@ class ReFreeKVCache(DynamicCache):
         self._skips: list = []  # reports of layers left alone, added to the next compression's report
         self._generated: dict[int, list] = {}  # replan_every: each layer's newest generated rows
         self._since_plan = 0                   # replan_every: tokens generated since the last plan
+        self._turn = 0                         # the newest segment and what was generated after it (history)
 
     @property
     def report(self) -> BudgetReport:
@@ -226,6 +227,7 @@ class ReFreeKVCache(DynamicCache):
             mine.lazy_initialization(src.keys, src.values)
             mine.keys, mine.values = src.keys, src.values
             cache.planned_layers.add(i)
+            cache._turn = int(src.keys.shape[-2])
         need = cache.refreekv_config.rows_needed(int(prefill.lengths.max()))
         if need > prefill.rows:
             raise bad_input("config", f"a configuration that needs {need} query rows",
@@ -257,6 +259,8 @@ class ReFreeKVCache(DynamicCache):
         layer = self.layers[idx]
         first = idx not in self.planned_layers
         self.planned_layers.add(idx)
+        if first:
+            self._turn = hidden.shape[1]  # the first prompt is the newest segment
         if isinstance(layer, ReFreeKVLayer):
             B, _, n, _ = layer.keys.shape
             if first and (self._mask_start is None or self._mask_start[0] is not mask):  # layers share one mask
@@ -275,10 +279,16 @@ class ReFreeKVCache(DynamicCache):
 
     def segment(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """A call on an already planned cache: a new prompt segment (more than ``sinks`` tokens, and
-        at least two) is planned with ``replan="turns"``; generated tokens are counted and buffered for ``replan_every``."""
+        at least two) is planned with ``replan="turns"`` or ``"history"``; generated tokens are counted and
+        buffered for ``replan_every``. ``_turn`` counts the newest segment and the tokens after it: what
+        ``replan="history"`` keeps whole."""
         cfg = self.refreekv_config
         q_len, B = hidden.shape[1], hidden.shape[0]
-        if q_len > cfg.sinks and q_len >= 2 and cfg.replan == "turns":
+        if q_len > 1 and module.layer_idx == self.last_layer:
+            self._turn = q_len  # a new segment starts a new turn
+        elif module.layer_idx == self.last_layer:
+            self._turn += q_len
+        if q_len > cfg.sinks and q_len >= 2 and cfg.replan in ("turns", "history"):
             # A segment of at most `sinks` tokens is appended as it is (the n <= sinks + 1 rule of
             # a prompt): too few queries to judge the whole cache by.
             if B != 1:
@@ -344,7 +354,8 @@ class ReFreeKVCache(DynamicCache):
                     if key not in memo:
                         memo[key] = refreekv.plan_layers(*args[:2], cfg, **kw)
                     reuse = memo[key]
-                outs = refreekv.compress_layers(*args, layers=[c.module.layer_idx for c in chunk], reuse=reuse, **kw)
+                outs = refreekv.compress_layers(*args, layers=[c.module.layer_idx for c in chunk], reuse=reuse,
+                                                keep_newest=self._turn if cfg.replan == "history" else None, **kw)
                 for cap, layer, out in zip(chunk, layers, outs):
                     if out.valid is not None:
                         layer.additive_mask = self.additive_mask

@@ -11,6 +11,7 @@ from .steps import (
     kv_bytes,
     mass_floor_cut,
     model_budget,
+    newest_floor_cut,
     norm_ratio_curve,
     plan_layer,
     pooled_scores,
@@ -23,7 +24,7 @@ from .steps import (
 
 __all__ = [
     "attention_ranking", "attention_row", "attention_rows", "evict", "fixed_budget_cut",
-    "h2o_scores", "kept_positions", "kv_bytes", "mass_floor_cut", "model_budget", "norm_ratio_curve", "plan_layer",
+    "h2o_scores", "kept_positions", "kv_bytes", "mass_floor_cut", "model_budget", "newest_floor_cut", "norm_ratio_curve", "plan_layer",
     "pooled_scores", "position_ranking", "ranking_scores", "rows_for",
     "snapkv_scores", "threshold_cut",
 ]

@@ -246,6 +246,22 @@ def mass_floor_cut(a, order, cut, *, mass_threshold, sinks: int, norm_scope: str
     return np.array([max(int(x), int(y)) for x, y in zip(cut, floor)], dtype=np.int64)
 
 
+def newest_floor_cut(cut, keep_newest, *, sinks: int, n: int, start=None) -> np.ndarray:
+    """The newest tokens a caller protects (``keep_newest``, e.g. the chat turn being answered with
+    ``replan="history"``) under a ranking that puts the newest tokens right after the sinks: per
+    sample ``min(n_b, max(cut[b], min(m, n_b) + keep_newest[b]))``, so the kept prefix of the order
+    holds the sinks and at least the ``keep_newest`` newest tokens. ``keep_newest`` None leaves
+    ``cut`` as it is. -> (B,) int64."""
+    cut = np.asarray(cut, dtype=np.int64)
+    if keep_newest is None:
+        return cut.copy()
+    out = np.zeros_like(cut)
+    for b, s in enumerate(_starts(start, len(cut))):
+        n_b = n - s
+        out[b] = min(n_b, max(int(cut[b]), min(sinks, n_b) + int(keep_newest[b])))
+    return out
+
+
 def fixed_budget_cut(batch: int, n: int, *, halting: str, budget, sinks: int, start=None) -> np.ndarray:
     """The fixed-budget halting rule of the baselines (SPEC §5): keep ``ceil(budget * n_b)``
     tokens (halting "ratio") or ``budget`` tokens ("count"), clamped to ``[m + 1, n_b]``.
@@ -335,11 +351,12 @@ def ranking_scores(config, q_rows, keys, a, *, start=None, scale=None):
     raise ValueError(f"the reference has no ranking {config.ranking!r}")
 
 
-def plan_layer(q_rows, keys, config, *, start=None, scale=None) -> dict:
+def plan_layer(q_rows, keys, config, *, start=None, scale=None, keep_newest=None) -> dict:
     """One layer's decision, composed from the steps above exactly as SPEC §3 orders them.
 
     ``config`` is any object with the attributes of ``refreekv.ReFreeKVConfig``; ``q_rows`` must
-    hold the newest prompt queries (at least as many as the configuration needs).
+    hold the newest prompt queries (at least as many as the configuration needs). ``keep_newest``:
+    None, or (B,) counts of newest tokens kept whatever the rule says (``newest_floor_cut``).
     Returns ``{"a", "order", "ratio", "cut", "idx", "valid"}``.
     """
     q = _q4(q_rows)
@@ -365,5 +382,6 @@ def plan_layer(q_rows, keys, config, *, start=None, scale=None) -> dict:
     else:
         cut = fixed_budget_cut(B, n, halting=config.halting, budget=config.budget,
                                sinks=config.sinks, start=start)
+    cut = newest_floor_cut(cut, keep_newest, sinks=config.sinks, n=n, start=start)
     idx, valid = kept_positions(order, cut)
     return {"a": a, "order": order, "ratio": ratio, "cut": cut, "idx": idx, "valid": valid}

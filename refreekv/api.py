@@ -188,27 +188,30 @@ def evict(keys: Array, values: Array, idx: Array) -> tuple[Array, Array]:
 # ---------------------------------------------------------------------------------------------
 
 def plan_layer(q_rows: Array, keys: Array, config: ReFreeKVConfig | None = None, *,
-               values: Array | None = None, start=None, scale: float | None = None) -> LayerPlan:
+               values: Array | None = None, start=None, scale: float | None = None, keep_newest=None) -> LayerPlan:
     """Score, rank, measure and cut one layer (SPEC §3 steps 2-4) and list the kept positions.
 
     q_rows: (B, H, k, d) or (B, H, d) -- the newest prompt queries, post-RoPE; at least
     ``config.rows_needed(n)`` rows (1 by default for the paper's configuration). keys:
     (B, Hkv, n, d) post-RoPE. ``values`` (B, Hkv, n, d_v) is only checked for its framework and
-    shape. ``start`` (B,) left-padding offsets (default 0). One host read.
+    shape. ``start`` (B,) left-padding offsets (default 0). ``keep_newest``: None, or an int or
+    (B,) ints: that many newest tokens of each sample are kept whatever the rule says (the cut is
+    at least ``sinks + keep_newest``, at most n_b; the chat turn being answered with
+    ``replan="history"``); a ranking that keeps the newest first ("position") only. One host read.
     """
     return plan_layers([q_rows], [keys], config, values=None if values is None else [values],
-                       start=start, scale=scale)[0]
+                       start=start, scale=scale, keep_newest=keep_newest)[0]
 
 
 def plan_layers(q_rows: list, keys: list, config: ReFreeKVConfig | None = None, *, values: list | None = None,
-                start=None, scale=None) -> list[LayerPlan]:
+                start=None, scale=None, keep_newest=None) -> list[LayerPlan]:
     """``plan_layer`` for several layers of one prompt at once: lists of per-layer arrays, all of the
     same shapes (the full-attention layers of one model). ``scale``: one number or one per layer.
 
     Each layer's plan equals ``plan_layer`` on that layer. The layers are planned as one batch
     (``refreekv.planner``): a few array operations per layer and one host read in all.
     """
-    return planner.plan(v.request(q_rows, keys, values, config, start=start, scale=scale))
+    return planner.plan(v.request(q_rows, keys, values, config, start=start, scale=scale, keep_newest=keep_newest))
 
 
 def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Array]:
@@ -231,24 +234,27 @@ def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Arra
 
 
 def compress_layer(q_rows: Array, keys: Array, values: Array, config: ReFreeKVConfig | None = None,
-                   *, layer: int | None = None, start=None, scale: float | None = None) -> CompressedLayer:
+                   *, layer: int | None = None, start=None, scale: float | None = None,
+                   keep_newest=None) -> CompressedLayer:
     """Plan and evict one layer.
 
     Nothing is evicted (the inputs come back as they are, ``valid`` is None) for a retained
     layer (``layer`` in ``config.retained_layers``), when every sample is too short
     (n_b <= sinks + 1), or when the cut keeps every token. With a batch, J = max kept count;
-    a shorter sample's extra slots hold position n - 1 and are False in ``valid``.
+    a shorter sample's extra slots hold position n - 1 and are False in ``valid``. ``keep_newest``
+    as in ``plan_layer``.
     """
     if values is None:
         raise bad_input("values", "None", "a (B, Hkv, n, d_v) array like keys")
     req = v.request([q_rows], [keys], [values], config, start=start, scale=scale,
-                    layers=None if layer is None else [layer], need_values=True, layers_name="layer")
+                    layers=None if layer is None else [layer], need_values=True, layers_name="layer",
+                    keep_newest=keep_newest)
     return planner.compress(req)[0]
 
 
 def compress_layers(q_rows: list, keys: list, values: list, config: ReFreeKVConfig | None = None, *,
                     layers: list[int] | None = None, start=None, scale=None,
-                    reuse: list[LayerPlan] | None = None) -> list[CompressedLayer]:
+                    reuse: list[LayerPlan] | None = None, keep_newest=None) -> list[CompressedLayer]:
     """``compress_layer`` for several layers of one prompt (same shapes in every layer), planned
     together by the planner: one host read for all of them. ``layers`` holds their indices in the
     model (for ``retained_layers`` and the reports). A layer's ``report.seconds`` is its share of
@@ -257,6 +263,8 @@ def compress_layers(q_rows: list, keys: list, values: list, config: ReFreeKVConf
     ``reuse``: plans of the same layers from ``plan_layers`` under the same ranking settings
     (``refreekv.planner.ORDER_FIELDS``): their orders are reused, so sweeping fixed budgets or
     thresholds over one prompt scores it once. The result equals planning from scratch.
+    ``keep_newest`` as in ``plan_layer`` (the same for every layer).
     """
-    req = v.request(q_rows, keys, values, config, start=start, scale=scale, layers=layers, need_values=True)
+    req = v.request(q_rows, keys, values, config, start=start, scale=scale, layers=layers, need_values=True,
+                    keep_newest=keep_newest)
     return planner.compress(req, planner.check_reuse(req, reuse))

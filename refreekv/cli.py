@@ -125,8 +125,8 @@ def parser() -> argparse.ArgumentParser:
                        help="quality: full cache vs ReFreeKV vs the fixed-budget front, on the dev or test split")
     e.add_argument("--task", choices=["benchmark", "conversation", "generation"], default="benchmark",
                    help="benchmark: needles, multi-key, continuations, open questions; conversation: 10-turn "
-                   "chats (full vs compress once vs re-plan each turn); generation: a long generation with and "
-                   "without re-planning")
+                   "chats (full vs compress once vs re-plan each turn vs re-plan with the turn kept whole); "
+                   "generation: a long generation with and without re-planning")
     e.add_argument("--conversations", type=int, default=3, help="--task conversation: how many 10-turn chats")
     e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")

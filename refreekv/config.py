@@ -69,7 +69,11 @@ class ReFreeKVConfig:
         budget: the fixed budget for halting "ratio" (0 < budget <= 1) or "count" (int >= 1).
         replan: for engines whose cache lives on (chats, agents): "turns" (the default) plans again
             after every later prompt segment of two or more tokens, over the kept slots plus the
-            segment, with the segment's queries; "once" plans after the first prompt only (the paper).
+            segment, with the segment's queries; "once" plans after the first prompt only (the paper);
+            "history" plans like "turns" but never evicts from the newest segment (the turn being
+            answered, and what is generated for it): each answer is computed with its own turn whole
+            and the rest compressed, and a single prompt is not compressed at all until a second
+            segment comes. Position ranking only.
         replan_every: also plan again every this many generated tokens, with the newest generated
             tokens' queries (0: never; opt-in for long generations).
         mass_threshold: None (the default: off), or Tm with 0 <= Tm < 1: a floor under the threshold
@@ -130,6 +134,9 @@ class ReFreeKVConfig:
         _choice("ranking", self.ranking, rules.RANKINGS)
         _choice("halting", self.halting, rules.HALTINGS)
         _choice("replan", self.replan, rules.REPLANS)
+        if self.replan == "history" and not rules.RANKINGS[self.ranking].newest_run:
+            raise bad_input("replan", repr(self.replan), f'"turns" or "once" with ranking={self.ranking!r} ("history" keeps '
+                            'the newest segment whole, which needs a ranking that keeps the newest tokens first: "position")')
         if not _int(self.replan_every) or self.replan_every < 0:
             raise bad_input("replan_every", repr(self.replan_every), "an int >= 0 (0: never during generation)")
         object.__setattr__(self, "replan_every", int(self.replan_every))

@@ -135,6 +135,11 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
             cut_dev = be.from_numpy(cut, "int64", like=like)
     if not ok.all():
         _raise_non_finite(req)
+    if req.keep_newest is not None and req.keep_newest.any():  # the caller's protected newest tokens
+        floor = np.tile(np.minimum(n_b, np.minimum(cfg.sinks, n_b) + req.keep_newest), L)
+        if (floor > cut).any():
+            cut = np.maximum(cut, floor)
+            cut_dev = be.from_numpy(cut, "int64", like=like)
     J = int(cut.max())
     if rule.newest_run:
         idx, valid = step(be, "position_kept_positions")(st_all, cut_dev, cfg.sinks, n, Hkv, J)

@@ -103,7 +103,9 @@ HALTINGS = {"threshold": "the shortest prefix whose norm ratio is <= T (threshol
             "count": "a fixed number `budget` of tokens"}
 #: When an engine plans again (``ReFreeKVConfig.replan``).
 REPLANS = {"once": "after the first prompt only (the paper)",
-           "turns": "again after every later prompt segment (chat turns, tool results)"}
+           "turns": "again after every later prompt segment (chat turns, tool results)",
+           "history": "like turns, but the turn being answered is kept whole: only what came before it is "
+                      "compressed (the first prompt stays whole until the next segment)"}
 #: Norm scopes (``ReFreeKVConfig.norm_scope``).
 NORM_SCOPES = {"candidates": "the sinks are masked out of both norms (the research code)",
                "all": "the whole row (the paper's text)"}

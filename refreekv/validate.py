@@ -17,6 +17,7 @@ import numpy as np
 from .backend import FLOAT_DTYPES, Array, Backend, find_backend
 from .config import ReFreeKVConfig
 from .errors import bad_input
+from .rules import RANKINGS
 
 _ARRAYS = "a numpy.ndarray, torch.Tensor or mlx.core.array"
 
@@ -186,6 +187,7 @@ class Request:
     start: np.ndarray     # (B,) int64 host left-padding offsets
     scales: list          # L floats or None
     layers: list[int] | None  # model layer indices (retained layers, reports), or None
+    keep_newest: np.ndarray | None = None  # (B,) newest tokens kept whatever the rule says, or None
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
@@ -204,8 +206,27 @@ def _layer_list(value, argument: str, length: int | None) -> list:
     return list(value)
 
 
+def keep_newest_host(be: Backend, value, batch: int, cfg: ReFreeKVConfig) -> np.ndarray | None:
+    """``keep_newest`` as (B,) host ints >= 0 (an int is the same for every sample), or None. Only a
+    ranking that puts the newest tokens right after the sinks can protect them."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        host = np.full(batch, int(value), np.int64)
+    elif isinstance(value, (numbers.Number, str, bytes)):
+        raise bad_input("keep_newest", repr(value), f"None, an int >= 0, or ({batch},) ints >= 0")
+    else:
+        host = host_ints(be, value, "keep_newest", batch)
+    if (host < 0).any():
+        raise bad_input("keep_newest", host.tolist(), "counts >= 0 of newest tokens to keep")
+    if host.any() and not RANKINGS[cfg.ranking].newest_run:
+        raise bad_input("keep_newest", host.tolist(), f'None or 0 with ranking={cfg.ranking!r} (only a ranking that '
+                        'keeps the newest tokens first, "position", can protect them)')
+    return host
+
+
 def request(q_rows, keys, values, config, *, start=None, scale=None, layers=None,
-            need_values: bool = False, layers_name: str = "layers") -> Request:
+            need_values: bool = False, layers_name: str = "layers", keep_newest=None) -> Request:
     """Validate the arguments of ``plan_layers`` / ``compress_layers`` into a ``Request``.
     ``layers_name`` is what the caller called the layer indices ("layer" for one layer)."""
     cfg = config_value(config)
@@ -246,4 +267,4 @@ def request(q_rows, keys, values, config, *, start=None, scale=None, layers=None
     if planned and k < need:
         raise bad_input("q_rows", f"{k} query rows", f"at least {need} for ranking={cfg.ranking!r}, "
                         f"query_rows={cfg.query_rows!r} and n = {n} (ReFreeKVConfig.rows_needed)")
-    return Request(be, cfg, checked, ks, vs, host, scales, layers)
+    return Request(be, cfg, checked, ks, vs, host, scales, layers, keep_newest_host(be, keep_newest, B, cfg))

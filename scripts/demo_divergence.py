@@ -1,6 +1,6 @@
 """Where and how firmly a compressed answer of `refreekv demo` leaves the full cache's.
 
-    python scripts/demo_divergence.py [--max-new-tokens 24] [--thresholds 0.0002,0.0001] [--out results]
+    python scripts/demo_divergence.py [--max-new-tokens 24] [--thresholds 0.0002,0.0001] [--layer-study] [--out results]
 
 Each demo prompt is prefilled once. The full cache decodes greedily; its answer is then teacher-forced
 to get the full cache's top-1 / top-2 log-probability margin at every answer token. For the default
@@ -9,12 +9,16 @@ of ``--thresholds`` (where does a free-text answer meet the full cache's, and at
 token where it differs from the full cache's and the full cache's margin there (a margin near 0 would
 be a near-tie that any rounding flips; a large one means the compression moved the distribution). Two
 changes that keep attention exact, a prefill in two chunks and eager attention instead of SDPA, say
-whether the full cache's own answer is stable. Writes demo_divergence.md and .json.
+whether the full cache's own answer is stable. With ``--layer-study``, for every prompt whose default
+answer differs: which layers make it differ (each layer kept whole alone, each compressed alone, the
+layers that keep less than half of the prompt kept whole together and compressed alone together).
+Writes demo_divergence.md and .json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 
@@ -34,6 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--thresholds", default="0.0002,0.0001", help="more thresholds T to try, comma-separated")
     p.add_argument("--out", default="results")
+    p.add_argument("--layer-study", action="store_true", help="which layers make the default's answer differ")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error(f"--max-new-tokens: received {a.max_new_tokens}; expected an int >= 1")
@@ -51,7 +56,7 @@ def main(argv=None) -> None:
                ReFreeKVConfig(threshold=0.001), "mass floor 3 % (T = 0.1 %)": ReFreeKVConfig(threshold=0.001,
                                                                                           mass_threshold=0.03)}
     configs |= {f"T = {T:.3%}": ReFreeKVConfig(threshold=T) for T in Ts}
-    rows, records = [], []
+    rows, records, study = [], [], []
     for name, prompt, _ in demo_prompts(tok):
         ids = tok([prompt], return_tensors="pt")["input_ids"]
         n = ids.shape[1]
@@ -76,6 +81,8 @@ def main(argv=None) -> None:
                             "answer": ours.text, "full_same_with_chunked_prefill": stable_chunked})
             rows.append([name, cname, f"{budget:.1%}", "same" if at is None else f"token {at}", "" if m is None else f"{m:.3f}",
                          f"{min(margin):.3f}", "yes" if stable_chunked else "no"])
+        if a.layer_study and not records[-len(configs)]["same"]:
+            study += layer_study(model, tok, pre, full, n, a.max_new_tokens, name)
     # Eager attention: the same prompts' full-cache answers (a different attention kernel, exact math).
     model.config._attn_implementation = "eager"
     for module in model.modules():
@@ -96,9 +103,57 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - t0
     md = (f"# Where the demo's compressed answers leave the full cache's ({a.max_new_tokens} new tokens, "
           f"{seconds:.0f} s)\n\n" + markdown_table(headers, rows))
-    write(a.out, "demo_divergence", {"records": records, "seconds": seconds}, md)
+    if study:
+        md += ("\n\n## Which layers make the default's answer differ (`--layer-study`)\n\n"
+               + markdown_table(STUDY_HEADERS, [[r[h] for h in STUDY_KEYS] for r in study]))
+    write(a.out, "demo_divergence", {"records": records, "layer_study": study, "seconds": seconds}, md)
     console.print(rich_table("demo divergence", headers, rows))
     console.print(f"{seconds:.0f} s; written to {a.out}/demo_divergence.md and .json")
+
+
+STUDY_HEADERS = ["prompt", "layers compressed (the rest kept whole)", "budget", "answer vs full"]
+STUDY_KEYS = ["prompt", "compressed", "budget", "answer"]
+
+
+def layer_study(model, tok, pre, full, n: int, max_new: int, name: str) -> list[dict]:
+    """The default configuration with some layers kept whole (``retained_layers``), from the same prefill."""
+    from refreekv import ReFreeKVConfig
+    from refreekv.adapters.transformers import ReFreeKVCache
+    from refreekv.commands.runner import greedy
+
+    base = ReFreeKVConfig()
+    report = ReFreeKVCache.from_prefill(pre, base).report
+    layers = len(report.layers)
+    kept = {r.layer: r.kept[0] / r.prompt_lengths[0] for r in report.layers}
+    low = sorted(k for k, f in kept.items() if f < 0.5 and not base.is_retained(k))
+    every = [k for k in range(layers) if not base.is_retained(k)]
+
+    def run(compressed: list[int], label: str) -> dict:
+        cfg = ReFreeKVConfig(retained_layers=tuple(k for k in range(layers) if k not in compressed))
+        cache = ReFreeKVCache.from_prefill(pre, cfg)
+        ours = greedy(model, tok, cache, pre.logits, n, max_new)
+        at = next((i for i, (x, y) in enumerate(zip(ours.tokens, full.tokens)) if x != y),
+                  None if len(ours.tokens) == len(full.tokens) else min(len(ours.tokens), len(full.tokens)))
+        return {"prompt": name, "compressed": label, "budget": f"{float(cache.report.budget[0]):.1%}",
+                "answer": "same" if at is None else f"token {at}", "layers": compressed, "same": at is None}
+
+    out = [run(every, "all (the default)"),
+           run([k for k in every if k not in low], f"all but the {len(low)} keeping < 50 % ({low})"),
+           run(low, f"only the {len(low)} keeping < 50 % ({low})")]
+    alone = [run([k], f"only layer {k}") for k in every]
+    changed = [r["layers"][0] for r in alone if not r["same"]]
+    rescued = [k for k in every if run([x for x in every if x != k], "")["same"]]
+    out.append({"prompt": name, "compressed": "one layer alone, each in turn", "budget": "",
+                "answer": f"differs when compressing only layer(s) {changed}" if changed else "same for every layer",
+                "layers": changed, "same": not changed})
+    out.append({"prompt": name, "compressed": "all but one layer, each in turn", "budget": "",
+                "answer": f"same when keeping layer(s) {rescued} whole" if rescued else
+                "differs whichever one layer is kept whole", "layers": rescued, "same": bool(rescued)})
+    pairs = [list(p) for p in itertools.combinations(low, 2) if not run(list(p), "")["same"]]
+    out.append({"prompt": name, "compressed": f"two of the {len(low)} keeping < 50 %, each pair", "budget": "",
+                "answer": f"differs when compressing only {pairs}" if pairs else "same for every pair",
+                "layers": pairs, "same": not pairs})
+    return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from refreekv.testing import Target, check_errors
     ({"ranking": "random"}, "ranking"), ({"window": 0}, "window"), ({"pool_kernel": 4}, "pool_kernel"),
     ({"halting": "ratio"}, "budget"), ({"halting": "ratio", "budget": 1.5}, "budget"),
     ({"halting": "count", "budget": 0.5}, "budget"), ({"budget": 0.5}, "budget"), ({"halting": "never"}, "halting"),
+    ({"replan": "always"}, "replan"), ({"replan": "history", "ranking": "snapkv"}, "replan"),
 ])
 def test_config_errors_name_the_argument(kwargs, argument):
     with pytest.raises(ReFreeKVError) as info:
@@ -49,6 +50,20 @@ def test_messages_say_what_was_received_and_expected():
         refreekv.get_backend([1.0])
     with pytest.raises(ReFreeKVError, match="config: received type dict"):
         refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.zeros((1, 2, 10, 8)), {"threshold": 0.1})
+
+
+def test_keep_newest_is_checked_at_the_entry_point():
+    rng = np.random.default_rng(1)
+    q, K, V = rng.normal(size=(2, 2, 1, 8)), rng.normal(size=(2, 2, 30, 8)), rng.normal(size=(2, 2, 30, 8))
+    cfg = ReFreeKVConfig.paper()
+    with pytest.raises(ReFreeKVError, match=r"keep_newest: received \[-1, 3\]; expected counts >= 0"):
+        refreekv.plan_layer(q, K, cfg, keep_newest=[-1, 3])
+    with pytest.raises(ReFreeKVError, match=r"keep_newest: received shape \(3,\) dtype int64; expected \(2,\) ints"):
+        refreekv.compress_layer(q, K, V, cfg, keep_newest=np.array([1, 2, 3]))
+    with pytest.raises(ReFreeKVError, match=r"keep_newest: received \[2, 2\]; expected None or 0 with ranking='pooled'"):
+        refreekv.compress_layers([q], [K], [V], ReFreeKVConfig.paper(ranking="pooled"), keep_newest=2)
+    with pytest.raises(ReFreeKVError, match=r"keep_newest: received 2.5"):
+        refreekv.plan_layer(q, K, cfg, keep_newest=2.5)
 
 
 def test_short_prompts_are_returned_unchanged_with_a_reason():

@@ -64,6 +64,9 @@ def test_results_cache_keys_change_with_the_code_and_the_config(tmp_path):
     k1 = runner.ResultsCache.key(p, ReFreeKVConfig(), "code-a")
     assert k1 != runner.ResultsCache.key(p, ReFreeKVConfig(), "code-b")
     assert k1 != runner.ResultsCache.key(p, ReFreeKVConfig(threshold=0.02), "code-a")
+    # eval plans once after the prompt: "once" and "turns" give the same result, "history" keeps the prompt whole
+    assert k1 == runner.ResultsCache.key(p, ReFreeKVConfig(replan="once", replan_every=8), "code-a")
+    assert k1 != runner.ResultsCache.key(p, ReFreeKVConfig(replan="history"), "code-a")
     store = runner.ResultsCache(tmp_path / "c.jsonl")
     store.put(k1, {"ok": True})
     (tmp_path / "c.jsonl").write_text((tmp_path / "c.jsonl").read_text() + '{"truncated')  # an interrupted run

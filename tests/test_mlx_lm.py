@@ -191,6 +191,34 @@ def test_replanning_each_turn_at_zero_threshold_is_the_full_cache(smol):
     assert max(len(c.reports) for c in ours if isinstance(c, ReFreeKVCache)) == 2  # planned after each turn
 
 
+def test_history_replanning_keeps_the_turn_being_answered_whole(smol, tmp_path):
+    """replan="history": the first prompt stays whole (its answer is the full cache's); the next
+    segment is planned, and every compressed layer keeps at least the sinks plus that whole segment
+    (what keep_newest protects), through a save and load between the turns."""
+    model, tok = smol
+    turns = [chat(tok, needle_prompt(120, depth=0.5)), "<|im_start|>user\nAnd again, in other words?<|im_end|>\n"
+             "<|im_start|>assistant\n"]
+    cfg = ReFreeKVConfig(threshold=0.05, replan="history")
+    plain, ours = plain_prompt_cache(model), make_prompt_cache(model, cfg)
+    first = tok.encode(turns[0], add_special_tokens=False)
+    assert run(model, tok, first, ours, max_tokens=3) == run(model, tok, first, plain, max_tokens=3)
+    layers = [c for c in ours if isinstance(c, ReFreeKVCache)]
+    assert all(c.stored == c.offset and c.plans == 1 and not c.report.compressed for c in layers)
+    save_prompt_cache(str(tmp_path / "turn1.safetensors"), ours)
+    ours = load_prompt_cache(str(tmp_path / "turn1.safetensors"), model)
+    second = tok.encode(turns[1], add_special_tokens=False)
+    run(model, tok, second, ours, max_tokens=3)
+    layers = [c for c in ours if isinstance(c, ReFreeKVCache)]
+    squeezed = 0
+    for c in layers:
+        r = c.report
+        assert c.plans == 2 and c.offset - 4 <= r.prompt_lengths[0] < c.offset  # planned at the segment's end
+        if not cfg.is_retained(c.layer):
+            assert r.kept[0] >= min(r.prompt_lengths[0], cfg.sinks + len(second)), (c.layer, r.kept)
+            squeezed += r.compressed
+    assert squeezed >= 10  # the history was compressed in most layers
+
+
 def test_trim_is_exact_or_refused(smol, ids):
     model, tok = smol
     cache = make_prompt_cache(model, CFG)

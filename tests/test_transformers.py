@@ -467,6 +467,53 @@ def test_a_replan_cuts_as_the_reference_on_the_captured_tensors(smol, monkeypatc
     assert checked >= 20 and len(cache.history.plans) == 2
 
 
+@torch.no_grad()
+def test_history_replanning_keeps_the_turn_being_answered_whole(smol, monkeypatch):
+    """replan="history": the first prompt is not compressed (so its answer is the full cache's); a
+    later segment is planned over everything with its own queries, and each layer's cut is the
+    reference's with the segment protected (keep_newest): at least the sinks plus the whole segment."""
+    import refreekv
+
+    model, tok = smol
+    cfg = ReFreeKVConfig(query_rows=8, threshold=0.01, replan="history")
+    calls = []
+    real = refreekv.compress_layers
+
+    def spy(q, keys, values, config, **kw):
+        calls.append(([x.double().numpy() for x in q], [x.double().numpy() for x in keys], config, kw))
+        return real(q, keys, values, config, **kw)
+
+    monkeypatch.setattr(refreekv, "compress_layers", spy)
+    turns = [needle_prompt(200, 0.5, number=2718, question=False), "What was the magic number?"]
+    full = _chat(model, tok, DynamicCache(config=model.config), turns[:1])
+    cache = ReFreeKVCache(model, cfg)
+    assert _chat(model, tok, cache, turns[:1]) == full  # the first turn is answered with its prompt whole
+    first = cache.history.plans[0]
+    assert not first.compressed_layers and all(r.kept == r.prompt_lengths for r in first.layers)
+    msgs = [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": full[0]},
+            {"role": "user", "content": turns[1]}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    seg = ids.shape[1] - cache.get_seq_length()
+    before = len(calls)
+    with refreekv_hooks(model):
+        model(input_ids=ids[:, -seg:], cache=cache)
+    report = {r.layer: r for r in cache.history.plans[-1].layers}
+    checked = 0
+    for qs, ks, used, kw in calls[before:]:
+        assert kw["keep_newest"] == seg
+        for q, K, layer, scale in zip(qs, ks, kw["layers"], kw["scale"]):
+            if used.is_retained(layer):
+                continue
+            n = K.shape[2]
+            want = R.plan_layer(q, K, used, scale=scale)
+            lo, hi = valid_cut_range(want["ratio"][0], used.threshold, 2e-4, used.sinks, n)
+            floor = min(n, used.sinks + seg)
+            assert max(lo, floor) <= report[layer].kept[0] <= max(hi, floor), (layer, report[layer].kept, lo, hi, floor)
+            checked += 1
+    assert checked >= 20 and report[5].kept[0] < report[5].prompt_lengths[0]  # the history was compressed
+    assert len(cache.history.plans) == 2
+
+
 def test_an_error_inside_generate_leaves_no_hook_and_a_usable_model(smol, prompt):
     model, _ = smol
 

@@ -4,7 +4,8 @@ conversation: 10-turn chats built from the split's texts. Turns 1-5 each bring ~
 essay with one planted fact ("The code for the <name> archive is <number>."); turns 6-10 each ask
 for one of those facts. Each method runs its own chat (its own answers become the history) with
 one cache through the whole conversation: the full cache, ReFreeKV compressing once after the
-first prompt (``replan="once"``), and ReFreeKV re-planning after every turn (``replan="turns"``).
+first prompt (``replan="once"``), ReFreeKV re-planning after every turn (``replan="turns"``), and
+re-planning after every turn with the turn being answered kept whole (``replan="history"``).
 Per turn: KV bytes held, the answer, whether it holds the fact, time spent planning.
 
 generation: one prompt, the full cache's greedy continuation of ``--gen-tokens`` tokens, then
@@ -93,7 +94,8 @@ def run_conversation(split: str, out_dir: str, count: int = 3, as_json: bool = F
     console = Console(stderr=as_json)
     model, tok = load_torch()
     base = ReFreeKVConfig() if default is None else default
-    methods = {"full": None, "compress once": _with(base, replan="once"), "re-plan each turn": _with(base, replan="turns")}
+    methods = {"full": None, "compress once": _with(base, replan="once"), "re-plan each turn": _with(base, replan="turns"),
+               "re-plan, turn kept whole": _with(base, replan="history")}
     results = {name: [] for name in methods}
     for c, turns in enumerate(conversations(tok, split, count)):
         for name, cfg in methods.items():

@@ -96,7 +96,7 @@ def _split_tokens(tok_name: str, split: str, tok) -> list[int]:
     """The split's texts, tokenized once, as one stream."""
     ids: list[int] = []
     for text in SPLITS[split].documents():
-        ids += tok(text + "\n\n", add_special_tokens=False)["input_ids"]
+        ids += tok.encode(text + "\n\n", add_special_tokens=False)  # HF and mlx-lm tokenizers alike
     return ids
 
 

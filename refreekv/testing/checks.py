@@ -469,3 +469,33 @@ def check_retained_layers(target: Target, case: LayerCase, dtype: str) -> None:
     idx = _plan_vs_reference(target, dtype, case, plan, qn, Kn, "retained-layers plan")
     _compressed_vs_reference(target, dtype, dataclasses.replace(case, config=c), plan, other, Kn, Vn, idx,
                              "compress_layers next to a retained layer")
+
+
+def check_keep_newest(target: Target, case: LayerCase, dtype: str) -> None:
+    """``keep_newest`` (the turn ``replan="history"`` keeps whole) under the position ranking: the cut
+    is the reference's ``newest_floor_cut`` of the same plan's cut without it, the kept positions and
+    the evicted K/V follow the reference, and every sample keeps its ``keep_newest`` newest tokens."""
+    (q, K, V), (qn, Kn, Vn) = inputs(target, case, dtype)
+    c = dataclasses.replace(case.config, ranking="position")
+    st = list(case.start)
+    keep = np.random.default_rng(case.seed).integers(0, case.n + 1, size=case.batch)
+    with target.active():
+        free = refreekv.plan_layer(q, K, c, start=st)
+        held = refreekv.plan_layer(q, K, c, start=st, keep_newest=keep.tolist())
+        out = refreekv.compress_layer(q, K, V, c, start=st, keep_newest=keep.tolist())
+    want = ref.newest_floor_cut(free.cut, keep, sinks=c.sinks, n=case.n, start=case.start)
+    detail = f"keep_newest={keep.tolist()}, cut without it {free.cut.tolist()}"
+    if not np.array_equal(want, held.cut):
+        _fail("keep_newest cut", target, dtype, case, want.tolist(), held.cut.tolist(), detail)
+    want_idx, want_valid = ref.kept_positions(target.numpy(held.order), held.cut)
+    _equal("keep_newest kept positions", target, dtype, case, want_idx, target.numpy(held.idx))
+    _equal("keep_newest valid slots", target, dtype, case, want_valid, target.numpy(held.valid))
+    for b, s in enumerate(case.start):
+        newest = set(range(max(s, case.n - int(keep[b])), case.n))
+        for h in range(case.kv_heads):
+            kept = set(want_idx[b, h][want_valid[b]].tolist())
+            if not newest <= kept:
+                _fail("keep_newest keeps the newest", target, dtype, case, sorted(newest),
+                      sorted(kept), f"sample {b}, KV head {h}; {detail}")
+    _compressed_vs_reference(target, dtype, dataclasses.replace(case, config=c), held, out, Kn, Vn, want_idx,
+                             "compress_layer with keep_newest")

@@ -83,6 +83,12 @@ class ConformanceSuite:
         case = data.draw(layer_cases(max_n=300), label="case")
         checks.check_retained_layers(refreekv_target, case, data.draw(st.sampled_from(refreekv_target.dtypes)))
 
+    @_fixture_ok
+    @given(data=st.data())
+    def test_keep_newest(self, refreekv_target, data):
+        case = data.draw(layer_cases(max_n=300, ranking="position", mass=True), label="case")
+        checks.check_keep_newest(refreekv_target, case, data.draw(st.sampled_from(refreekv_target.dtypes)))
+
     def test_errors(self, refreekv_target):
         for dtype in refreekv_target.dtypes:
             checks.check_errors(refreekv_target, dtype)

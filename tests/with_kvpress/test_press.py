@@ -134,3 +134,5 @@ def test_a_configuration_kvpress_cannot_mask_is_refused(smol):
             pass
     with pytest.raises(ReFreeKVError, match="config: received type dict"):
         ReFreeKVPress({"threshold": 0.1})
+    with pytest.raises(ReFreeKVError, match="replan: received 'history'"):
+        ReFreeKVPress(ReFreeKVConfig(replan="history"))  # it would keep the prompt whole: refused, not ignored
