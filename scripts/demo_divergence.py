@@ -1,6 +1,7 @@
 """Where and how firmly a compressed answer of `refreekv demo` leaves the full cache's.
 
-    python scripts/demo_divergence.py [--max-new-tokens 24] [--thresholds 0.0002,0.0001] [--layer-study] [--out results]
+    python scripts/demo_divergence.py [--max-new-tokens 24] [--thresholds 0.0002,0.0001] [--layer-study]
+                                      [--delays 4,8] [--prompts demo|dev|test|holdout] [--out results]
 
 Each demo prompt is prefilled once. The full cache decodes greedily; its answer is then teacher-forced
 to get the full cache's top-1 / top-2 log-probability margin at every answer token. For the default
@@ -12,7 +13,11 @@ changes that keep attention exact, a prefill in two chunks and eager attention i
 whether the full cache's own answer is stable. With ``--layer-study``, for every prompt whose default
 answer differs: which layers make it differ (each layer kept whole alone, each compressed alone, the
 layers that keep less than half of the prompt kept whole together and compressed alone together).
-Writes demo_divergence.md and .json.
+``--delays G1,G2``: the default planned after the first G tokens of the full cache's answer instead of
+after the prompt (the newest 32 score rows then include those G answer tokens' queries; the peak memory
+is the prefill's either way): does an answer's own start tell the rule what the answer needs?
+``--prompts SPLIT`` studies the open questions of an eval split instead of the demo's prompts (the
+full cache's answer is their reference too). Writes demo_divergence.md and .json (demo_divergence_SPLIT.*).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def main(argv=None) -> None:
     p.add_argument("--thresholds", default="0.0002,0.0001", help="more thresholds T to try, comma-separated")
     p.add_argument("--out", default="results")
     p.add_argument("--layer-study", action="store_true", help="which layers make the default's answer differ")
+    p.add_argument("--delays", default="", help="also plan after the first G answer tokens, comma-separated Gs")
+    p.add_argument("--prompts", default="demo", choices=["demo", "dev", "test", "holdout"],
+                   help="the demo's prompts, or the open questions of an eval split")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error(f"--max-new-tokens: received {a.max_new_tokens}; expected an int >= 1")
@@ -48,6 +56,12 @@ def main(argv=None) -> None:
         p.error(f"--thresholds: received {a.thresholds!r}; expected comma-separated numbers, e.g. 0.0002,0.0001")
     if not all(0 <= T < 1 for T in Ts):
         p.error(f"--thresholds: received {a.thresholds!r}; expected numbers T with 0 <= T < 1")
+    try:
+        delays = [int(x) for x in a.delays.split(",") if x.strip()]
+    except ValueError:
+        delays = [-1]
+    if not all(0 < g < a.max_new_tokens for g in delays):
+        p.error(f"--delays: received {a.delays!r}; expected comma-separated ints G with 0 < G < --max-new-tokens")
     console = Console()
     t0 = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -57,7 +71,12 @@ def main(argv=None) -> None:
                                                                                           mass_threshold=0.03)}
     configs |= {f"T = {T:.3%}": ReFreeKVConfig(threshold=T) for T in Ts}
     rows, records, study = [], [], []
-    for name, prompt, _ in demo_prompts(tok):
+    if a.prompts == "demo":
+        prompts = [(name, prompt) for name, prompt, _ in demo_prompts(tok)]
+    else:
+        from refreekv.commands.tasks import build
+        prompts = [(p.id, p.text) for p in build(tok, a.prompts) if p.kind == "open"]
+    for name, prompt in prompts:
         ids = tok([prompt], return_tensors="pt")["input_ids"]
         n = ids.shape[1]
         pre = capture_prefill(model, ids, configs=list(configs.values()))
@@ -81,14 +100,32 @@ def main(argv=None) -> None:
                             "answer": ours.text, "full_same_with_chunked_prefill": stable_chunked})
             rows.append([name, cname, f"{budget:.1%}", "same" if at is None else f"token {at}", "" if m is None else f"{m:.3f}",
                          f"{min(margin):.3f}", "yes" if stable_chunked else "no"])
-        if a.layer_study and not records[-len(configs)]["same"]:
+        default_same = records[-len(configs)]["same"]  # the first configuration is the default
+        for g in (g for g in delays if g < len(full.tokens)):  # plan after the full cache's first g answer
+            # tokens (identical by construction); an answer of at most g tokens has nothing left to compare
+            ids_g = torch.cat([ids, torch.tensor([full.tokens[:g]])], 1)
+            pre_g = capture_prefill(model, ids_g, configs=[ReFreeKVConfig()])
+            compressed = ReFreeKVCache.from_prefill(pre_g, ReFreeKVConfig())
+            tokens = full.tokens[:g] + greedy(model, tok, compressed, pre_g.logits, n + g, a.max_new_tokens - g).tokens
+            at = next((i for i, (x, y) in enumerate(zip(tokens, full.tokens)) if x != y),
+                      None if len(tokens) == len(full.tokens) else min(len(tokens), len(full.tokens)))
+            m = margin[at] if at is not None and at < len(margin) else None
+            budget = float(compressed.report.budget[0])
+            records.append({"prompt": name, "config": f"default, planned after {g} answer tokens", "tokens": n,
+                            "budget": budget, "same": at is None, "diverges_at": at, "full_margin_there": m,
+                            "full_min_margin": min(margin), "answer_full": full.text, "answer": tok.decode(tokens),
+                            "full_same_with_chunked_prefill": stable_chunked})
+            rows.append([name, f"default, planned after {g} answer tokens", f"{budget:.1%}",
+                         "same" if at is None else f"token {at}", "" if m is None else f"{m:.3f}",
+                         f"{min(margin):.3f}", "yes" if stable_chunked else "no"])
+        if a.layer_study and not default_same:
             study += layer_study(model, tok, pre, full, n, a.max_new_tokens, name)
     # Eager attention: the same prompts' full-cache answers (a different attention kernel, exact math).
     model.config._attn_implementation = "eager"
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
             module.config._attn_implementation = "eager"
-    for name, prompt, _ in demo_prompts(tok):
+    for name, prompt in prompts:
         ids = tok([prompt], return_tensors="pt")["input_ids"]
         cache = DynamicCache(config=model.config)
         first = model(input_ids=ids, cache=cache).logits[:, -1]
@@ -106,9 +143,12 @@ def main(argv=None) -> None:
     if study:
         md += ("\n\n## Which layers make the default's answer differ (`--layer-study`)\n\n"
                + markdown_table(STUDY_HEADERS, [[r[h] for h in STUDY_KEYS] for r in study]))
-    write(a.out, "demo_divergence", {"records": records, "layer_study": study, "seconds": seconds}, md)
+    stem = "demo_divergence" if a.prompts == "demo" else f"demo_divergence_{a.prompts}"
+    if a.prompts != "demo":
+        md = md.replace("the demo's compressed answers", f"the {a.prompts} split's open answers", 1)
+    write(a.out, stem, {"records": records, "layer_study": study, "seconds": seconds}, md)
     console.print(rich_table("demo divergence", headers, rows))
-    console.print(f"{seconds:.0f} s; written to {a.out}/demo_divergence.md and .json")
+    console.print(f"{seconds:.0f} s; written to {a.out}/{stem}.md and .json")
 
 
 STUDY_HEADERS = ["prompt", "layers compressed (the rest kept whole)", "budget", "answer vs full"]

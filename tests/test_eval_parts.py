@@ -276,6 +276,10 @@ def test_demo_divergence_refuses_a_bad_token_count(capsys):
     with pytest.raises(SystemExit):
         _script("demo_divergence").main(["--max-new-tokens", "0"])
     assert "--max-new-tokens: received 0; expected an int >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _script("demo_divergence").main(["--delays", "4,24"])  # a delay must leave answer tokens to compare
+    assert "--delays: received '4,24'; expected comma-separated ints G with 0 < G < --max-new-tokens" in \
+        capsys.readouterr().err
 
 
 def test_every_planted_engine_bug_still_matches_its_adapter(capsys):
