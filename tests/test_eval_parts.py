@@ -282,6 +282,12 @@ def test_demo_divergence_refuses_a_bad_token_count(capsys):
         capsys.readouterr().err
 
 
+def test_chat_margins_refuses_a_turn_outside_the_chat(capsys):
+    with pytest.raises(SystemExit):
+        _script("chat_margins").main(["--turn", "11"])
+    assert "--turn: received 11; expected a turn from 1 to 10" in capsys.readouterr().err
+
+
 def test_every_planted_engine_bug_still_matches_its_adapter(capsys):
     # scripts/engine_mutants.py plants each bug by replacing one exact snippet: if an adapter changes so
     # that a snippet no longer occurs exactly once, the list must be updated (the script stops).

@@ -585,6 +585,29 @@ def test_replanning_during_generation(smol, prompt):
 
 
 @torch.no_grad()
+def test_history_keeps_the_whole_turn_through_generation_replans(smol, prompt):
+    """replan="history" with replan_every: a single prompt is the turn, so nothing is ever evicted (the full
+    cache's tokens); in a second turn every plan, also those during generation, keeps the segment and the
+    tokens generated since, while the history is compressed."""
+    model, tok = smol
+    kw = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    cfg = ReFreeKVConfig(threshold=0.05, replan="history", replan_every=8)
+    out, cache = generate(model, cfg, **prompt, **kw)
+    assert out.tolist() == model.generate(**prompt, **kw).tolist()
+    assert len(cache.history.plans) == 3 and not any(p.compressed_layers for p in cache.history.plans)
+    seg = tok(["<|im_start|>user\nAnd what else is there to say about it?<|im_end|>\n<|im_start|>assistant\n"],
+              return_tensors="pt")["input_ids"]
+    ids = torch.cat([out, seg], 1)
+    with refreekv_hooks(model):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **kw)
+    plans = cache.history.plans[3:]  # the segment, then after generated tokens 8 and 16
+    assert len(plans) == 3 and plans[0].compressed_layers  # the history was compressed
+    for i, plan in enumerate(plans):
+        floor = cfg.sinks + seg.shape[1] + 8 * i  # the segment (and the token before it), then 8 more each time
+        assert all(r.kept[0] >= min(floor, r.prompt_lengths[0]) for r in plan.layers), (i, floor)
+
+
+@torch.no_grad()
 def test_a_segment_of_at_most_sinks_tokens_is_appended_without_a_plan(smol, prompt):
     """The n <= sinks + 1 rule for later segments: too few queries to judge the cache by, so a short
     segment is appended as it is; a longer one is planned."""

@@ -1,0 +1,52 @@
+"""How firmly the full cache chooses each token of one turn's answer in a chat of the conversation task.
+
+    python scripts/chat_margins.py [--split test] [--chat 0] [--turn 10] [--max-new-tokens 16]
+
+Replays chat ``--chat`` of ``conversations(tok, split, ...)`` (the docs' ten-turn chat is chat 0 of the test
+split, 16 new tokens a turn) with a plain DynamicCache and prints, for every token of turn ``--turn``'s
+answer, the full cache's top-1/top-2 log-probability margin and its second choice. A small margin where a
+compressed cache's answer differs is a near-tie, which any change to attention may flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None) -> None:
+    import torch
+    from transformers import DynamicCache
+
+    from refreekv.commands.conversation import conversations
+    from refreekv.commands.models import load_torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--split", default="test", choices=["dev", "test", "holdout"])
+    p.add_argument("--chat", type=int, default=0)
+    p.add_argument("--turn", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    a = p.parse_args(argv)
+    if not 1 <= a.turn <= 10:
+        p.error(f"--turn: received {a.turn}; expected a turn from 1 to 10")
+    if a.chat < 0 or a.max_new_tokens < 1:
+        p.error(f"--chat / --max-new-tokens: received {a.chat} / {a.max_new_tokens}; expected an int >= 0 / >= 1")
+    torch.set_grad_enabled(False)
+    model, tok = load_torch()
+    turns = conversations(tok, a.split, a.chat + 1)[a.chat]
+    messages, cache = [], DynamicCache(config=model.config)
+    for i, (text, _) in enumerate(turns[:a.turn]):
+        messages.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, do_sample=False,
+                             max_new_tokens=a.max_new_tokens, output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True).strip()})
+    print(f"turn {a.turn}: {messages[-1]['content']!r}")
+    for t, scores in zip(new, out.scores):
+        top = scores[0].log_softmax(-1).topk(2)
+        print(f"  {tok.decode([t])!r:>16}  margin {float(top.values[0] - top.values[1]):6.3f}  "
+              f"second {tok.decode([int(top.indices[1])])!r}")
+
+
+if __name__ == "__main__":
+    main()
