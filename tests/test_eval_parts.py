@@ -118,6 +118,8 @@ def test_conversation_summary_counts_against_the_full_cache():
     m = s["mine"]
     assert (m["right"], m["asked"], m["same_as_full_asked"], m["same_as_full"], m["turns"]) == (2, 2, 1, 1, 3)
     assert (m["only_this_right"], m["only_full_right"], m["plan_ms"]) == (1, 0, 10.0)
+    assert m["same_by_turn"] == [0, 1, 0] and m["first_differing_turn"] == [1]
+    assert s["full"]["same_by_turn"] == [1, 1, 1] and s["full"]["first_differing_turn"] == [None]
     assert _sign_test(9, 3) == pytest.approx(0.14599609375) and _sign_test(3, 9) == _sign_test(9, 3)
     assert _sign_test(0, 0) == 1.0 and _sign_test(5, 5) == 1.0
 

@@ -142,6 +142,10 @@ def summarize(results: dict[str, list[list[dict]]]) -> dict[str, dict]:
             "sign_test_p": _sign_test(only_this, only_full),
             "kv_mb_by_turn": [float(np.mean([run[t]["kv_bytes"] for run in runs]) / 2**20) for t in range(len(runs[0]))],
             "plan_ms": float(np.mean([r["plan_ms"] for run in runs for r in run if r["plans"]] or [0.0])),
+            "same_by_turn": [int(sum(run[t]["answer"] == ref[t]["answer"] for run, ref in zip(runs, results["full"])))
+                             for t in range(len(runs[0]))],
+            "first_differing_turn": [next((t + 1 for t, (r, f) in enumerate(zip(run, ref)) if r["answer"] != f["answer"]),
+                                          None) for run, ref in zip(runs, results["full"])],
         }
     return summary
 
@@ -164,9 +168,16 @@ def conversation_markdown(split: str, config: ReFreeKVConfig, results: dict, sum
     count = len(results["full"])
     per_turn = [[name, *(int(r["ok"]) if r["ok"] is not None else "-" for r in run)]
                 for name, runs in results.items() for run in runs]
+    same = [[name, *s["same_by_turn"], sum(t is None for t in s["first_differing_turn"]),
+             ", ".join(str(t) for t in sorted(t for t in s["first_differing_turn"] if t is not None)) or "-"]
+            for name, s in summary.items() if name != "full"]
     return (f"# refreekv eval: conversation task, {split} split ({count} conversations of 10 turns)\n\n"
-            f"Configuration: {config}\n\n" + markdown_table(HEADERS, _rows(summary)) + "\n\n## Right answers per turn "
-            "(1 right, 0 wrong, - a reading turn)\n\n" + markdown_table(["method", *map(str, range(1, 11))], per_turn))
+            f"Configuration: {config}\n\n" + markdown_table(HEADERS, _rows(summary)) + "\n\n## Answers equal to "
+            f"the full cache's, per turn (of {count} chats)\n\n"
+            + markdown_table(["method", *map(str, range(1, 11)), "chats identical all through",
+                              "first differing turn of the others"], same)
+            + "\n\n## Right answers per turn (1 right, 0 wrong, - a reading turn)\n\n"
+            + markdown_table(["method", *map(str, range(1, 11))], per_turn))
 
 
 def _with(cfg: ReFreeKVConfig, **changes) -> ReFreeKVConfig:
