@@ -219,6 +219,18 @@ def test_history_replanning_keeps_the_turn_being_answered_whole(smol, tmp_path):
     assert squeezed >= 10  # the history was compressed in most layers
 
 
+def test_history_keeps_the_whole_turn_through_generation_replans(smol, ids):
+    """replan="history" with replan_every: on a single prompt every plan (after the prompt, then every 4
+    generated tokens) keeps everything, so the answer is the full cache's."""
+    model, tok = smol
+    cfg = ReFreeKVConfig(threshold=0.05, replan="history", replan_every=4)
+    ours, plain = make_prompt_cache(model, cfg), plain_prompt_cache(model)
+    assert run(model, tok, ids, ours, max_tokens=14) == run(model, tok, ids, plain, max_tokens=14)
+    layers = [c for c in ours if isinstance(c, ReFreeKVCache)]
+    assert min(c.plans for c in layers) >= 3  # the prompt, then during generation
+    assert all(c.stored == c.offset and not any(r.compressed for r in c.reports) for c in layers)
+
+
 def test_trim_is_exact_or_refused(smol, ids):
     model, tok = smol
     cache = make_prompt_cache(model, CFG)
