@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     from refreekv.commands.demo import demo_prompts
     from refreekv.commands.models import load_torch
     from refreekv.commands.output import markdown_table, rich_table, write
-    from refreekv.commands.runner import _fork, forced, greedy
+    from refreekv.commands.runner import _fork, diverges_at, forced, greedy
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -91,8 +91,7 @@ def main(argv=None) -> None:
             compressed = ReFreeKVCache.from_prefill(pre, cfg)
             budget = float(compressed.report.budget[0])
             ours = greedy(model, tok, compressed, pre.logits, n, a.max_new_tokens)
-            at = next((i for i, (x, y) in enumerate(zip(ours.tokens, full.tokens)) if x != y),
-                      None if len(ours.tokens) == len(full.tokens) else min(len(ours.tokens), len(full.tokens)))
+            at = diverges_at(ours.tokens, full.tokens)
             m = margin[at] if at is not None and at < len(margin) else None
             records.append({"prompt": name, "config": cname, "tokens": n, "budget": budget, "same": at is None,
                             "diverges_at": at,
@@ -107,8 +106,7 @@ def main(argv=None) -> None:
             pre_g = capture_prefill(model, ids_g, configs=[ReFreeKVConfig()])
             compressed = ReFreeKVCache.from_prefill(pre_g, ReFreeKVConfig())
             tokens = full.tokens[:g] + greedy(model, tok, compressed, pre_g.logits, n + g, a.max_new_tokens - g).tokens
-            at = next((i for i, (x, y) in enumerate(zip(tokens, full.tokens)) if x != y),
-                      None if len(tokens) == len(full.tokens) else min(len(tokens), len(full.tokens)))
+            at = diverges_at(tokens, full.tokens)
             m = margin[at] if at is not None and at < len(margin) else None
             budget = float(compressed.report.budget[0])
             records.append({"prompt": name, "config": f"default, planned after {g} answer tokens", "tokens": n,
@@ -159,7 +157,7 @@ def layer_study(model, tok, pre, full, n: int, max_new: int, name: str) -> list[
     """The default configuration with some layers kept whole (``retained_layers``), from the same prefill."""
     from refreekv import ReFreeKVConfig
     from refreekv.adapters.transformers import ReFreeKVCache
-    from refreekv.commands.runner import greedy
+    from refreekv.commands.runner import diverges_at, greedy
 
     base = ReFreeKVConfig()
     report = ReFreeKVCache.from_prefill(pre, base).report
@@ -172,8 +170,7 @@ def layer_study(model, tok, pre, full, n: int, max_new: int, name: str) -> list[
         cfg = ReFreeKVConfig(retained_layers=tuple(k for k in range(layers) if k not in compressed))
         cache = ReFreeKVCache.from_prefill(pre, cfg)
         ours = greedy(model, tok, cache, pre.logits, n, max_new)
-        at = next((i for i, (x, y) in enumerate(zip(ours.tokens, full.tokens)) if x != y),
-                  None if len(ours.tokens) == len(full.tokens) else min(len(ours.tokens), len(full.tokens)))
+        at = diverges_at(ours.tokens, full.tokens)
         return {"prompt": name, "compressed": label, "budget": f"{float(cache.report.budget[0]):.1%}",
                 "answer": "same" if at is None else f"token {at}", "layers": compressed, "same": at is None}
 

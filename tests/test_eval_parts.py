@@ -324,3 +324,11 @@ def test_a_holdout_text_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypa
             prompts.holdout_texts()
     finally:
         prompts.holdout_texts.cache_clear()
+
+
+def test_diverges_at_names_the_first_differing_answer_token():
+    from refreekv.commands.runner import diverges_at
+
+    assert diverges_at([1, 2, 3], [1, 2, 3]) is None
+    assert diverges_at([1, 5, 3], [1, 2, 3]) == 1
+    assert diverges_at([1, 2], [1, 2, 3]) == 2 and diverges_at([1, 2, 3, 4], [1, 2, 3]) == 3  # one stopped early

@@ -422,15 +422,11 @@ def test_replanning_each_turn_keeps_positions_and_the_full_answers_at_zero_thres
     assert held < 0.9 * seen * len(small.layers)  # memory follows the conversation
 
 
-@torch.no_grad()
-def test_a_replan_cuts_as_the_reference_on_the_captured_tensors(smol, monkeypatch):
-    """A re-plan runs the rule over the kept slots plus the new segment with the segment's queries;
-    each layer's cut equals the float64 reference on exactly those tensors (within the float margin),
-    and a segment's re-plan keeps the new segment's newest token."""
+def _spy_compress_layers(monkeypatch) -> list:
+    """Record every ``refreekv.compress_layers`` call an engine makes: (q rows, keys) in float64 NumPy,
+    the configuration used and the keyword arguments; the call itself goes through."""
     import refreekv
 
-    model, tok = smol
-    cfg = ReFreeKVConfig(query_rows=8, replan="turns")
     calls = []
     real = refreekv.compress_layers
 
@@ -439,6 +435,17 @@ def test_a_replan_cuts_as_the_reference_on_the_captured_tensors(smol, monkeypatc
         return real(q, keys, values, config, **kw)
 
     monkeypatch.setattr(refreekv, "compress_layers", spy)
+    return calls
+
+
+@torch.no_grad()
+def test_a_replan_cuts_as_the_reference_on_the_captured_tensors(smol, monkeypatch):
+    """A re-plan runs the rule over the kept slots plus the new segment with the segment's queries;
+    each layer's cut equals the float64 reference on exactly those tensors (within the float margin),
+    and a segment's re-plan keeps the new segment's newest token."""
+    model, tok = smol
+    cfg = ReFreeKVConfig(query_rows=8, replan="turns")
+    calls = _spy_compress_layers(monkeypatch)
     cache = ReFreeKVCache(model, cfg)
     first = tok([chat(tok, needle_prompt(200, 0.5))], return_tensors="pt")["input_ids"]
     seg = tok(["<|im_start|>user\nAnd what else is there to say about it?<|im_end|>\n"], return_tensors="pt")["input_ids"]
@@ -472,18 +479,9 @@ def test_history_replanning_keeps_the_turn_being_answered_whole(smol, monkeypatc
     """replan="history": the first prompt is not compressed (so its answer is the full cache's); a
     later segment is planned over everything with its own queries, and each layer's cut is the
     reference's with the segment protected (keep_newest): at least the sinks plus the whole segment."""
-    import refreekv
-
     model, tok = smol
     cfg = ReFreeKVConfig(query_rows=8, threshold=0.01, replan="history")
-    calls = []
-    real = refreekv.compress_layers
-
-    def spy(q, keys, values, config, **kw):
-        calls.append(([x.double().numpy() for x in q], [x.double().numpy() for x in keys], config, kw))
-        return real(q, keys, values, config, **kw)
-
-    monkeypatch.setattr(refreekv, "compress_layers", spy)
+    calls = _spy_compress_layers(monkeypatch)
     turns = [needle_prompt(200, 0.5, number=2718, question=False), "What was the magic number?"]
     full = _chat(model, tok, DynamicCache(config=model.config), turns[:1])
     cache = ReFreeKVCache(model, cfg)

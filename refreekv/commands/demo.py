@@ -17,7 +17,7 @@ from refreekv import ReFreeKVConfig
 from .models import load_torch
 from .output import markdown_table, write
 from .prompts import chat, essays, multikey_prompt, needle_prompt
-from .runner import _fork, forced, greedy, kl_top1
+from .runner import _fork, diverges_at, forced, greedy, kl_top1
 
 
 def demo_prompts(tok, quick: bool = False) -> list[tuple[str, str, str]]:
@@ -61,8 +61,7 @@ def run_demo(config: ReFreeKVConfig, out_dir: str, max_new_tokens: int = 24, as_
         kl, agree = kl_top1(forced(model, _fork(pre.cache), pre.logits, n, full.tokens),
                             forced(model, ReFreeKVCache.from_prefill(pre, config), pre.logits, n, full.tokens))
         top1 = round(agree * len(full.tokens))
-        leaves = next((i for i, (a, b) in enumerate(zip(ours.tokens, full.tokens)) if a != b),
-                      None if same else min(len(ours.tokens), len(full.tokens)))
+        leaves = diverges_at(ours.tokens, full.tokens)
         rec = {"prompt": name, "tokens": n, "budget": rep.budget[0], "kv_bytes_full": rep.bytes_before,
                "kv_bytes_refreekv": rep.bytes_after, "memory_saved": 1 - rep.bytes_after / rep.bytes_before,
                "compress_seconds": rep.seconds, "answer_full": full.text, "answer_refreekv": ours.text,

@@ -254,6 +254,13 @@ class Decoded:
 
 
 @torch.no_grad()
+def diverges_at(tokens: list[int], full: list[int]) -> int | None:
+    """The first answer token that differs from the full cache's (a shorter or longer answer differs where
+    the shorter ends), or None when they are the same."""
+    at = next((i for i, (x, y) in enumerate(zip(tokens, full)) if x != y), None)
+    return at if at is not None or len(tokens) == len(full) else min(len(tokens), len(full))
+
+
 def greedy(model, tok, cache, first_logits: torch.Tensor, n: int, max_new: int, stop: str = "") -> Decoded:
     """Greedy decoding from a prefilled cache; stops at EOS, after ``max_new`` tokens, or once
     ``stop`` appears in the text (the answer is then settled)."""
