@@ -284,6 +284,19 @@ def test_demo_divergence_refuses_a_bad_token_count(capsys):
         capsys.readouterr().err
 
 
+def test_answer_reach_counts_newest_first_without_the_sinks(capsys):
+    ar = _script("answer_reach")
+    # one head, one row over 6 keys, 1 sink: candidates newest first are 0.7, 0.0, 0.1, 0.1, 0.1
+    # (squares 0.49, 0, 0.01, 0.01, 0.01; total 0.52)
+    w = torch.tensor([[[0.9, 0.1, 0.1, 0.1, 0.0, 0.7]]])
+    assert float(ar.needed(w, 6, 1, 0.05)[0, 0]) == pytest.approx(1 / 5)  # 0.49 >= 0.95^2 * 0.52
+    assert float(ar.needed(w, 6, 1, 0.01)[0, 0]) == pytest.approx(4 / 5)  # 0.51 >= 0.99^2 * 0.52 > 0.50
+    assert float(ar.needed(w, 4, 1, 0.2)[0, 0]) == pytest.approx(2 / 3)  # keys 1..3 only: 0.02 >= 0.8^2 * 0.03
+    with pytest.raises(SystemExit):
+        ar.main(["--after", "24"])
+    assert "--after: received 24; expected an int G with 0 < G < --max-new-tokens (24)" in capsys.readouterr().err
+
+
 def test_chat_margins_refuses_a_turn_outside_the_chat(capsys):
     with pytest.raises(SystemExit):
         _script("chat_margins").main(["--turn", "11"])
