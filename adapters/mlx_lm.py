@@ -187,6 +187,18 @@ class ReFreeKVCache:
         self._segment_prompt = 0   # prompt tokens (multi-token calls) of the segment not planned yet
         self._turn = 0             # the newest prompt segment and the tokens generated after it (history)
 
+    def __deepcopy__(self, memo):
+        """A copy that continues on its own (fork a chat; mlx-lm's ``LRUPromptCache`` copies the caches it
+        hands out): K, V, rows, reports and the prompt cache's shared planner are copied, but the query
+        probe stays the model's own, since the copy's calls go through the same model."""
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, value if name == "probe" else copy.deepcopy(value, memo))
+        return new
+
     @property
     def scale(self) -> float | None:
         return None if self.probe is None else self.probe.scale

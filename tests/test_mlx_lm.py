@@ -231,6 +231,43 @@ def test_history_keeps_the_whole_turn_through_generation_replans(smol, ids):
     assert all(c.stored == c.offset and not any(r.compressed for r in c.reports) for c in layers)
 
 
+def test_a_deep_copy_forks_the_chat(smol):
+    """copy.deepcopy of a planned prompt cache (forking a chat; mlx-lm's LRUPromptCache hands out copies)
+    continues on its own: the same next turn gives the same answer and plan on the copy as on the
+    original, and continuing the copy leaves the original as it was."""
+    import copy
+
+    from mlx_lm.models.cache import LRUPromptCache
+
+    model, tok = smol
+    first = tok.encode(chat(tok, needle_prompt(60, depth=0.5)), add_special_tokens=False)
+    second = tok.encode("<|im_start|>user\nAnd again?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    ours = make_prompt_cache(model, dataclasses.replace(CFG, replan="turns"))
+    run(model, tok, first, ours, max_tokens=3)
+    fork = copy.deepcopy(ours)
+    before = [(c.offset, c.stored, c.plans) for c in ours if isinstance(c, ReFreeKVCache)]
+    layers = [c for c in fork if isinstance(c, ReFreeKVCache)]
+    assert {id(c.planner) for c in layers} == {id(layers[0].planner)} != {id(c.planner) for c in ours}
+    assert layers[0].planner.caches == layers  # the copy's planner plans the copy's layers
+    answer = run(model, tok, second, fork, max_tokens=3)
+    assert [(c.offset, c.stored, c.plans) for c in ours if isinstance(c, ReFreeKVCache)] == before
+    assert run(model, tok, second, ours, max_tokens=3) == answer
+    assert [r.kept for r in budget_report(fork).layers] == [r.kept for r in budget_report(ours).layers]
+    # mlx-lm's LRU prompt cache: a cached prompt extended by a new turn comes back as a copy to continue
+    lru = LRUPromptCache()
+    kept = make_prompt_cache(model, dataclasses.replace(CFG, replan="turns"))
+    model(mx.array(first)[None], cache=kept)  # a manual prefill: the cache holds exactly `first`
+    assert compress_prompt_cache(kept).layers[5].compressed
+    lru.insert_cache("smol", first, kept)  # the server keys entries by its model name
+    cache, rest = lru.fetch_nearest_cache("smol", first + second)
+    assert rest == second and cache is not kept
+    assert run(model, tok, rest, cache, max_tokens=3) == run(model, tok, second, kept, max_tokens=3)
+    # a prompt that leaves the cached one inside it: the LRU trims a copy back to the common prefix, which
+    # reaches into planned slots (their kept set was decided with the tokens after it): refused, loudly
+    with pytest.raises(ReFreeKVError, match="trim: received"):
+        lru.fetch_nearest_cache("smol", first[:50] + second)
+
+
 def test_trim_is_exact_or_refused(smol, ids):
     model, tok = smol
     cache = make_prompt_cache(model, CFG)
