@@ -75,7 +75,8 @@ class ReFreeKVConfig:
             and the rest compressed, and a single prompt is not compressed at all until a second
             segment comes. Position ranking only.
         replan_every: also plan again every this many generated tokens, with the newest generated
-            tokens' queries (0: never; opt-in for long generations).
+            tokens' queries (0: never; opt-in for one long generation: in a chat, plans made with an
+            answer's queries evict facts that later turns ask about, measured in docs/results.md).
         mass_threshold: None (the default: off), or Tm with 0 <= Tm < 1: a floor under the threshold
             rule's cut. The layer also keeps at least the shortest prefix of the same ranking whose
             evicted attention mass (``norm="l1"``'s ratio, same scope and heads) is <= Tm, so a
