@@ -92,13 +92,22 @@ class ReFreeKVLayer(DynamicLayer):
 
     def __init__(self):
         super().__init__()
+        self.additive_mask = False    # eager attention takes additive float masks
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """The state of a layer that has seen no prompt (``__init__`` and ``reset``)."""
         self.hooked = False           # set by the pre-hook for the call under way, cleared by update
         self.evicted = 0              # positions removed so far (the virtual length minus the slots)
         self.compressed_at = 0        # the virtual length when it was last planned (n after the prompt)
         self.kept_slots = 0           # J
         self.slot_valid: torch.Tensor | None = None
         self.all_slots_valid = True   # read once at compression: no host sync while decoding
-        self.additive_mask = False    # eager attention takes additive float masks
+
+    def reset(self) -> None:
+        """Empty, as new: the next call is a new prompt (``Cache.reset``)."""
+        super().reset()
+        self._fresh()
 
     @property
     def compressed(self) -> bool:
@@ -134,6 +143,11 @@ class ReFreeKVLayer(DynamicLayer):
         super().batch_select_indices(indices)
         if self.compressed:
             self.slot_valid = self.slot_valid[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.compressed:
+            self.slot_valid = self.slot_valid.index_select(0, beam_idx.to(self.slot_valid.device))
 
     def store_compressed(self, keys, values, valid, virtual_length: int) -> None:
         """Keep ``keys``/``values`` (B, Hkv, J, d) for the first ``virtual_length`` positions."""
@@ -197,9 +211,13 @@ class ReFreeKVCache(DynamicCache):
         self.layers = [ReFreeKVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         self.refreekv_config = cfg
         self.additive_mask = model.config._attn_implementation == "eager"
+        self.last_layer = attention_modules(model)[-1].layer_idx
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """The state of a cache that has seen no prompt (``__init__`` and ``reset``)."""
         self.history = engine.History()
         self.planned_layers: set[int] = set()  # layers seen at prefill (ReFreeKV runs once each)
-        self.last_layer = attention_modules(model)[-1].layer_idx
         self._pending: list[Captured] = []
         self._mask_start: tuple[torch.Tensor | None, list[int]] | None = None
         self._start: list[int] = []
@@ -207,6 +225,11 @@ class ReFreeKVCache(DynamicCache):
         self._generated: dict[int, list] = {}  # replan_every: each layer's newest generated rows
         self._since_plan = 0                   # replan_every: tokens generated since the last plan
         self._turn = 0                         # the newest segment and what was generated after it (history)
+
+    def reset(self) -> None:
+        """Empty every layer and forget every plan: the cache is as new for the next prompt."""
+        super().reset()
+        self._fresh()
 
     @property
     def report(self) -> BudgetReport:

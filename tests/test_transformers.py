@@ -740,6 +740,38 @@ def test_reordering_a_compressed_batch_moves_each_rows_slot_mask_with_it(smol):
     cache.batch_repeat_interleave(2)
     for layer, (k, valid) in zip(layers, before):
         assert torch.equal(layer.keys, k[[1, 1, 0, 0]]) and torch.equal(layer.slot_valid, valid[[1, 1, 0, 0]])
+    cache.reorder_cache(torch.tensor([2, 0, 3, 1]))  # beam search's reorder
+    for layer, (k, valid) in zip(layers, before):
+        assert torch.equal(layer.keys, k[[0, 1, 0, 1]]) and torch.equal(layer.slot_valid, valid[[0, 1, 0, 1]])
+
+
+@torch.no_grad()
+def test_a_reset_cache_is_as_new(smol):
+    """Cache.reset() empties a used cache (compressed, re-planned for a second turn): the next prompt gets
+    the tokens and the per-layer plan of a fresh cache, not the old slots, masks or turn."""
+    model, tok = smol
+    first = tok([chat(tok, needle_prompt(200, 0.5, number=7417))], return_tensors="pt")
+    later = tok([chat(tok, needle_prompt(120, 0.3, number=1234))], return_tensors="pt")
+    cfg = ReFreeKVConfig(threshold=0.05, replan="turns")
+
+    def answer(ids, cache):
+        with refreekv_hooks(model):
+            out = model.generate(**ids, cache=cache, max_new_tokens=8, do_sample=False)
+        return out[0, ids["input_ids"].shape[1]:].tolist()
+
+    used = ReFreeKVCache(model, cfg)
+    answer(first, used)
+    turn = tok(["<|im_start|>user\nAnd the number again?<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    with refreekv_hooks(model):  # a second segment: planned, the history compressed
+        model(input_ids=turn["input_ids"], cache=used)
+    assert any(layer.compressed for layer in used.layers) and len(used.history.plans) == 2
+    used.reset()
+    assert used.get_seq_length() == 0 and not used.history.plans
+    fresh = ReFreeKVCache(model, cfg)
+    assert answer(later, used) == answer(later, fresh)
+    assert [r.kept for r in used.report.layers] == [r.kept for r in fresh.report.layers]
+    assert [layer.kept_slots for layer in used.layers] == [layer.kept_slots for layer in fresh.layers]
+    assert len(used.history.plans) == 1 and any(layer.compressed for layer in used.layers)
 
 
 @torch.no_grad()
