@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 from kvpress.presses.base_press import BasePress
+from transformers.cache_utils import DynamicLayer
 
 import refreekv
 from refreekv.config import ReFreeKVConfig
@@ -119,13 +120,14 @@ class ReFreeKVPress(BasePress):
         if module.layer_idx == self._modules[0].layer_idx:
             self._pending, self._start = [], None
         if not getattr(layer, "is_sliding", False):
+            _whole_prompt(layer, module.layer_idx, q_len)
             n = layer.keys.shape[-2]
             if self._start is None:
                 self._start = _left_padding(kwargs.get("attention_mask"), n, hidden.shape[0])
             rows = 1 if self.config.is_retained(module.layer_idx) else engine.capture_rows(self.config, n)
             cos, sin = kwargs["position_embeddings"]
             self._pending.append((module, hidden[:, -rows:].clone(), cos[:, -rows:].clone(), sin[:, -rows:].clone(),
-                                  time.perf_counter() - t0))
+                                  time.perf_counter() - t0, layer.keys))
         if module.layer_idx == self._modules[-1].layer_idx:
             self._compress(cache)
         return output
@@ -135,7 +137,10 @@ class ReFreeKVPress(BasePress):
         """Plan every captured layer together and store what each keeps."""
         pending, self._pending = self._pending, []
         groups: dict[tuple, list] = {}
-        for module, hidden, cos, sin, spent in pending:
+        for module, hidden, cos, sin, spent, seen in pending:
+            if cache.layers[module.layer_idx].keys is not seen:
+                raise bad_input("press", f"layer {module.layer_idx}'s keys replaced after ReFreeKVPress captured them "
+                                "(another press compressed the layer, e.g. after it in a ComposedPress)", _ALONE)
             q = _queries(module, hidden, cos, sin)
             K = cache.layers[module.layer_idx].keys
             groups.setdefault((tuple(q.shape), tuple(K.shape), K.dtype), []).append((module, q, spent))
@@ -159,6 +164,22 @@ class ReFreeKVPress(BasePress):
         self.report = BudgetReport(sorted(reports, key=lambda r: r.layer))
         if self._impl in ("sdpa", "eager") and any(isinstance(x, PressLayer) for x in cache.layers):
             _mask_hooks_for(cache, self._modules)
+
+
+_ALONE = ("ReFreeKVPress as the only press that compresses the prompt: it plans every layer at the end of "
+          "prefill on the whole prompt's keys, and a composed press would change them under its plan")
+
+
+def _whole_prompt(layer, idx: int, q_len: int) -> None:
+    """At prefill, a full-attention layer must be a plain full-precision layer holding the whole prompt."""
+    if type(layer) is not DynamicLayer:
+        raise bad_input("cache", f"layer {idx} of type {type(layer).__name__}",
+                        "a DynamicCache: ReFreeKVPress plans on the full-precision keys of the whole prompt "
+                        "(quantized and other cache layers are not supported)")
+    if layer.keys is None or layer.keys.shape[-2] != q_len:
+        held = 0 if layer.keys is None else layer.keys.shape[-2]
+        raise bad_input("press", f"layer {idx} holding {held} of the prompt's {q_len} tokens when ReFreeKVPress saw it "
+                        "(another press compressed it first, e.g. before it in a ComposedPress)", _ALONE)
 
 
 def _mask_hooks_for(cache, modules) -> None:

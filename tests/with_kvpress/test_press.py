@@ -136,3 +136,34 @@ def test_a_configuration_kvpress_cannot_mask_is_refused(smol):
         ReFreeKVPress({"threshold": 0.1})
     with pytest.raises(ReFreeKVError, match="replan: received 'history'"):
         ReFreeKVPress(ReFreeKVConfig(replan="history"))  # it would keep the prompt whole: refused, not ignored
+
+
+@torch.no_grad()
+def test_a_press_that_changes_the_prompt_around_it_is_refused(smol, pipe):
+    """ComposedPress: a press that compresses the sequence before ReFreeKVPress (it would plan on a pruned
+    prompt) or after it (it would replace keys under the plan; it crashed inside SDPA before) is refused,
+    and the model is left without hooks. ThinK, which zeroes key channels in place and keeps every token, composes."""
+    from kvpress import ComposedPress, KnormPress, ThinKPress
+    from transformers.cache_utils import DynamicLayer
+
+    model, tok = smol
+    full = pipe(CONTEXT, question=QUESTION, max_new_tokens=12)["answer"]
+    for press, message in ((ComposedPress([KnormPress(0.3), ReFreeKVPress()]), "layer 0 holding .* when ReFreeKVPress saw it"),
+                           (ComposedPress([ReFreeKVPress(), KnormPress(0.3)]), "layer 0's keys replaced after ReFreeKVPress")):
+        with pytest.raises(ReFreeKVError, match=f"press: received {message}"):
+            pipe(CONTEXT, question=QUESTION, press=press, max_new_tokens=12)
+        assert not any(m._forward_hooks for m in attention_modules(model))
+        assert pipe(CONTEXT, question=QUESTION, max_new_tokens=12)["answer"] == full
+    alone = pipe(CONTEXT, question=QUESTION, press=ReFreeKVPress(), max_new_tokens=12)["answer"]
+    composed = ComposedPress([ThinKPress(0.0), ReFreeKVPress()])
+    assert pipe(CONTEXT, question=QUESTION, press=composed, max_new_tokens=12)["answer"] == alone
+
+    class OtherLayer(DynamicLayer):  # e.g. a quantized layer: not the full-precision keys of the prompt
+        pass
+
+    cache = DynamicCache()
+    cache.layers = [OtherLayer() for _ in cache.layers] or [OtherLayer() for _ in attention_modules(model)]
+    ids = tok([chat(tok, needle_prompt(100, 0.5))], return_tensors="pt")["input_ids"]
+    with pytest.raises(ReFreeKVError, match="cache: received layer 0 of type OtherLayer"):
+        with ReFreeKVPress()(model):
+            model.model(input_ids=ids, past_key_values=cache)
