@@ -107,10 +107,14 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout (progress on stderr)")
 
     d = sub.add_parser("demo", parents=[common], formatter_class=fmt,
-                       help="full cache vs ReFreeKV on a handful of prompts (about 2 minutes here)")
+                       help="full cache vs ReFreeKV on a handful of prompts, or on yours (about 30 s here)")
     _config_args(d)
     d.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per answer")
     d.add_argument("--quick", action="store_true", help="two short prompts only (a smoke test)")
+    d.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="your own prompt instead of the demo's (repeatable; the chat template is applied)")
+    d.add_argument("--prompt-file", action="append", default=[], type=Path, metavar="FILE",
+                   help="your own prompt read from a text file (repeatable)")
 
     i = sub.add_parser("inspect", parents=[common], formatter_class=fmt,
                        help="per-layer kept counts and norm-ratio curves for a prompt")
@@ -122,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
     _config_args(i)
 
     e = sub.add_parser("eval", parents=[common], formatter_class=fmt,
-                       help="quality: full cache vs ReFreeKV vs the fixed-budget front, on the dev or test split")
+                       help="quality: full cache vs ReFreeKV vs the fixed-budget front, on the dev, test or "
+                       "holdout split")
     e.add_argument("--task", choices=["benchmark", "conversation", "generation"], default="benchmark",
                    help="benchmark: needles, multi-key, continuations, open questions; conversation: 10-turn "
                    "chats (full vs compress once vs re-plan each turn vs re-plan with the turn kept whole); "
@@ -177,7 +182,18 @@ def main(argv: list[str] | None = None) -> int:
 
             if a.max_new_tokens < 1:
                 p.error(f"--max-new-tokens: received {a.max_new_tokens}; expected an int >= 1")
-            result = run_demo(config, a.out, a.max_new_tokens, a.json, a.quick)
+            texts = [("--prompt", t) for t in a.prompt]
+            for f in a.prompt_file:
+                if not f.is_file():
+                    p.error(f"--prompt-file: received {str(f)!r}; expected an existing text file")
+                texts.append(("--prompt-file", f.read_text()))
+            for flag, t in texts:
+                if not t.strip():
+                    p.error(f"{flag}: received an empty prompt; expected some text")
+            if texts and a.quick:
+                p.error("--quick: received with --prompt/--prompt-file; expected one of them (--quick runs the "
+                        "demo's two short prompts)")
+            result = run_demo(config, a.out, a.max_new_tokens, a.json, a.quick, [t for _, t in texts])
         elif a.command == "inspect":
             from .commands.inspect_prompt import inspect_prompt
 

@@ -28,6 +28,9 @@ def run_json(capsys, *argv) -> dict:
     (["bench", "--device", "tpu"], "--device: received 'tpu'; expected cpu, or cuda[:N] on a machine with CUDA"),
     (["inspect", "--file", "/nonexistent.txt"], "--file: received '/nonexistent.txt'; expected an existing text file"),
     (["inspect", "  "], "text: received an empty prompt"),
+    (["demo", "--prompt", " "], "--prompt: received an empty prompt; expected some text"),
+    (["demo", "--prompt-file", "/nonexistent.txt"], "--prompt-file: received '/nonexistent.txt'; expected an existing text file"),
+    (["demo", "--quick", "--prompt", "Hi"], "--quick: received with --prompt/--prompt-file; expected one of them"),
     (["eval", "--methods", "everything"], "invalid choice: 'everything'"),
     (["eval", "--query-rows", "abc"], "received 'abc'; expected an int (a count) or a float in (0, 1)"),
     (["demo", "--query-rows", "1.5"], "query_rows: received 1.5; expected an int >= 1"),
@@ -100,6 +103,20 @@ def test_demo_quick(capsys, tmp_path):
     for p in zero["prompts"]:
         assert p["same_as_full"] and p["forced_top1_agreement"] == 1.0 and abs(p["forced_kl"]) < 1e-5
     assert (tmp_path / "demo.md").exists()
+
+
+@pytest.mark.model
+def test_demo_on_your_own_prompts(capsys, tmp_path):
+    """--prompt and --prompt-file replace the demo's prompts; the full cache's answer is the reference
+    (nothing to be right about), and T = 0 gives it back."""
+    f = tmp_path / "p.txt"
+    f.write_text("Name the three primary colours.")
+    out = run_json(capsys, "demo", "--prompt", "What is the capital of Italy?", "--prompt-file", str(f),
+                   "--max-new-tokens", "6", "--threshold", "0", "--out", str(tmp_path))
+    assert [p["prompt"] for p in out["prompts"]] == ["your prompt 1: 'What is the capital of Italy?'",
+                                                     "your prompt 2: 'Name the three primary colours.'"]
+    assert all(p["same_as_full"] and p["expected"] == "" and p["refreekv_correct"] is None for p in out["prompts"])
+    assert out["summary"].startswith("2/2 answers as the full cache; KV memory saved")
 
 
 @pytest.mark.model
