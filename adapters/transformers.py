@@ -465,6 +465,9 @@ def _pre_hook(module, args, kwargs):
         raise bad_input("cache", "a ReFreeKVCache made for another model (this attention module is not one of its "
                         f"model's; layer {module.layer_idx}, the cache has {len(cache.layers)} layers)",
                         "ReFreeKVCache(model, ...) of the model that runs it")
+    if kwargs.get("use_cache") is False:  # generate(use_cache=False) feeds the whole sequence again every step
+        raise bad_input("use_cache", "False with a ReFreeKVCache", "True (the default): without it every step "
+                        "feeds the whole sequence again, and the cache would append it as a new segment each time")
     new = layer_mask_kwargs(module, kwargs)
     return None if new is None else (args, new)
 
@@ -559,6 +562,10 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
     if "input_ids" in generate_kwargs:
         _check_ids(generate_kwargs["input_ids"], generate_kwargs.get("attention_mask"), model)
     gen = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    use_cache = generate_kwargs.get("use_cache", getattr(gen, "use_cache", True))
+    if use_cache is False:
+        raise bad_input("use_cache", repr(use_cache), "True (the default): without it every step feeds the whole "
+                        "sequence again, and the cache would append it as a new segment each time")
     chunk = generate_kwargs.get("prefill_chunk_size", getattr(gen, "prefill_chunk_size", None))
     if chunk is not None:
         raise bad_input("prefill_chunk_size", repr(chunk), "None: ReFreeKV plans once the whole prompt is "

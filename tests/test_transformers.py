@@ -255,7 +255,8 @@ def test_bad_configurations_fail_before_any_work(smol):
             (lambda: generate(model, None, input_ids=ids[:1].float()), "input_ids: received"),
             (lambda: generate("gpt2", None, input_ids=ids[:1]), "model: received type str"),
             (lambda: generate(model, None, input_ids=ids[:1] + 10 ** 6), "input_ids: received token ids from"),
-            (lambda: generate(model, None, input_ids=ids[:1], prefill_chunk_size=8), "prefill_chunk_size: received 8")):
+            (lambda: generate(model, None, input_ids=ids[:1], prefill_chunk_size=8), "prefill_chunk_size: received 8"),
+            (lambda: generate(model, None, input_ids=ids[:1], use_cache=False), "use_cache: received False")):
         with pytest.raises(ReFreeKVError, match=message):
             call()
 
@@ -356,6 +357,9 @@ def test_misuse_of_a_cache_is_one_error_not_a_crash_or_a_wrong_cache():
         model(ids[:1, -1:], past_key_values=cache)
     with refreekv_hooks(other), pytest.raises(ReFreeKVError, match="cache: received a ReFreeKVCache made for another model"):
         other(ids[:1], past_key_values=ReFreeKVCache(model, cfg))
+    with refreekv_hooks(model), pytest.raises(ReFreeKVError, match="use_cache: received False with a ReFreeKVCache"):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, use_cache=False, max_new_tokens=2)
+    assert cache.get_seq_length() == 40 and len(cache.history.plans) == 1  # refused before anything was appended
     with pytest.raises(ReFreeKVError, match="input_ids: received token ids from .* to 128"):
         capture_prefill(model, torch.full((1, 8), 128))
     once, twice = ReFreeKVCache(model, cfg), ReFreeKVCache(model, cfg)
