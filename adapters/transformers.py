@@ -231,6 +231,20 @@ class ReFreeKVCache(DynamicCache):
         super().reset()
         self._fresh()
 
+    def __deepcopy__(self, memo):
+        """An independent copy (answer several questions from one context, fork a chat). The model's
+        attention modules that the buffered rows point at (``replan_every``) are shared, not copied:
+        a copy of the cache is not a copy of the model's weights."""
+        import copy
+
+        for module in [c.module for c in self._pending] + [e[0] for b in self._generated.values() for e in b]:
+            memo[id(module)] = module
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        return new
+
     @property
     def report(self) -> BudgetReport:
         """The newest compression's per-layer report (empty before the prefill)."""

@@ -191,6 +191,27 @@ def test_compress_context_once_then_answer_several_questions(smol):
 
 
 @torch.no_grad()
+def test_a_deep_copy_mid_generation_shares_the_model_not_its_weights(smol, prompt):
+    """With replan_every, the cache holds the newest generated rows and the attention modules they came
+    from: a copy shares those modules (copying them would copy the model's attention weights into every
+    fork) and continues exactly as the original."""
+    model, tok = smol
+    out, cache = generate(model, ReFreeKVConfig(threshold=0.05, replan_every=8), **prompt, max_new_tokens=12, do_sample=False)
+    buffered = [e[0] for b in cache._generated.values() for e in b]
+    assert buffered  # 12 tokens, a plan after 8: rows of the newest 4 are waiting
+    fork = copy.deepcopy(cache)
+    assert [e[0] for b in fork._generated.values() for e in b] == buffered
+    assert all(a is b for a, b in zip([e[0] for b in fork._generated.values() for e in b], buffered))
+    assert fork.layers[5].keys is not cache.layers[5].keys and torch.equal(fork.layers[5].keys, cache.layers[5].keys)
+    turn = tok(["<|im_start|>user\nAgain?<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")["input_ids"]
+    full = torch.cat([out, turn], 1)
+    with refreekv_hooks(model):
+        a = model.generate(input_ids=full, attention_mask=torch.ones_like(full), cache=fork, **GREEDY)
+        b = model.generate(input_ids=full, attention_mask=torch.ones_like(full), cache=cache, **GREEDY)
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
 def _second_step_logits(model, prompt, cache, hooks: bool) -> torch.Tensor:
     """Logits of the first decode step after a prefill into ``cache`` (float32 copy)."""
     n = prompt["input_ids"].shape[1]
