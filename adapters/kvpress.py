@@ -21,10 +21,11 @@ for a shorter layer under SDPA or eager attention whenever a call adds several t
 question after the context): kvpress itself documents per-layer lengths as flash-attention only.
 So, with SDPA or eager attention, the press gives each compressed layer its own mask through a
 forward pre-hook (the same one the transformers integration uses). That hook must outlive the
-``with press(model)`` block, because kvpress's pipeline asks its questions after it; it is tied to
-the compressed cache and removed when that cache is garbage-collected (``weakref.finalize``). It
-acts on no other cache. The first full-attention layer must be retained then (kvpress reads
-positions from its length), which the default configuration does.
+``with press(model)`` block, because kvpress's pipeline asks its questions after it: one set of
+hooks per model, acting only on the compressed layers (``PressLayer``) this press made for that
+model, copies included (``copy.deepcopy`` of the cache, to ask several questions), and removed when
+the last of those layers is garbage-collected (``weakref.finalize``). The first full-attention layer
+must be retained then (kvpress reads positions from its length), which the default configuration does.
 """
 
 from __future__ import annotations
@@ -50,10 +51,67 @@ class PressLayer(ReFreeKVLayer):
     """A compressed layer as kvpress expects: ``get_seq_length`` is the stored length (kvpress
     trims questions and answers back to it and passes true positions itself)."""
 
-    needs_hooks = False  # its mask hooks live as long as the cache (_mask_hooks_for)
+    needs_hooks = False  # its mask hooks live as long as it does (MaskHooks)
+    mask_hooks: MaskHooks | None = None
 
     def get_seq_length(self) -> int:
         return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+
+    def __deepcopy__(self, memo):
+        """A copy with its own arrays, masked by the same hooks (which then also wait for it)."""
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, value if name == "mask_hooks" else copy.deepcopy(value, memo))
+        if new.mask_hooks is not None:
+            new.mask_hooks.hold(new)
+        return new
+
+
+class MaskHooks:
+    """Per-layer mask pre-hooks on one model's attention modules, for the ``PressLayer``s made for it
+    (and their copies): registered with the first such layer, removed once the last is gone."""
+
+    _by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, modules: list) -> MaskHooks:
+        key = modules[0]
+        if key not in cls._by_model:
+            cls._by_model[key] = cls(modules)
+        return cls._by_model[key]
+
+    def __init__(self, modules: list):
+        self.modules = [weakref.ref(m) for m in modules]  # weak: the registry must not keep the model alive
+        self.handles: list = []
+        self.live = 0
+
+    def hold(self, layer: PressLayer) -> None:
+        """Keep the hooks while ``layer`` lives."""
+        if not self.handles:
+            self.handles = [m().register_forward_pre_hook(self._pre_hook, with_kwargs=True) for m in self.modules]
+        self.live += 1
+        layer.mask_hooks = self
+        weakref.finalize(layer, self._release)
+
+    def _release(self) -> None:
+        self.live -= 1
+        if self.live == 0:
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+
+    def _pre_hook(self, module, args, kwargs):
+        layers = getattr(kwargs.get("past_key_values", kwargs.get("cache")), "layers", None)
+        if layers is None or module.layer_idx >= len(layers):
+            return None
+        layer = layers[module.layer_idx]
+        if not isinstance(layer, PressLayer) or layer.mask_hooks is not self:
+            return None  # another cache, or a layer this press did not make: not ours to mask
+        new = layer_mask_kwargs(module, kwargs)
+        return None if new is None else (args, new)
 
 
 @dataclass
@@ -160,10 +218,10 @@ class ReFreeKVPress(BasePress):
                 kept.lazy_initialization(out.keys, out.values)
                 kept.additive_mask = self._additive
                 kept.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])
+                if self._impl in ("sdpa", "eager"):
+                    MaskHooks.of(self._modules).hold(kept)
                 cache.layers[module.layer_idx] = kept
         self.report = BudgetReport(sorted(reports, key=lambda r: r.layer))
-        if self._impl in ("sdpa", "eager") and any(isinstance(x, PressLayer) for x in cache.layers):
-            _mask_hooks_for(cache, self._modules)
 
 
 _ALONE = ("ReFreeKVPress as the only press that compresses the prompt: it plans every layer at the end of "
@@ -182,15 +240,3 @@ def _whole_prompt(layer, idx: int, q_len: int) -> None:
                         "(another press compressed it first, e.g. before it in a ComposedPress)", _ALONE)
 
 
-def _mask_hooks_for(cache, modules) -> None:
-    """Per-layer masks for ``cache``'s compressed layers, for as long as ``cache`` lives."""
-    ref = weakref.ref(cache)
-
-    def pre_hook(module, args, kwargs):
-        if kwargs.get("past_key_values", kwargs.get("cache")) is not ref():
-            return None
-        new = layer_mask_kwargs(module, kwargs)
-        return None if new is None else (args, new)
-
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules]
-    weakref.finalize(cache, lambda: [h.remove() for h in handles])

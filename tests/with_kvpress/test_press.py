@@ -167,3 +167,34 @@ def test_a_press_that_changes_the_prompt_around_it_is_refused(smol, pipe):
     with pytest.raises(ReFreeKVError, match="cache: received layer 0 of type OtherLayer"):
         with ReFreeKVPress()(model):
             model.model(input_ids=ids, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_a_copy_of_a_compressed_cache_is_masked_like_the_original(smol):
+    """copy.deepcopy of a cache the press compressed (one context, several questions): a multi-token
+    question on the copy gets the same per-layer masks, hence the same logits, as on the original (it
+    crashed inside SDPA before); the hooks stay while any copy lives and go with the last."""
+    import copy
+
+    model, tok = smol
+    ctx = tok([chat(tok, needle_prompt(300, 0.5, number=7417, question=False), open_turn=True)],
+              return_tensors="pt")["input_ids"]
+    q = tok([" " + QUESTION + "<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt",
+            add_special_tokens=False)["input_ids"]
+    cache = DynamicCache()
+    with ReFreeKVPress(ReFreeKVConfig(threshold=0.05))(model):
+        model(input_ids=ctx, past_key_values=cache)
+    assert any(isinstance(layer, PressLayer) and layer.keys.shape[-2] < ctx.shape[1] for layer in cache.layers)
+    fork, again = copy.deepcopy(cache), copy.deepcopy(cache)
+    pos = torch.arange(ctx.shape[1], ctx.shape[1] + q.shape[1])[None]
+    a = model(input_ids=q, past_key_values=cache, position_ids=pos).logits
+    del cache
+    gc.collect()
+    assert all(len(m._forward_pre_hooks) == 1 for m in attention_modules(model))  # the copies still need them
+    assert torch.equal(model(input_ids=q, past_key_values=fork, position_ids=pos).logits, a)
+    del fork
+    gc.collect()
+    assert torch.equal(model(input_ids=q, past_key_values=again, position_ids=pos).logits, a)
+    del again
+    gc.collect()
+    assert not any(m._forward_pre_hooks for m in attention_modules(model))
