@@ -32,6 +32,21 @@ def checked_config(config: object, num_layers: int, context: int | None = None) 
     return cfg
 
 
+def copy_sharing(obj, memo: dict, names: Sequence[str] = (), objects: Sequence[object] = ()):
+    """``copy.deepcopy`` of an engine's cache object (``__deepcopy__``) that shares, instead of copying,
+    the attributes in ``names`` and the objects in ``objects`` wherever they appear (the model's own
+    modules and probes: a copy of a cache is not a copy of the model)."""
+    import copy
+
+    for o in objects:
+        memo[id(o)] = o
+    new = obj.__class__.__new__(obj.__class__)
+    memo[id(obj)] = new
+    for name, value in obj.__dict__.items():
+        setattr(new, name, value if name in names else copy.deepcopy(value, memo))
+    return new
+
+
 def capture_rows(configs: ReFreeKVConfig | Sequence[ReFreeKVConfig], n: int) -> int:
     """How many of the newest prompt rows to keep per layer so that every configuration in
     ``configs`` can be planned for a prompt of n tokens (``ReFreeKVConfig.rows_needed``)."""

@@ -59,12 +59,7 @@ class PressLayer(ReFreeKVLayer):
 
     def __deepcopy__(self, memo):
         """A copy with its own arrays, masked by the same hooks (which then also wait for it)."""
-        import copy
-
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for name, value in self.__dict__.items():
-            setattr(new, name, value if name == "mask_hooks" else copy.deepcopy(value, memo))
+        new = engine.copy_sharing(self, memo, names=("mask_hooks",))
         if new.mask_hooks is not None:
             new.mask_hooks.hold(new)
         return new

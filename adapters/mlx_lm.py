@@ -191,13 +191,7 @@ class ReFreeKVCache:
         """A copy that continues on its own (fork a chat; mlx-lm's ``LRUPromptCache`` copies the caches it
         hands out): K, V, rows, reports and the prompt cache's shared planner are copied, but the query
         probe stays the model's own, since the copy's calls go through the same model."""
-        import copy
-
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for name, value in self.__dict__.items():
-            setattr(new, name, value if name == "probe" else copy.deepcopy(value, memo))
-        return new
+        return engine.copy_sharing(self, memo, names=("probe",))
 
     @property
     def scale(self) -> float | None:

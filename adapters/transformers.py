@@ -235,15 +235,8 @@ class ReFreeKVCache(DynamicCache):
         """An independent copy (answer several questions from one context, fork a chat). The model's
         attention modules that the buffered rows point at (``replan_every``) are shared, not copied:
         a copy of the cache is not a copy of the model's weights."""
-        import copy
-
-        for module in [c.module for c in self._pending] + [e[0] for b in self._generated.values() for e in b]:
-            memo[id(module)] = module
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for name, value in self.__dict__.items():
-            setattr(new, name, copy.deepcopy(value, memo))
-        return new
+        modules = [c.module for c in self._pending] + [e[0] for b in self._generated.values() for e in b]
+        return engine.copy_sharing(self, memo, objects=modules)
 
     @property
     def report(self) -> BudgetReport:
@@ -470,6 +463,10 @@ def layer_mask_kwargs(module, kwargs):
     return kwargs
 
 
+_USE_CACHE = ("True (the default): without it generation feeds the whole sequence again at every step, and the "
+              "cache would append it as a new segment each time")
+
+
 def _pre_hook(module, args, kwargs):
     """Give a compressed layer a mask of its own for this call."""
     cache = _cache_of(kwargs)
@@ -479,9 +476,8 @@ def _pre_hook(module, args, kwargs):
         raise bad_input("cache", "a ReFreeKVCache made for another model (this attention module is not one of its "
                         f"model's; layer {module.layer_idx}, the cache has {len(cache.layers)} layers)",
                         "ReFreeKVCache(model, ...) of the model that runs it")
-    if kwargs.get("use_cache") is False:  # generate(use_cache=False) feeds the whole sequence again every step
-        raise bad_input("use_cache", "False with a ReFreeKVCache", "True (the default): without it every step "
-                        "feeds the whole sequence again, and the cache would append it as a new segment each time")
+    if kwargs.get("use_cache") is False:
+        raise bad_input("use_cache", "False with a ReFreeKVCache", _USE_CACHE)
     new = layer_mask_kwargs(module, kwargs)
     return None if new is None else (args, new)
 
@@ -578,8 +574,7 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
     gen = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
     use_cache = generate_kwargs.get("use_cache", getattr(gen, "use_cache", True))
     if use_cache is False:
-        raise bad_input("use_cache", repr(use_cache), "True (the default): without it every step feeds the whole "
-                        "sequence again, and the cache would append it as a new segment each time")
+        raise bad_input("use_cache", repr(use_cache), _USE_CACHE)
     chunk = generate_kwargs.get("prefill_chunk_size", getattr(gen, "prefill_chunk_size", None))
     if chunk is not None:
         raise bad_input("prefill_chunk_size", repr(chunk), "None: ReFreeKV plans once the whole prompt is "
