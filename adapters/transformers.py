@@ -463,8 +463,9 @@ def layer_mask_kwargs(module, kwargs):
     return kwargs
 
 
-_USE_CACHE = ("True (the default): without it generation feeds the whole sequence again at every step, and the "
-              "cache would append it as a new segment each time")
+_USE_CACHE = ("True (the default; pass use_cache=True where the model's config sets it False): without it "
+              "generate() feeds the whole sequence again at every step, and the cache would append it as a new "
+              "segment each time")
 
 
 def _pre_hook(module, args, kwargs):
