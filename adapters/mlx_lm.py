@@ -186,6 +186,7 @@ class ReFreeKVCache:
         self._last_call = 0        # tokens added by the previous call
         self._segment_prompt = 0   # prompt tokens (multi-token calls) of the segment not planned yet
         self._turn = 0             # the newest prompt segment and the tokens generated after it (history)
+        self._calls_since_trim = 0  # calls since the last trim (speculative decoding trims after each verification)
 
     def __deepcopy__(self, memo):
         """A copy that continues on its own (fork a chat; mlx-lm's ``LRUPromptCache`` copies the caches it
@@ -237,6 +238,7 @@ class ReFreeKVCache:
             self._segment_prompt += L
         generated = L == 1 and cfg.replan_every > 0 and self.plans > 0 and self._segment >= cfg.replan_every
         self._last_call = L
+        self._calls_since_trim += 1
         if segment_end or generated:
             # This call attends to everything; only storage shrinks, once every layer has come.
             full = self.keys[..., :self.stored, :], self.values[..., :self.stored, :]
@@ -263,7 +265,14 @@ class ReFreeKVCache:
 
     def trim(self, n: int) -> int:
         """Exact: removes the newest n tokens. Refused (ReFreeKVError) if that would reach into slots
-        that were planned, whose kept set was decided with them."""
+        that were planned, whose kept set was decided with them.
+
+        Speculative decoding (mlx-lm's ``draft_model``) verifies drafts in one multi-token call and then
+        trims the rejected ones, so its decoding never makes the one-token call that ends a prompt
+        segment. A trim right after a multi-token call therefore ends the segment instead: when the
+        calls since the last trim were a prompt (one call or more) and then that call, the segment with
+        the accepted tokens is planned after the trim; when that call was all (a later verification),
+        its accepted tokens are generated ones, not prompt."""
         n = min(self.stored, n)
         if self.plans and n > self.stored - self.planned_kept:
             raise bad_input("trim", n, f"at most {self.stored - self.planned_kept} tokens (those added after the last plan)")
@@ -275,6 +284,24 @@ class ReFreeKVCache:
         if self._rows:
             rows = mx.concatenate(self._rows, axis=2)
             self._rows = [rows[:, :, :max(0, rows.shape[2] - n)]]
+        after_call, calls = self._last_call > 1, self._calls_since_trim
+        self._calls_since_trim = 0
+        plans_segments = self.plans == 0 or self.config.replan in ("turns", "history")
+        if after_call and calls == 1 and self._segment_prompt:  # a verification: generated tokens
+            accepted = min(self._segment_prompt, self._last_call - n)
+            self._segment_prompt -= accepted
+            self._turn += accepted
+            if self._rows and self.config.replan_every == 0:
+                rows = self._rows[0] if len(self._rows) == 1 else mx.concatenate(self._rows, axis=2)
+                self._rows = [rows[:, :, :max(0, rows.shape[2] - accepted)]]
+        elif after_call and calls >= 2 and plans_segments and self._rows and \
+                (self.plans == 0 or self._segment_prompt > self.config.sinks):
+            self._turn = self._segment_prompt  # the segment, its accepted tokens included
+            self._last_call = 1
+            if self.planner is None:
+                self.compress()
+            else:
+                self.planner.submit(self)
         return n
 
     @property

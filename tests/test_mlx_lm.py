@@ -268,6 +268,32 @@ def test_a_deep_copy_forks_the_chat(smol):
         lru.fetch_nearest_cache("smol", first[:50] + second)
 
 
+def test_speculative_decoding_plans_the_main_model_at_the_first_rewind(smol, ids):
+    """mlx-lm's draft_model verifies drafts in multi-token calls and then trims the rejected ones, so the
+    main model never makes the one-token call that ends a prompt: its cache is planned at the first trim
+    (the prompt and the accepted tokens), once, and the rejected drafts never reach planned slots. At
+    T = 0 the text is mlx-lm's own speculative decoding's."""
+    from refreekv.commands.models import exported_model_dir
+
+    model, tok = smol
+    draft, _ = mlx_lm.load(str(exported_model_dir()))  # a second copy of the model as its own draft
+    try:
+        kw = dict(max_tokens=10, draft_model=draft)
+        plain = mlx_lm.generate(model, tok, ids, prompt_cache=plain_prompt_cache(model) + plain_prompt_cache(draft), **kw)
+        zero = ReFreeKVConfig(threshold=0.0)
+        assert mlx_lm.generate(model, tok, ids, prompt_cache=make_prompt_cache(model, zero) +
+                               make_prompt_cache(draft, zero), **kw) == plain
+        main, small = make_prompt_cache(model, CFG), make_prompt_cache(draft, CFG)
+        mlx_lm.generate(model, tok, ids, prompt_cache=main + small, **kw)
+        for cache in (main, small):
+            layers = [c for c in cache if isinstance(c, ReFreeKVCache)]
+            assert all(c.plans == 1 for c in layers)  # planned once: after the prompt, not at every verification
+            assert sum(c.report.compressed for c in layers) >= 10
+            assert all(c.report.prompt_lengths[0] >= len(ids) for c in layers)
+    finally:
+        detach(draft)
+
+
 def test_trim_is_exact_or_refused(smol, ids):
     model, tok = smol
     cache = make_prompt_cache(model, CFG)
