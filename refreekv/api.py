@@ -111,6 +111,7 @@ def norm_ratio_curve(a: Array, order: Array, *, sinks: int, norm_scope: str = "c
     be = v.backend_of(a, "a")
     B, H, n = v.float_array(be, a, "a", 3, "(B, H, n)")
     v.same_backend(be, order, "order", "a")
+    v.same_device(be, a, "a", order, "order")
     sinks = v.integer(sinks, "sinks")
     options = (_option("norm_scope", norm_scope, NORM_SCOPES), _option("norm", norm, NORMS), _option("heads", heads, HEADS))
     host = v.start_host(be, start, B, n)
@@ -170,10 +171,12 @@ def evict(keys: Array, values: Array, idx: Array) -> tuple[Array, Array]:
     be = v.backend_of(keys, "keys")
     B, Hkv, n, _ = v.float_array(be, keys, "keys", 4, "(B, Hkv, n, d)")
     v.same_backend(be, values, "values")
+    v.same_device(be, keys, "keys", values, "values")
     Bv, Hv, nv, _ = v.float_array(be, values, "values", 4, "(B, Hkv, n, d_v)")
     if (Bv, Hv, nv) != (B, Hkv, n):
         raise bad_input("values", f"shape {be.shape(values)}", f"(B, Hkv, n) = {(B, Hkv, n)} like keys")
     v.same_backend(be, idx, "idx")
+    v.same_device(be, keys, "keys", idx, "idx")
     shape = be.shape(idx)
     if len(shape) != 3 or shape[:2] != (B, Hkv) or be.dtype_name(idx) not in ("int64", "int32"):
         raise bad_input("idx", f"shape {shape} dtype {be.dtype_name(idx)}", f"(B, Hkv, J) = ({B}, {Hkv}, J) int64")
@@ -222,10 +225,12 @@ def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Arra
     be = v.backend_of(keys, "keys")
     shape = v.float_array(be, keys, "keys", 4, "(B, Hkv, n, d)")
     v.same_backend(be, values, "values")
+    v.same_device(be, keys, "keys", values, "values")
     vshape = v.float_array(be, values, "values", 4, "(B, Hkv, n, d_v)")
     if find_backend(plan.order) is not be or len(be.shape(plan.order)) != 3:
         raise bad_input("plan", f"order of type {type(plan.order).__name__}",
                         f"a LayerPlan whose order is a (B, Hkv, n) {be.name} array, as plan_layer made it")
+    v.same_device(be, keys, "keys", plan.order, "plan")
     want = tuple(be.shape(plan.order))
     planner.check_plan_fields(plan, be, *want)
     if shape[:3] != want or vshape[:3] != want:

@@ -81,6 +81,12 @@ class Backend:
     def dtype_name(self, x: Array) -> str:
         raise NotImplementedError
 
+    def device_name(self, x: Array) -> str | None:
+        """Where ``x`` lives ("cpu", "cuda:0", ...; None for frameworks without per-array devices).
+        Every array argument of one call must live on one device; "meta" (no data) is refused."""
+        device = getattr(x, "device", None)
+        return None if device is None else str(device)
+
     def astype(self, x: Array, dtype: str) -> Array:
         raise NotImplementedError
 
@@ -205,11 +211,12 @@ class ArrayAPIBackend(Backend):
         return self.xp.cumulative_sum(x, axis=axis)
 
     def all_finite(self, x):
-        # NaN and inf survive a sum, so one reduction replaces an element-wise isfinite pass.
-        # Summing finite values could overflow only near 1e38 (float32); the score guard then
-        # reports it as an overflow, which it is.
+        # NaN and inf survive a sum, so one reduction replaces an element-wise isfinite pass. The sum
+        # accumulates in float32 at least (a float16 sum of finite values overflows past 65504);
+        # finite float32 inputs could overflow it only near 1e38.
         xp = self.xp
-        return xp.reshape(xp.astype(xp.isfinite(xp.sum(x)), xp.int64), (1,))
+        acc = xp.float64 if self.dtype_name(x) == "float64" else xp.float32
+        return xp.reshape(xp.astype(xp.isfinite(xp.sum(x, dtype=acc)), xp.int64), (1,))
 
     def take_along_axis(self, x, idx, axis):
         # The standard's take_along_axis does not broadcast: expand the size-1 axes first.

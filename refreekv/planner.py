@@ -6,10 +6,11 @@ computed per layer (each layer has its own keys; nothing is copied), then every 
 The number of array operations therefore grows by a few per layer (a matmul and a scale), not by
 the ~30 of a whole plan, and there is one host read: the cuts together with the guard flags.
 
-The guard: the logits (and any ranking scores) are checked for NaN and infinity on the device,
-and the flag travels with the cuts. A non-finite input, or finite inputs whose logits overflow,
-raise a ReFreeKVError naming the layer and argument instead of evicting on a NaN ratio. Only that
-error path scans the inputs.
+The guard: the logits (and any ranking scores, and the values when they are given) are checked
+for NaN and infinity on the device, and the flags travel with the cuts. A non-finite input, or
+finite inputs whose logits overflow, raise a ReFreeKVError naming the layer and argument instead
+of evicting on a NaN ratio (or handing back a cache whose kept values are NaN). Only that error
+path scans the inputs one by one.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
     st_all = st if L == 1 else be.from_numpy(np.tile(req.start, L), "int64", like=like)
     rows_all = be.from_numpy(np.tile(used, L), "int64", like=like)
     stack = (lambda xs: xs[0]) if L == 1 else (lambda xs: be.concat(xs, axis=0))  # noqa: E731
+    # The values never enter the decision, but a cache is handed back with them: checked in the same read.
+    value_flags = [] if req.values is None else [be.all_finite(x) for x in req.values]
     score_rows = [q if kk == k else q[:, :, k - kk:, ...] for q in req.q_rows]
     fused = (rule.scores is None and reuse is None and cfg.halting == "threshold"
              and not {"attention_row", "attention_rows"} & set(be.steps))
@@ -109,7 +112,7 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
         a, order, ratio, cut_dev, flag = step(be, "decide")(logits, st_all, rows_all, cfg.sinks, cfg.norm_scope,
                                                              cfg.norm, cfg.heads, cfg.combine, cfg.threshold, Hkv,
                                                              cfg.mass_threshold)
-        packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64"), flag], axis=0))  # the one host read
+        packed = be.to_numpy(be.concat([be.astype(cut_dev, "int64"), flag] + value_flags, axis=0))  # one host read
         cut, ok = packed[:L * B], packed[L * B:]
     else:
         if reuse is not None:
@@ -122,7 +125,7 @@ def plan(req: Request, reuse: list[LayerPlan] | None = None) -> list[LayerPlan]:
             guarded.append(scores)
             order = step(be, "attention_ranking")(scores, cfg.sinks, cfg.window, st_all)
         ratio = step(be, "norm_ratio_curve")(a, order, cfg.sinks, cfg.norm_scope, st_all, cfg.norm, cfg.heads)
-        flags = [be.all_finite(x) for x in guarded]
+        flags = [be.all_finite(x) for x in guarded] + value_flags
         if cfg.halting == "threshold":
             cut_dev = step(be, "threshold_cut")(ratio, cfg.threshold, cfg.sinks, st_all)
             cut_dev = step(be, "mass_floor_cut")(a, order, cut_dev, cfg.mass_threshold, cfg.sinks, cfg.norm_scope,
@@ -160,7 +163,10 @@ def _raise_non_finite(req: Request) -> None:
     be, L = req.be, len(req.keys)
     for i in range(L):
         tag = "" if L == 1 else f"[{i}]"
-        for name, x in ((f"q_rows{tag}", req.q_rows[i]), (f"keys{tag}", req.keys[i])):
+        named = [(f"q_rows{tag}", req.q_rows[i]), (f"keys{tag}", req.keys[i])]
+        if req.values is not None:
+            named.append((f"values{tag}", req.values[i]))
+        for name, x in named:
             if not be.to_numpy(be.all_finite(x)).all():
                 raise bad_input(name, "NaN or infinite values", "finite values (check the model's prefill)")
     for i in range(L):

@@ -44,6 +44,17 @@ def same_backend(be: Backend, x: Array, argument: str, like: str = "keys") -> No
         raise bad_input(argument, what, f"a {be.name} array like {like} (every array argument from one framework)")
 
 
+def same_device(be: Backend, keys: Array, keys_name: str, x: Array, argument: str) -> None:
+    """``x`` on the device of ``keys``, and neither on a device without data (torch's "meta")."""
+    dk, dx = be.device_name(keys), be.device_name(x)
+    for name, d in ((keys_name, dk), (argument, dx)):
+        if d == "meta":
+            raise bad_input(name, "a tensor on the meta device (shapes without data)",
+                            "arrays holding the model's values (on cpu, cuda, ...)")
+    if dk != dx:
+        raise bad_input(argument, f"an array on {dx}", f"the device of {keys_name}, {dk} (one device per call)")
+
+
 def float_array(be: Backend, x: Array, argument: str, ndim: int, axes: str) -> tuple[int, ...]:
     """Rank ``ndim``, a floating dtype, and no zero-sized axis. Returns the shape."""
     shape = be.shape(x)
@@ -155,6 +166,7 @@ def layer_inputs(be: Backend, q_rows: Array, keys: Array, values: Array | None =
     """Frameworks, shapes and dtypes of one layer's query rows, keys and values; returns the
     query rows as (B, H, k, d). ``tag`` ("[2]") names the layer in messages."""
     same_backend(be, q_rows, f"q_rows{tag}")
+    same_device(be, keys, f"keys{tag}", q_rows, f"q_rows{tag}")
     q_rows = q_rows_4d(be, q_rows)
     B, H, k, d = float_array(be, q_rows, f"q_rows{tag}", 4, "(B, H, k, d) or (B, H, d)")
     Bk, Hkv, n, dk = float_array(be, keys, f"keys{tag}", 4, "(B, Hkv, n, d)")
@@ -169,6 +181,7 @@ def layer_inputs(be: Backend, q_rows: Array, keys: Array, values: Array | None =
         raise bad_input(f"q_rows{tag}", f"{k} query rows", f"at most the prompt length n = {n}")
     if values is not None:
         same_backend(be, values, f"values{tag}")
+        same_device(be, keys, f"keys{tag}", values, f"values{tag}")
         Bv, Hv, nv, _ = float_array(be, values, f"values{tag}", 4, "(B, Hkv, n, d_v)")
         if (Bv, Hv, nv) != (B, Hkv, n):
             raise bad_input(f"values{tag}", f"shape {be.shape(values)}", f"(B, Hkv, n) = {(B, Hkv, n)} like keys")
@@ -247,6 +260,8 @@ def request(q_rows, keys, values, config, *, start=None, scale=None, layers=None
     for i in range(L):
         tag = "" if L == 1 else f"[{i}]"
         same_backend(be, ks[i], f"keys{tag}", "keys[0]")
+        if i:
+            same_device(be, ks[0], "keys[0]", ks[i], f"keys{tag}")
         q = layer_inputs(be, qs[i], ks[i], None if vs is None else vs[i], tag)
         if checked and (be.shape(q) != be.shape(checked[0]) or be.shape(ks[i]) != be.shape(ks[0])):
             raise bad_input(f"keys{tag}", f"layer {i} with q_rows {be.shape(q)} and keys {be.shape(ks[i])}",

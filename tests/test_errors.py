@@ -107,3 +107,67 @@ def test_layers_planned_together_equal_layers_planned_alone():
         np.testing.assert_array_equal(together[i].values, alone.values)
         np.testing.assert_array_equal(together[i].valid, alone.valid)
     assert len({tuple(t.report.kept) for t in together[1:]}) == 2  # the layers really got cuts of their own
+
+
+def test_arrays_on_two_devices_are_refused_at_the_entry():
+    """array_api_strict has several devices on one machine: a call mixing them is one ReFreeKVError
+    naming the argument, not a framework error from inside a step."""
+    import array_api_strict as xp
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from docs.examples.array_api_backend import ArrayAPIBackend
+
+    rng = np.random.default_rng(0)
+    q, K = rng.normal(size=(1, 4, 1, 8)), rng.normal(size=(1, 2, 12, 8))
+    here, there = xp.Device("CPU_DEVICE"), xp.Device("device1")
+    A = lambda a, d=here: xp.asarray(a, device=d)  # noqa: E731
+    cfg = ReFreeKVConfig.paper()
+    with Target(ArrayAPIBackend(), ("float64",)).active(valid_inputs=False):  # dispatch without registering
+        _mixed_devices(A, q, K, there, cfg)
+
+
+def _mixed_devices(A, q, K, there, cfg):
+    with pytest.raises(ReFreeKVError, match=r"^q_rows: received an array on .*device1.*; expected the device of keys"):
+        refreekv.plan_layer(A(q, there), A(K), cfg)
+    with pytest.raises(ReFreeKVError, match=r"^values: received an array on .*device1"):
+        refreekv.compress_layer(A(q), A(K), A(K, there), cfg)
+    with pytest.raises(ReFreeKVError, match=r"^keys\[1\]: received an array on .*device1.*; expected the device of keys\[0\]"):
+        refreekv.plan_layers([A(q), A(q)], [A(K), A(K, there)], cfg)
+    plan = refreekv.plan_layer(A(q), A(K), cfg)
+    with pytest.raises(ReFreeKVError, match=r"^values: received an array on .*device1"):
+        refreekv.evict_plan(A(K), A(K, there), plan)
+    with pytest.raises(ReFreeKVError, match=r"^plan: received an array on .*CPU_DEVICE.*; expected the device of keys"):
+        refreekv.evict_plan(A(K, there), A(K, there), plan)
+    k2, _ = refreekv.evict_plan(A(K), A(K), plan)  # one device: fine
+    assert k2.shape[2] == int(plan.cut.max())
+
+
+def test_a_meta_tensor_is_refused_at_the_entry():
+    torch = pytest.importorskip("torch")
+    q, K = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 12, 8)
+    cfg = ReFreeKVConfig.paper()
+    for args, argument in (((q.to("meta"), K), "q_rows"), ((q, K.to("meta")), "keys")):
+        with pytest.raises(ReFreeKVError, match=rf"^{argument}: received a tensor on the meta device"):
+            refreekv.plan_layer(*args, cfg)
+    with pytest.raises(ReFreeKVError, match=r"^values: received a tensor on the meta device"):
+        refreekv.compress_layer(q, K, K.to("meta"), cfg)
+
+
+def test_nan_values_are_refused_and_large_finite_half_values_are_not():
+    """The values never enter the decision, but the cache is handed back with them: NaN values are
+    one error naming values (every layer named), and float16 values whose float16 sum would
+    overflow are finite."""
+    rng = np.random.default_rng(2)
+    q, K = rng.normal(size=(1, 4, 1, 8)), rng.normal(size=(1, 2, 30, 8))
+    V = rng.normal(size=(1, 2, 30, 8))
+    bad = V.copy()
+    bad[0, 1, 7, 3] = np.nan
+    cfg = ReFreeKVConfig.paper()
+    with pytest.raises(ReFreeKVError, match=r"^values: received NaN or infinite values"):
+        refreekv.compress_layer(q, K, bad, cfg)
+    with pytest.raises(ReFreeKVError, match=r"^values\[1\]: received NaN or infinite values"):
+        refreekv.compress_layers([q, q], [K, K], [V, bad], cfg, layers=[4, 5])
+    big = np.full((1, 2, 30, 8), 6e4, np.float16)
+    out = refreekv.compress_layer(q.astype(np.float16), K.astype(np.float16), big, cfg)
+    assert np.isfinite(out.values.astype(np.float32)).all()

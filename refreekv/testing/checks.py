@@ -413,6 +413,7 @@ def check_errors(target: Target, dtype: str) -> None:
         ("zero head dim", "q_rows", lambda: P(A(q[..., :0]), A(K[..., :0]))),
         ("scale NaN", "scale", lambda: P(A(q), A(K), scale=float("nan"))),
         ("values None", "values", lambda: refreekv.compress_layer(A(q), A(K), None)),
+        ("NaN in values", "values", lambda: refreekv.compress_layer(A(q), A(K), A(nan_K), refreekv.ReFreeKVConfig.paper())),
         ("positions past the prompt", "idx",
          lambda: refreekv.evict(A(K), A(K), target.backend.from_numpy(np.full((1, 2, 3), 12), "int64"))),
         ("an order that is no ranking", "order",
@@ -437,6 +438,14 @@ def check_errors(target: Target, dtype: str) -> None:
                 _fail("error type", target, dtype, what, "refreekv.ReFreeKVError", f"{type(err).__name__}: {err}")
             else:
                 _fail("error raised", target, dtype, what, "refreekv.ReFreeKVError", "no error")
+        # No false alarm: large finite values are finite (a check that sums float16 values in float16
+        # overflows past 65504 and would refuse a valid cache).
+        big_V = np.full_like(K, 6e4 if dtype in ("float16", "bfloat16") else 1e30)
+        try:
+            refreekv.compress_layer(A(q), A(K), A(big_V), refreekv.ReFreeKVConfig.paper())
+        except refreekv.ReFreeKVError as err:
+            _fail("no error on finite values", target, dtype, f"values all {big_V.flat[0]:g} (finite)",
+                  "no error", str(err))
 
 
 def check_threshold_boundary(target: Target, ratio: np.ndarray, start, threshold: float, sinks: int,
