@@ -36,10 +36,12 @@ tampered file raises ``ReFreeKVError`` and loads nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
 import json
+import threading
 from collections import deque
 
 import mlx.core as mx
@@ -60,13 +62,25 @@ FORMAT = "refreekv-mlx-prompt-cache/1"
 
 class QueryProbe(nn.Module):
     """Wraps an attention module's ``rope`` and keeps its last two outputs with the offset each was
-    rotated at (queries, then keys, in mlx-lm's Llama-family models)."""
+    rotated at (queries, then keys, in mlx-lm's Llama-family models). What it keeps is per thread:
+    two generations on one model in two threads each see their own rotations."""
 
     def __init__(self, rope, scale: float):
         super().__init__()
         self.inner = rope
         self.scale = scale
-        self._recent: deque = deque(maxlen=2)
+        self._local = threading.local()
+
+    @property
+    def _recent(self) -> deque:
+        """This thread's last two rotations."""
+        recent = getattr(self._local, "recent", None)
+        if recent is None:
+            recent = self._local.recent = deque(maxlen=2)
+        return recent
+
+    def __deepcopy__(self, memo):  # a copied model gets its own probe (a thread-local does not copy)
+        return QueryProbe(copy.deepcopy(self.inner, memo), self.scale)
 
     def __call__(self, x, *args, **kwargs):
         out = self.inner(x, *args, **kwargs)

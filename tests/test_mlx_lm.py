@@ -401,6 +401,38 @@ def test_the_probe_gives_queries_only_when_both_were_rotated_at_this_calls_offse
     assert probe.take_queries(k, 7) is None
 
 
+def test_the_probe_keeps_each_threads_rotations_apart():
+    """Two generations on one model in two threads: another thread's rotations, made between this
+    thread's keys and its cache update (same shapes, same offset), are not taken as this thread's
+    queries."""
+    import copy
+    import threading
+
+    from refreekv.adapters.mlx_lm import QueryProbe
+
+    probe = QueryProbe(lambda x, offset=0: x, 0.125)
+    qa, ka = mx.zeros((1, 4, 5, 8)), mx.ones((1, 2, 5, 8))
+    qb, kb = mx.full((1, 4, 5, 8), 2.0), mx.full((1, 2, 5, 8), 3.0)
+    rotated, go, seen = threading.Event(), threading.Event(), []
+
+    def other_generation():
+        probe(qb, offset=0), probe(kb, offset=0)
+        rotated.set()
+        go.wait(10)
+        seen.append(probe.take_queries(kb, 0))
+
+    probe(qa, offset=0), probe(ka, offset=0)  # this thread: queries, keys ...
+    other = threading.Thread(target=other_generation)
+    other.start()
+    assert rotated.wait(10)  # ... the other thread's queries and keys in between ...
+    assert probe.take_queries(ka, 0) is qa  # ... then this thread's cache update takes its own
+    go.set()
+    other.join(10)
+    assert len(seen) == 1 and seen[0] is qb  # and the other thread still finds its own
+    twin = copy.deepcopy(probe)  # a copied model gets its own probe around a copy of the rope
+    assert isinstance(twin, QueryProbe) and twin is not probe and twin.scale == probe.scale
+
+
 def test_decoding_after_a_plan_continues_at_true_positions_as_torch_does(smol, ids):
     """With a fixed budget both engines keep exactly the same positions; the next tokens' logits,
     teacher-forced over several steps after the plan, then agree between MLX and torch (a position
