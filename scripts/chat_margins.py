@@ -21,7 +21,6 @@ import argparse
 
 def main(argv=None) -> None:
     import torch
-    from transformers import DynamicCache
 
     from refreekv.commands.conversation import conversations
     from refreekv.commands.models import load_torch
@@ -40,14 +39,7 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     model, tok = load_torch()
     turns = conversations(tok, a.split, a.chat + 1)[a.chat]
-    messages, cache = [], DynamicCache(config=model.config)
-    for i, (text, _) in enumerate(turns[:a.turn]):
-        messages.append({"role": "user", "content": text})
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, do_sample=False,
-                             max_new_tokens=a.max_new_tokens, output_scores=True, return_dict_in_generate=True)
-        new = out.sequences[0, ids.shape[1]:].tolist()
-        messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True).strip()})
+    messages, out, new = replay(model, tok, turns[:a.turn], a.max_new_tokens)
     print(f"turn {a.turn}: {messages[-1]['content']!r}")
     for t, scores in zip(new, out.scores):
         top = scores[0].log_softmax(-1).topk(2)
@@ -60,7 +52,7 @@ def main(argv=None) -> None:
                           ("float64, the conversation prefilled in one call", dict(dtype="float64"))):
             other, _ = load_torch(**kw)
             if "turn by turn" in label:
-                answer = replay(other, tok, turns[:a.turn], a.max_new_tokens)
+                answer = replay(other, tok, turns[:a.turn], a.max_new_tokens)[0][-1]["content"]
             else:
                 answer = once(other, tok, history, a.max_new_tokens)
             same = "same" if answer == messages[-1]["content"] else "DIFFERS"
@@ -76,8 +68,9 @@ def once(model, tok, history: list[dict], max_new: int) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def replay(model, tok, turns: list, max_new: int) -> str:
-    """The chat turn by turn with one reused cache (as the docs' loop runs it): the last turn's answer."""
+def replay(model, tok, turns: list, max_new: int):
+    """The chat turn by turn with one reused cache (as the docs' loop runs it). -> (the messages, the last
+    turn's ``generate`` output with its scores, the last answer's token ids)."""
     import torch
     from transformers import DynamicCache
 
@@ -86,10 +79,10 @@ def replay(model, tok, turns: list, max_new: int) -> str:
         messages.append({"role": "user", "content": text})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, do_sample=False,
-                             max_new_tokens=max_new)
-        messages.append({"role": "assistant", "content": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()})
-    return messages[-1]["content"]
-
+                             max_new_tokens=max_new, output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        messages.append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True).strip()})
+    return messages, out, new
 
 if __name__ == "__main__":
     main()
