@@ -580,6 +580,11 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
     if chunk is not None:
         raise bad_input("prefill_chunk_size", repr(chunk), "None: ReFreeKV plans once the whole prompt is "
                         "prefilled, and a chunked prefill would plan after its first chunk")
+    impl = generate_kwargs.get("cache_implementation", getattr(gen, "cache_implementation", None))
+    if impl is not None:
+        name = "cache_implementation" if "cache_implementation" in generate_kwargs else "generation_config.cache_implementation"
+        raise bad_input(name, repr(impl), "None: generate() passes a ReFreeKVCache (a DynamicCache), which transformers "
+                        "does not combine with a cache_implementation (static, offloaded, quantized, ...)")
     cache = ReFreeKVCache(model, config)
     with refreekv_hooks(model):
         out = model.generate(**generate_kwargs, **{cache_kwarg(model): cache})

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from refreekv import ReFreeKVConfig, ReFreeKVError
 from refreekv import reference as R
@@ -200,8 +200,8 @@ def test_a_deep_copy_mid_generation_shares_the_model_not_its_weights(smol, promp
     buffered = [e[0] for b in cache._generated.values() for e in b]
     assert buffered  # 12 tokens, a plan after 8: rows of the newest 4 are waiting
     fork = copy.deepcopy(cache)
-    assert [e[0] for b in fork._generated.values() for e in b] == buffered
-    assert all(a is b for a, b in zip([e[0] for b in fork._generated.values() for e in b], buffered))
+    shared = [e[0] for b in fork._generated.values() for e in b]
+    assert len(shared) == len(buffered) and all(a is b for a, b in zip(shared, buffered))
     assert fork.layers[5].keys is not cache.layers[5].keys and torch.equal(fork.layers[5].keys, cache.layers[5].keys)
     turn = tok(["<|im_start|>user\nAgain?<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")["input_ids"]
     full = torch.cat([out, turn], 1)
@@ -277,7 +277,11 @@ def test_bad_configurations_fail_before_any_work(smol):
             (lambda: generate("gpt2", None, input_ids=ids[:1]), "model: received type str"),
             (lambda: generate(model, None, input_ids=ids[:1] + 10 ** 6), "input_ids: received token ids from"),
             (lambda: generate(model, None, input_ids=ids[:1], prefill_chunk_size=8), "prefill_chunk_size: received 8"),
-            (lambda: generate(model, None, input_ids=ids[:1], use_cache=False), "use_cache: received False")):
+            (lambda: generate(model, None, input_ids=ids[:1], use_cache=False), "use_cache: received False"),
+            (lambda: generate(model, None, input_ids=ids[:1], cache_implementation="static"),
+             "cache_implementation: received 'static'"),
+            (lambda: generate(model, None, input_ids=ids[:1], generation_config=GenerationConfig(
+                cache_implementation="offloaded")), "generation_config.cache_implementation: received 'offloaded'")):
         with pytest.raises(ReFreeKVError, match=message):
             call()
 
@@ -882,3 +886,31 @@ def test_a_call_that_failed_inside_a_layer_does_not_let_a_later_unhooked_call_th
         with pytest.raises(ReFreeKVError, match="outside refreekv_hooks"):
             model(input_ids=ids[:, :1], cache=cache)
         assert [layer.keys.shape[-2] for layer in cache.layers] == held  # nothing was appended
+
+
+@torch.no_grad()
+def test_a_text_generation_pipeline_chat_reuses_the_cache_turn_after_turn(smol):
+    """transformers' pipeline("text-generation") passes the cache to generate: a three-turn chat with one
+    ReFreeKVCache gives the answers of the same chat with a DynamicCache at T = 0, and the cache is planned
+    at every turn (the pipeline re-sends the whole conversation; generate prefills only what is new)."""
+    from transformers import pipeline
+
+    model, tok = smol
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    questions = ["My locker code is 4417. Remember it.", "What is the capital of France?", "What is my locker code?"]
+
+    def chat_with(cache):
+        messages = []
+        for q in questions:
+            messages = pipe(messages + [{"role": "user", "content": q}], cache=cache, **GREEDY)[0]["generated_text"]
+        return [m["content"] for m in messages if m["role"] == "assistant"]
+
+    full = chat_with(DynamicCache(config=model.config))
+    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.0))
+    with refreekv_hooks(model):
+        assert chat_with(cache) == full
+    assert len(cache.history.plans) == 3 and cache.report.budget[0] == 1.0
+    cache = ReFreeKVCache(model, ReFreeKVConfig())
+    with refreekv_hooks(model):
+        chat_with(cache)
+    assert len(cache.history.plans) == 3 and cache.report.budget[0] < 1.0
