@@ -32,15 +32,22 @@ segment and what is generated after it whole (``keep_newest``). After a manual p
 
 Save and load use our own safetensors layout with per-array SHA-256 digests: a truncated or
 tampered file raises ``ReFreeKVError`` and loads nothing.
+
+``mlx_lm.server`` with these caches: ``with server_caches(config): ...`` makes the server build
+ReFreeKV prompt caches while the block runs (``serve(argv, config)`` runs the server so; the CLI's
+``refreekv serve``). Every plan is logged on the ``refreekv`` logger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import inspect
 import json
+import logging
+import sys
 import threading
 from collections import deque
 
@@ -53,8 +60,11 @@ import refreekv
 from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
 from refreekv.report import BudgetReport, LayerReport
+from refreekv.rules import RANKINGS
 
 from . import engine
+
+log = logging.getLogger("refreekv")
 
 STEP = 256  # grow storage like mlx-lm's KVCache: in steps, not one concatenation per token
 FORMAT = "refreekv-mlx-prompt-cache/1"
@@ -178,7 +188,35 @@ class Planner:
             for (c, *_), out in zip(group, outs):
                 c.store(out)
                 reports.append(out.report)
-        return self.history.add(reports)
+        return _logged(self.history.add(reports), ready[0].offset)
+
+
+def _logged(report: BudgetReport, offset: int) -> BudgetReport:
+    log.info("refreekv: planned %d layers at %d tokens: budget %.1f%%, KV %.2f -> %.2f MB", len(report.layers), offset,
+             100 * report.budget[0], report.bytes_before / 2**20, report.bytes_after / 2**20)
+    return report
+
+
+def _slots(runs: list, a: int, b: int) -> list:
+    """The position runs ([first position, count], in slot order) of storage slots [a, b)."""
+    out, i = [], 0
+    for p, c in runs:
+        lo, hi = max(a, i), min(b, i + c)
+        if lo < hi:
+            out.append([p + lo - i, hi - lo])
+        i += c
+    return out
+
+
+def _joined(runs: list) -> list:
+    """Runs with adjacent ones merged and empty ones dropped."""
+    out: list = []
+    for p, c in runs:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += c
+        elif c:
+            out.append([p, c])
+    return out
 
 
 class ReFreeKVCache:
@@ -201,6 +239,9 @@ class ReFreeKVCache:
         self._segment_prompt = 0   # prompt tokens (multi-token calls) of the segment not planned yet
         self._turn = 0             # the newest prompt segment and the tokens generated after it (history)
         self._calls_since_trim = 0  # calls since the last trim (speculative decoding trims after each verification)
+        # The position of every stored slot, as runs [first position, count] in slot order; None once
+        # a plan kept a set this cache cannot follow (rankings other than sinks + newest run).
+        self.runs: list | None = []
 
     def __deepcopy__(self, memo):
         """A copy that continues on its own (fork a chat; mlx-lm's ``LRUPromptCache`` copies the caches it
@@ -278,8 +319,12 @@ class ReFreeKVCache:
         return True
 
     def trim(self, n: int) -> int:
-        """Exact: removes the newest n tokens. Refused (ReFreeKVError) if that would reach into slots
-        that were planned, whose kept set was decided with them.
+        """Removes the newest n tokens (positions ``offset - n`` on): the cache becomes the one of the
+        shorter sequence, at true positions. Tokens added since the last plan go exactly. A trim that
+        reaches into planned slots drops the kept slots at those positions and keeps what the earlier
+        plans evicted from the rest evicted (mlx-lm's LRUPromptCache and server trim a cached
+        conversation back to a shorter prompt, e.g. to regenerate an answer); it is refused
+        (ReFreeKVError) when a ranking other than sinks + newest run decided the kept set.
 
         Speculative decoding (mlx-lm's ``draft_model``) verifies drafts in one multi-token call and then
         trims the rejected ones, so its decoding never makes the one-token call that ends a prompt
@@ -287,10 +332,19 @@ class ReFreeKVCache:
         calls since the last trim were a prompt (one call or more) and then that call, the segment with
         the accepted tokens is planned after the trim; when that call was all (a later verification),
         its accepted tokens are generated ones, not prompt."""
-        n = min(self.stored, n)
-        if self.plans and n > self.stored - self.planned_kept:
-            raise bad_input("trim", n, f"at most {self.stored - self.planned_kept} tokens (those added after the last plan)")
-        self.stored -= n
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise bad_input("trim", repr(n), "a number of tokens, an int >= 0")
+        if self.runs is None:
+            if self.plans and min(self.stored, n) > self.stored - self.planned_kept:
+                raise bad_input("trim", n, f"at most {self.stored - self.planned_kept} tokens (those added after the "
+                                f"last plan; ranking={self.config.ranking!r} kept a set whose positions are not tracked)")
+            n = min(self.stored, n)
+            self.stored -= n
+        else:
+            n = min(self.offset, n)
+            self.runs = _joined([[p, max(0, min(c, self.offset - n - p))] for p, c in self.runs])
+            self.stored = sum(c for _, c in self.runs)
+            self.planned = min(self.planned, self.stored)
         self.offset -= n
         self._segment = max(0, self._segment - n)
         self._segment_prompt = max(0, self._segment_prompt - n)
@@ -333,11 +387,6 @@ class ReFreeKVCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
-    @classmethod
-    def merge(cls, caches):
-        raise bad_input("prompt_cache", "a request to batch ReFreeKV caches",
-                        "one prompt at a time (batched generation is not supported by this cache)")
-
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         raise bad_input("kv_bits", bits, "None (quantizing a ReFreeKV cache is not supported)")
 
@@ -375,6 +424,13 @@ class ReFreeKVCache:
         """Keep what a plan kept; reset the segment."""
         if out.valid is not None:
             mx.eval(out.keys, out.values)
+            if self.runs is not None and RANKINGS[self.config.ranking].newest_run:
+                # the kept set is the sinks and a newest run (batch 1: no padded slots)
+                sinks = min(self.config.sinks, self.stored)
+                recent = out.keys.shape[2] - sinks
+                self.runs = _joined(_slots(self.runs, 0, sinks) + _slots(self.runs, self.stored - recent, self.stored))
+            else:
+                self.runs = None
             self.keys, self.values, self.stored = out.keys, out.values, out.keys.shape[2]
         self.reports.append(out.report)
         self.planned, self.plans = self.stored, self.plans + 1
@@ -405,6 +461,8 @@ class ReFreeKVCache:
                 self.values = mx.concatenate([self.values[..., :self.stored, :], new_v], axis=2)
         self.keys[..., self.stored:self.stored + L, :] = keys
         self.values[..., self.stored:self.stored + L, :] = values
+        if self.runs is not None:
+            self.runs = _joined(self.runs + [[self.offset, L]])
         self.stored += L
         self.offset += L
         self._segment += L
@@ -422,6 +480,51 @@ def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
              for i, c in enumerate(base)]
     _connect(cache)
     return cache
+
+
+@contextlib.contextmanager
+def server_caches(config: ReFreeKVConfig | None = None):
+    """While the block runs, ``mlx_lm.server`` makes ReFreeKV prompt caches (``make_prompt_cache(model,
+    config)``) instead of mlx-lm's. The server then serves one request at a time (the cache does not
+    batch), and its ``LRUPromptCache`` reuses, copies and trims our caches like its own: a chat's next
+    turn extends the cached conversation and is planned again; regenerating an answer trims back into
+    the planned prompt (``ReFreeKVCache.trim``). Each plan is logged on the ``refreekv`` logger.
+    Restores mlx-lm's own factory on exit, errors included."""
+    from mlx_lm import server
+
+    cfg = ReFreeKVConfig() if config is None else config
+    if not isinstance(cfg, ReFreeKVConfig):
+        raise bad_input("config", f"type {type(cfg).__name__}", "a refreekv.ReFreeKVConfig (or None for the default)")
+    own = getattr(server, "make_prompt_cache", None)
+    if own is not mlx_cache.make_prompt_cache:
+        raise bad_input("mlx_lm.server", f"make_prompt_cache = {own!r}", "mlx-lm's own mlx_lm.models.cache."
+                        "make_prompt_cache (server_caches is already active, or this mlx-lm makes caches elsewhere)")
+
+    def factory(model, max_kv_size=None):
+        if max_kv_size is not None:
+            raise bad_input("max_kv_size", max_kv_size, "None (a rotating window and ReFreeKV do not combine)")
+        return make_prompt_cache(model, cfg)
+
+    server.make_prompt_cache = factory
+    try:
+        yield
+    finally:
+        server.make_prompt_cache = own
+
+
+def serve(argv: list[str] | None = None, config: ReFreeKVConfig | None = None) -> None:
+    """Run ``mlx_lm.server`` with ``argv`` (its own options: ``--model``, ``--port``, ...) and ReFreeKV
+    prompt caches (``server_caches``); plans are logged at INFO."""
+    from mlx_lm import server
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with server_caches(config):
+        saved = sys.argv
+        sys.argv = ["mlx_lm.server", *argv]
+        try:
+            server.main()
+        finally:
+            sys.argv = saved
 
 
 def _checked(prompt_cache, ours: bool = False) -> None:
@@ -520,7 +623,7 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
             entry = {"class": "ReFreeKVCache", "offset": c.offset, "stored": c.stored, "planned": c.planned,
                      "plans": c.plans, "layer": c.layer, "config": c.config.to_dict(),
                      "reports": [r.__dict__ for r in c.reports], "segment": c._segment, "last_call": c._last_call,
-                     "segment_prompt": c._segment_prompt, "turn": c._turn}
+                     "segment_prompt": c._segment_prompt, "turn": c._turn, "runs": c.runs}
             if c.keys is not None:
                 arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.stored, :], c.values[..., :c.stored, :]
             if c._rows:  # query rows of a segment not planned yet (or of generated tokens, for replan_every)
@@ -599,6 +702,13 @@ def _rebuild(i: int, entry: dict, arrays: dict):
         c._segment, c._last_call = int(entry.get("segment", 0)), int(entry.get("last_call", 0))
         c._segment_prompt = int(entry.get("segment_prompt", 0))
         c._turn = int(entry.get("turn", 0))
+        runs = entry.get("runs")  # absent in files written before positions were tracked: deep trims refused
+        if runs is not None:
+            c.runs = [[int(p), int(k)] for p, k in runs]
+            if sum(k for _, k in c.runs) != c.stored or any(p + k > c.offset or k < 1 for p, k in c.runs):
+                raise ValueError(f"layer {i}'s slot positions do not fit its {c.stored} slots and offset {c.offset}")
+        else:
+            c.runs = None if c.plans else []
         return c
     cls = getattr(mlx_cache, entry["class"], None)
     if cls is None or not inspect.isclass(cls):

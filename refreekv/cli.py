@@ -1,4 +1,4 @@
-"""The ``refreekv`` command: demo, inspect, eval, bench (see ``refreekv <command> --help``).
+"""The ``refreekv`` command: demo, inspect, eval, bench, serve (see ``refreekv <command> --help``).
 
 Every command takes the same configuration options, built from ``ReFreeKVConfig``'s fields and
 the rule tables in ``refreekv.rules``: the choices and help lines below are those tables.
@@ -169,6 +169,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="real-model weights and KV dtype")
     _config_args(b)
+
+    v = sub.add_parser("serve", formatter_class=fmt,
+                       help="mlx_lm.server (OpenAI-compatible HTTP) with ReFreeKV prompt caches; options after -- "
+                       "go to mlx_lm.server (--model defaults to the packaged SmolLM2)")
+    _config_args(v)
+    v.add_argument("server_args", nargs=argparse.REMAINDER, metavar="-- SERVER_OPTIONS",
+                   help="mlx_lm.server's own options, e.g. -- --port 8080 --model PATH")
     return p
 
 
@@ -177,6 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         config = config_from(a)
+        if a.command == "serve":
+            from .adapters.mlx_lm import serve
+
+            args = a.server_args[1:] if a.server_args[:1] == ["--"] else a.server_args
+            bits = next((x for x in args if x == "--kv-bits" or x.startswith("--kv-bits=")), None)
+            if bits is not None:
+                p.error(f"{bits}: received a quantized KV cache; expected none (a ReFreeKV cache is not quantized)")
+            if not any(x == "--model" or x.startswith("--model=") for x in args):
+                from .commands.models import exported_model_dir
+
+                args = ["--model", str(exported_model_dir()), *args]
+            serve(args, config)
+            return 0
         if a.command == "demo":
             from .commands.demo import run_demo
 

@@ -50,6 +50,8 @@ def run_json(capsys, *argv) -> dict:
     (["bench", "--decode-tokens", "-1"], "--decode-tokens: received -1; expected an int >= 1"),
     (["eval", "--task", "conversation", "--conversations", "0"], "--conversations: received 0; expected an int >= 1"),
     (["eval", "--task", "generation", "--every", "0"], "--every: received 0; expected an int >= 1"),
+    (["serve", "--threshold", "1.5", "--", "--port", "8080"], "threshold: received 1.5; expected a number T"),
+    (["serve", "--", "--kv-bits", "4"], "--kv-bits: received a quantized KV cache; expected none"),
 ])
 def test_argument_errors_are_clear(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -148,7 +150,7 @@ def test_eval_quick_and_its_cache(capsys, tmp_path):
 def test_every_command_takes_the_configuration_and_shows_defaults(capsys):
     from refreekv.cli import config_from, parser
 
-    for command in (["demo"], ["inspect", "x"], ["eval"], ["bench"]):
+    for command in (["demo"], ["inspect", "x"], ["eval"], ["bench"], ["serve"]):
         a = parser().parse_args([*command, "--threshold", "0.02", "--query-rows", "8", "--replan", "turns"])
         cfg = config_from(a)
         assert (cfg.threshold, cfg.query_rows, cfg.replan) == (0.02, 8, "turns")

@@ -129,6 +129,7 @@ def test_save_and_load_restore_the_same_state(smol, ids, tmp_path, cfg):
     for a, b in zip(cache, loaded):
         if isinstance(a, ReFreeKVCache):
             assert len(a._rows) == len(b._rows) and all(mx.array_equal(x, y) for x, y in zip(a._rows, b._rows))
+            assert a.runs == b.runs and a.runs is not None  # the slot positions travel too (deep trims)
     turn = tok.encode(" And once more?")
     assert run(model, tok, turn, cache, max_tokens=3) == run(model, tok, turn, loaded, max_tokens=3)
     assert [c.plans for c in cache if isinstance(c, ReFreeKVCache)] == \
@@ -258,14 +259,18 @@ def test_a_deep_copy_forks_the_chat(smol):
     kept = make_prompt_cache(model, dataclasses.replace(CFG, replan="turns"))
     model(mx.array(first)[None], cache=kept)  # a manual prefill: the cache holds exactly `first`
     assert compress_prompt_cache(kept).layers[5].compressed
-    lru.insert_cache("smol", first, kept)  # the server keys entries by its model name
+    entry = copy.deepcopy(kept)
+    lru.insert_cache("smol", first, entry)  # the server keys entries by its model name
     cache, rest = lru.fetch_nearest_cache("smol", first + second)
-    assert rest == second and cache is not kept
+    assert rest == second and cache is not entry
     assert run(model, tok, rest, cache, max_tokens=3) == run(model, tok, second, kept, max_tokens=3)
-    # a prompt that leaves the cached one inside it: the LRU trims a copy back to the common prefix, which
-    # reaches into planned slots (their kept set was decided with the tokens after it): refused, loudly
-    with pytest.raises(ReFreeKVError, match="trim: received"):
-        lru.fetch_nearest_cache("smol", first[:50] + second)
+    # a prompt that leaves the cached one inside it: the LRU trims a copy back to the common prefix, into
+    # planned slots: the copy holds the kept slots before it, the entry itself is untouched
+    held = [(k.offset, _positions(k)) for k in entry]
+    cache, rest = lru.fetch_nearest_cache("smol", first[:50] + second)
+    assert rest == second and all(c.offset == 50 for c in cache)
+    assert all(_positions(c) == [p for p in pos if p < 50] for c, (_, pos) in zip(cache, held))
+    assert [(k.offset, _positions(k)) for k in entry] == held
 
 
 def test_speculative_decoding_plans_the_main_model_at_the_first_rewind(smol, ids):
@@ -294,22 +299,64 @@ def test_speculative_decoding_plans_the_main_model_at_the_first_rewind(smol, ids
         detach(draft)
 
 
+def _positions(layer) -> list[int]:
+    return [p for start, count in layer.runs for p in range(start, start + count)]
+
+
 def test_trim_is_exact_or_refused(smol, ids):
+    """Tokens added since the plan go exactly; a trim into planned slots drops the kept slots at the
+    trimmed positions (the rest stays as planned); a ranking whose kept set is not tracked refuses it."""
     model, tok = smol
     cache = make_prompt_cache(model, CFG)
     run(model, tok, ids, cache, max_tokens=4)
     layer = cache[5]
     before = (layer.offset, layer.stored)
+    kept = _positions(layer)
+    assert kept == sorted(set(kept)) and len(kept) == layer.stored and kept[-1] == layer.offset - 1
+    assert kept[:CFG.sinks] == list(range(CFG.sinks)) and layer.stored < layer.offset  # sinks + a newest run
     assert layer.trim(2) == 2 and (layer.offset, layer.stored) == (before[0] - 2, before[1] - 2)
-    with pytest.raises(ReFreeKVError, match="trim: received"):
-        layer.trim(50)
+    keys = np.array(layer.keys[..., :layer.stored, :])
+    deep = layer.offset - (len(ids) - 10)  # back to 10 prompt tokens before the plan's end
+    assert layer.trim(deep) == deep and layer.offset == len(ids) - 10
+    assert _positions(layer) == [p for p in kept if p < len(ids) - 10] and layer.stored == len(_positions(layer))
+    np.testing.assert_array_equal(np.array(layer.keys[..., :layer.stored, :]), keys[..., :layer.stored, :])
+    with pytest.raises(ReFreeKVError, match="trim: received -1"):
+        layer.trim(-1)
+    snap = make_prompt_cache(model, dataclasses.replace(CFG, ranking="snapkv"))
+    run(model, tok, ids, snap, max_tokens=4)
+    assert snap[5].runs is None
+    with pytest.raises(ReFreeKVError, match="trim: received 50; expected at most .* ranking='snapkv'"):
+        snap[5].trim(50)
+
+
+def test_a_trimmed_cache_answers_as_the_shorter_prompt(smol, ids):
+    """What mlx-lm's LRUPromptCache (and so mlx_lm.server) does to regenerate an answer or to take a
+    prompt that leaves a cached conversation early: trim, then feed the rest. Regenerating gives the
+    same answer; at T = 0 a trim deep into the planned prompt and a new ending give the full cache's."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    model, tok = smol
+    cache = make_prompt_cache(model, CFG)
+    first = run(model, tok, ids, cache, max_tokens=6)
+    trim_prompt_cache(cache, cache[0].offset - (len(ids) - 1))  # the server's regenerate: back to the prompt minus one
+    assert run(model, tok, ids[-1:], cache, max_tokens=6) == first
+    other = ids[:-12] + tok.encode(" Say it again, please.")
+    cache = make_prompt_cache(model, ReFreeKVConfig(threshold=0.0))
+    run(model, tok, ids, cache, max_tokens=4)
+    trim_prompt_cache(cache, cache[0].offset - (len(ids) - 12))
+    assert run(model, tok, other[len(ids) - 12:], cache, max_tokens=6) == run(
+        model, tok, other, plain_prompt_cache(model), max_tokens=6)
+    assert all(c.plans == 2 for c in cache if isinstance(c, ReFreeKVCache))  # the new ending was planned
 
 
 def test_batching_and_quantization_are_refused_loudly(smol, ids):
     model, tok = smol
     cache = make_prompt_cache(model, CFG)
-    with pytest.raises(ReFreeKVError, match="prompt_cache: received a request to batch"):
-        ReFreeKVCache.merge(cache)
+    from mlx_lm.generate import _merge_caches
+
+    assert not hasattr(cache[5], "merge")  # mlx-lm's protocol: mlx_lm.server serves one request at a time
+    with pytest.raises(ValueError, match="ReFreeKVCache'> does not yet support batching"):
+        _merge_caches([cache, cache])  # what mlx-lm's batched generation calls
     with pytest.raises(ReFreeKVError, match="keys: received batch 2"):
         model(mx.array([ids[:8], ids[:8]]), cache=cache)
     with pytest.raises(ReFreeKVError, match="kv_bits: received 4"):
@@ -459,3 +506,104 @@ def test_decoding_after_a_plan_continues_at_true_positions_as_torch_does(smol, i
         assert all(c.offset == len(ids) + step for c in cache)
     for step, (a, b) in enumerate(zip(t_logits, m_logits)):
         np.testing.assert_allclose(np.array(b), a.numpy(), atol=2e-3, rtol=0, err_msg=f"step {step}")
+
+
+def test_server_caches_switch_on_and_off_cleanly():
+    from mlx_lm import server
+
+    from refreekv.adapters.mlx_lm import server_caches
+
+    own = server.make_prompt_cache
+    with server_caches(CFG):
+        assert server.make_prompt_cache is not own
+        with pytest.raises(ReFreeKVError, match="mlx_lm.server: received make_prompt_cache = <function"):
+            with server_caches():
+                pass
+        with pytest.raises(ReFreeKVError, match="max_kv_size: received 100"):
+            server.make_prompt_cache(None, 100)
+    assert server.make_prompt_cache is own
+    with pytest.raises(RuntimeError, match="inside"):
+        with server_caches():
+            raise RuntimeError("inside")
+    assert server.make_prompt_cache is own
+    with pytest.raises(ReFreeKVError, match="config: received type dict"):
+        with server_caches({"threshold": 0.1}):
+            pass
+    assert server.make_prompt_cache is own
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ask(port: int, messages: list, max_tokens: int = 8) -> tuple[str, int]:
+    import json
+    import urllib.request
+
+    body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        out = json.load(r)
+    return out["choices"][0]["message"]["content"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_mlx_lm_server_serves_a_chat_with_refreekv_caches(tmp_path):
+    """mlx_lm.server itself, run by `refreekv serve`, next to a plain mlx_lm.server: a question, the same
+    question again (the server trims its cached conversation back into the planned prompt and
+    regenerates), and a second turn (it extends the cached conversation, which is planned again). At
+    T = 0 every answer is the plain server's; with the default the plans are logged and keep less."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from refreekv.commands.models import exported_model_dir
+
+    model_dir = str(exported_model_dir())
+    commands = {"plain": [sys.executable, "-m", "mlx_lm", "server", "--model", model_dir],
+                "T=0": [sys.executable, "-m", "refreekv.cli", "serve", "--threshold", "0", "--"],
+                "default": [sys.executable, "-m", "refreekv.cli", "serve", "--"]}
+    ports, procs, logs = {}, {}, {}
+    try:
+        for name, cmd in commands.items():
+            ports[name] = _free_port()
+            logs[name] = tmp_path / f"{name}.log"
+            procs[name] = subprocess.Popen(cmd + ["--port", str(ports[name])], stdout=logs[name].open("w"),
+                                           stderr=subprocess.STDOUT)
+        for name, port in ports.items():
+            deadline = time.time() + 240
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
+                    break
+                except OSError:
+                    assert procs[name].poll() is None, logs[name].read_text()[-3000:]
+                    assert time.time() < deadline, f"{name} did not start: " + logs[name].read_text()[-3000:]
+                    time.sleep(1)
+        first = [{"role": "user", "content": "My locker code is 4417 and my bike is red. What is my locker code?"}]
+        answers = {}
+        for name, port in ports.items():
+            a1, cached1 = _ask(port, first)
+            a2, cached2 = _ask(port, first)  # regenerate: the cached conversation is trimmed back into the prompt
+            second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "And the bike?"}]
+            a3, cached3 = _ask(port, second)
+            answers[name] = (a1, a2, a3)
+            assert cached1 == 0 and cached2 > 0 and cached3 > 0, (name, cached1, cached2, cached3)
+        assert answers["T=0"] == answers["plain"]
+        assert answers["default"][1] == answers["default"][0]  # regenerating gives the same answer
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            p.wait(30)
+    for name in ("T=0", "default"):
+        plans = [line for line in logs[name].read_text().splitlines() if "refreekv: planned 30 layers" in line]
+        assert len(plans) == 2, logs[name].read_text()[-3000:]  # the first prompt, then the second turn
+    budgets = [float(line.split("budget ")[1].split("%")[0]) for line in logs["default"].read_text().splitlines()
+               if "refreekv: planned" in line]
+    assert all(b < 100 for b in budgets) and "budget 100.0%" in logs["T=0"].read_text()
