@@ -77,6 +77,24 @@ def _check_model(model, config) -> ReFreeKVConfig:
     return cfg
 
 
+#: transformers' crop takes a count to remove (``crop(-n)``; 0 removes nothing, as in the decode loop's
+#: deferred stop check on "mps") in recent versions, and an absolute length (>= 0) or ``-n`` before.
+_CROP_COUNTS = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
+
+
+def _tokens_to_crop(value: int, length: int) -> int:
+    """How many of ``length`` tokens a ``crop(value)`` removes, in this transformers' semantics."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_input("crop", repr(value), "an int: -(tokens to remove)")
+    if value < 0:
+        return -value
+    if _CROP_COUNTS:
+        if value:
+            raise bad_input("crop", value, "-(tokens to remove) or 0 (this transformers takes no absolute length)")
+        return 0
+    return max(0, length - value)
+
+
 class ReFreeKVLayer(DynamicLayer):
     """A full-attention cache layer that can be compressed once, after prefill.
 
@@ -129,10 +147,19 @@ class ReFreeKVLayer(DynamicLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.compressed:
-            raise bad_input("crop", tokens_to_remove, "no crop of a compressed ReFreeKV layer "
-                            "(assisted decoding and rollback are not supported)")
-        super().crop(tokens_to_remove)
+        """Remove the newest tokens (``-count``, transformers 5.x; an absolute length >= 0 in older
+        versions). On a compressed layer only tokens added since its last plan: the kept slots' set was
+        decided with the tokens after them, so a crop into them is refused."""
+        if not self.compressed:
+            return super().crop(tokens_to_remove)
+        r = _tokens_to_crop(tokens_to_remove, self.get_seq_length())
+        added = self.keys.shape[-2] - self.kept_slots
+        if r > added:
+            raise bad_input("crop", tokens_to_remove, f"at most {added} tokens to remove from this compressed layer "
+                            "(those added since its last plan; assisted decoding, which plans its first candidates "
+                            "with the prompt, is not supported)")
+        if r:
+            self.keys, self.values = self.keys[..., :-r, :], self.values[..., :-r, :]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -230,6 +257,20 @@ class ReFreeKVCache(DynamicCache):
         """Empty every layer and forget every plan: the cache is as new for the next prompt."""
         super().reset()
         self._fresh()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest tokens (transformers' assisted decoding rolls back rejected candidates):
+        exact for tokens added since the last plan; refused, before anything is removed, into planned
+        slots or while ``replan_every`` buffers generated rows."""
+        r = _tokens_to_crop(tokens_to_remove, self.get_seq_length())
+        if r and self.refreekv_config.replan_every > 0:
+            raise bad_input("crop", tokens_to_remove, "no crop with replan_every (the buffered rows of generated "
+                            "tokens would outlive them)")
+        for layer in self.layers:
+            if isinstance(layer, ReFreeKVLayer) and layer.compressed and r > layer.keys.shape[-2] - layer.kept_slots:
+                layer.crop(tokens_to_remove)  # raises, naming the limit
+        super().crop(tokens_to_remove)
+        self._turn = max(0, self._turn - r)
 
     def __deepcopy__(self, memo):
         """An independent copy (answer several questions from one context, fork a chat). The model's

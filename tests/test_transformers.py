@@ -914,3 +914,45 @@ def test_a_text_generation_pipeline_chat_reuses_the_cache_turn_after_turn(smol):
     with refreekv_hooks(model):
         chat_with(cache)
     assert len(cache.history.plans) == 3 and cache.report.budget[0] < 1.0
+
+
+@torch.no_grad()
+def test_crop_removes_what_came_after_the_plan_as_the_deferred_stop_check_needs(smol, prompt):
+    """On "mps", transformers' decode loop defers its stop check by a step (DeferredStopCheck): it crops
+    the cache by 0 every step and by the extra step's token at the end. Simulated on CPU (its events made
+    no-ops: CPU ops are synchronous), the compressed cache gives the tokens of the plain loop. A crop of
+    tokens added since the plan is exact; one into planned slots is refused before anything is removed,
+    and so is assisted decoding, whose first call plans the candidates with the prompt."""
+    from unittest import mock
+
+    from transformers.generation.utils import DeferredStopCheck
+
+    class NoEvent:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def record(self, *args):
+            pass
+
+        def synchronize(self):
+            pass
+
+    model, _ = smol
+    n = prompt["input_ids"].shape[1]
+    ref, _ = generate(model, ReFreeKVConfig(), **prompt, max_new_tokens=10, do_sample=False)
+    cache = ReFreeKVCache(model, ReFreeKVConfig())
+    with mock.patch.object(DeferredStopCheck, "is_supported", staticmethod(lambda *a, **k: True)), \
+            mock.patch("torch.Event", NoEvent), refreekv_hooks(model):
+        out = model.generate(**prompt, cache=cache, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, ref) and cache.get_seq_length() == n + 9  # the extra step's token was cropped
+    layer = cache.layers[5]
+    assert layer.compressed and layer.keys.shape[-2] == layer.kept_slots + 9
+    kept = layer.keys[..., :layer.kept_slots + 7, :].clone()
+    cache.crop(-2)
+    assert cache.get_seq_length() == n + 7 and torch.equal(layer.keys, kept)
+    with pytest.raises(ReFreeKVError, match="crop: received -8; expected at most 7 tokens"):
+        cache.crop(-8)
+    assert cache.get_seq_length() == n + 7 and all(
+        lay.keys.shape[-2] == lay.kept_slots + 7 for lay in cache.layers if lay.compressed)
+    with pytest.raises(ReFreeKVError, match="crop: received -.*assisted decoding"):
+        generate(model, ReFreeKVConfig(), **prompt, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4)
