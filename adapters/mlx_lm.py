@@ -61,6 +61,7 @@ from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
 from refreekv.report import BudgetReport, LayerReport
 from refreekv.rules import RANKINGS
+from refreekv.validate import config_value
 
 from . import engine
 
@@ -492,9 +493,7 @@ def server_caches(config: ReFreeKVConfig | None = None):
     Restores mlx-lm's own factory on exit, errors included."""
     from mlx_lm import server
 
-    cfg = ReFreeKVConfig() if config is None else config
-    if not isinstance(cfg, ReFreeKVConfig):
-        raise bad_input("config", f"type {type(cfg).__name__}", "a refreekv.ReFreeKVConfig (or None for the default)")
+    cfg = config_value(config)
     own = getattr(server, "make_prompt_cache", None)
     if own is not mlx_cache.make_prompt_cache:
         raise bad_input("mlx_lm.server", f"make_prompt_cache = {own!r}", "mlx-lm's own mlx_lm.models.cache."
@@ -705,8 +704,11 @@ def _rebuild(i: int, entry: dict, arrays: dict):
         runs = entry.get("runs")  # absent in files written before positions were tracked: deep trims refused
         if runs is not None:
             c.runs = [[int(p), int(k)] for p, k in runs]
-            if sum(k for _, k in c.runs) != c.stored or any(p + k > c.offset or k < 1 for p, k in c.runs):
-                raise ValueError(f"layer {i}'s slot positions do not fit its {c.stored} slots and offset {c.offset}")
+            ends = [0] + [p + k for p, k in c.runs]
+            if sum(k for _, k in c.runs) != c.stored or ends[-1] > c.offset or any(
+                    k < 1 or p < end for (p, k), end in zip(c.runs, ends)):
+                raise ValueError(f"layer {i}'s slot positions are not ascending runs that fit its {c.stored} slots "
+                                 f"and offset {c.offset}")
         else:
             c.runs = None if c.plans else []
         return c

@@ -95,6 +95,14 @@ def _tokens_to_crop(value: int, length: int) -> int:
     return max(0, length - value)
 
 
+def _check_crop(value: int, removed: int, added: int) -> None:
+    """A crop may remove at most the ``added`` tokens that came after a compressed layer's last plan."""
+    if removed > added:
+        raise bad_input("crop", value, f"at most {added} tokens to remove from this compressed cache (those added "
+                        "since its last plan; assisted decoding, which plans its first candidates with the prompt, "
+                        "is not supported)")
+
+
 class ReFreeKVLayer(DynamicLayer):
     """A full-attention cache layer that can be compressed once, after prefill.
 
@@ -131,6 +139,11 @@ class ReFreeKVLayer(DynamicLayer):
     def compressed(self) -> bool:
         return self.slot_valid is not None
 
+    @property
+    def added(self) -> int:
+        """Tokens stored after the kept slots: added since the last plan."""
+        return self.keys.shape[-2] - self.kept_slots
+
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.evicted
 
@@ -153,11 +166,7 @@ class ReFreeKVLayer(DynamicLayer):
         if not self.compressed:
             return super().crop(tokens_to_remove)
         r = _tokens_to_crop(tokens_to_remove, self.get_seq_length())
-        added = self.keys.shape[-2] - self.kept_slots
-        if r > added:
-            raise bad_input("crop", tokens_to_remove, f"at most {added} tokens to remove from this compressed layer "
-                            "(those added since its last plan; assisted decoding, which plans its first candidates "
-                            "with the prompt, is not supported)")
+        _check_crop(tokens_to_remove, r, self.added)
         if r:
             self.keys, self.values = self.keys[..., :-r, :], self.values[..., :-r, :]
 
@@ -191,7 +200,7 @@ class ReFreeKVLayer(DynamicLayer):
         plan (they carry causality and any user padding), or plain causality without one.
         """
         B, J = self.slot_valid.shape
-        D = self.keys.shape[-2] - J + q_len  # tokens added after the prompt, this call's included
+        D = self.added + q_len  # tokens added after the last plan, this call's included
         kept = self.slot_valid[:, None, None, :].expand(B, 1, q_len, J)
         if shared is None:
             t = torch.arange(q_len, device=kept.device)[:, None]
@@ -266,9 +275,9 @@ class ReFreeKVCache(DynamicCache):
         if r and self.refreekv_config.replan_every > 0:
             raise bad_input("crop", tokens_to_remove, "no crop with replan_every (the buffered rows of generated "
                             "tokens would outlive them)")
-        for layer in self.layers:
-            if isinstance(layer, ReFreeKVLayer) and layer.compressed and r > layer.keys.shape[-2] - layer.kept_slots:
-                layer.crop(tokens_to_remove)  # raises, naming the limit
+        added = [layer.added for layer in self.layers if isinstance(layer, ReFreeKVLayer) and layer.compressed]
+        if added:
+            _check_crop(tokens_to_remove, r, min(added))
         super().crop(tokens_to_remove)
         self._turn = max(0, self._turn - r)
 

@@ -147,7 +147,16 @@ def test_a_tampered_or_truncated_file_loads_nothing(smol, ids, tmp_path):
     flipped = bytearray(data)
     flipped[-100] ^= 0x01  # one bit of the last array's data
     (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
-    for name, why in (("cut", "unreadable"), ("flipped", "checksum"), ("missing", "unreadable")):
+    import json
+
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    header = json.loads(meta["refreekv"])
+    runs = header["layers"][5]["runs"]
+    assert len(runs) == 2  # the sinks and the newest run
+    header["layers"][5]["runs"] = [[runs[1][0], runs[1][1]], [runs[0][0], runs[0][1]]]  # same counts, out of order
+    mx.save_safetensors(str(tmp_path / "runs.safetensors"), arrays, metadata={"refreekv": json.dumps(header)})
+    for name, why in (("cut", "unreadable"), ("flipped", "checksum"), ("missing", "unreadable"),
+                      ("runs", "slot positions are not ascending")):
         with pytest.raises(ReFreeKVError, match=f"file_name: received .*{why}"):
             load_prompt_cache(str(tmp_path / f"{name}.safetensors"), model)
 
@@ -320,6 +329,12 @@ def test_trim_is_exact_or_refused(smol, ids):
     assert layer.trim(deep) == deep and layer.offset == len(ids) - 10
     assert _positions(layer) == [p for p in kept if p < len(ids) - 10] and layer.stored == len(_positions(layer))
     np.testing.assert_array_equal(np.array(layer.keys[..., :layer.stored, :]), keys[..., :layer.stored, :])
+    # the positions are right: post-RoPE keys name their position, and a plain prefill holds every one
+    plain = plain_prompt_cache(model)
+    model(mx.array(ids)[None], cache=plain)
+    full_keys = np.array(plain[5].keys[..., :len(ids), :])
+    np.testing.assert_allclose(np.array(layer.keys[..., :layer.stored, :]), full_keys[..., _positions(layer), :],
+                               atol=1e-4, rtol=1e-4)
     with pytest.raises(ReFreeKVError, match="trim: received -1"):
         layer.trim(-1)
     snap = make_prompt_cache(model, dataclasses.replace(CFG, ranking="snapkv"))
