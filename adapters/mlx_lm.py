@@ -35,7 +35,8 @@ tampered file raises ``ReFreeKVError`` and loads nothing.
 
 ``mlx_lm.server`` with these caches: ``with server_caches(config): ...`` makes the server build
 ReFreeKV prompt caches while the block runs (``serve(argv, config)`` runs the server so; the CLI's
-``refreekv serve``). Every plan is logged on the ``refreekv`` logger.
+``refreekv serve``). ``chat_caches`` / ``chat(argv, config)`` do the same for mlx-lm's terminal chat
+``mlx_lm.chat`` (the CLI's ``refreekv chat``). Every plan is logged on the ``refreekv`` logger.
 """
 
 from __future__ import annotations
@@ -484,6 +485,28 @@ def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
 
 
 @contextlib.contextmanager
+def _caches_in(module, label: str, config: ReFreeKVConfig | None):
+    """While the block runs, ``module.make_prompt_cache`` (mlx-lm's own factory, imported by name into an
+    mlx-lm entry point) makes ReFreeKV prompt caches with ``config``; mlx-lm's factory is put back on exit,
+    errors included. A second switch-on while one is active is refused."""
+    cfg = config_value(config)
+    own = getattr(module, "make_prompt_cache", None)
+    if own is not mlx_cache.make_prompt_cache:
+        raise bad_input(label, f"make_prompt_cache = {own!r}", "mlx-lm's own mlx_lm.models.cache.make_prompt_cache"
+                        f" ({label} ReFreeKV caches are already on, or this mlx-lm makes caches elsewhere)")
+
+    def factory(model, max_kv_size=None):
+        if max_kv_size is not None:
+            raise bad_input("max_kv_size", max_kv_size, "None (a rotating window and ReFreeKV do not combine)")
+        return make_prompt_cache(model, cfg)
+
+    module.make_prompt_cache = factory
+    try:
+        yield
+    finally:
+        module.make_prompt_cache = own
+
+
 def server_caches(config: ReFreeKVConfig | None = None):
     """While the block runs, ``mlx_lm.server`` makes ReFreeKV prompt caches (``make_prompt_cache(model,
     config)``) instead of mlx-lm's. The server then serves one request at a time (the cache does not
@@ -493,22 +516,26 @@ def server_caches(config: ReFreeKVConfig | None = None):
     Restores mlx-lm's own factory on exit, errors included."""
     from mlx_lm import server
 
-    cfg = config_value(config)
-    own = getattr(server, "make_prompt_cache", None)
-    if own is not mlx_cache.make_prompt_cache:
-        raise bad_input("mlx_lm.server", f"make_prompt_cache = {own!r}", "mlx-lm's own mlx_lm.models.cache."
-                        "make_prompt_cache (server_caches is already active, or this mlx-lm makes caches elsewhere)")
+    return _caches_in(server, "mlx_lm.server", config)
 
-    def factory(model, max_kv_size=None):
-        if max_kv_size is not None:
-            raise bad_input("max_kv_size", max_kv_size, "None (a rotating window and ReFreeKV do not combine)")
-        return make_prompt_cache(model, cfg)
 
-    server.make_prompt_cache = factory
+def chat_caches(config: ReFreeKVConfig | None = None):
+    """While the block runs, ``mlx_lm.chat`` (mlx-lm's terminal chat) makes ReFreeKV prompt caches: its
+    one cache follows the conversation, each user turn is appended and planned again (``config.replan``),
+    and its ``r`` (reset) makes a fresh one. Each plan is logged on the ``refreekv`` logger. Restores
+    mlx-lm's own factory on exit, errors included."""
+    from mlx_lm import chat
+
+    return _caches_in(chat, "mlx_lm.chat", config)
+
+
+def _run_main(module, prog: str, argv: list[str] | None) -> None:
+    saved = sys.argv
+    sys.argv = [prog, *(sys.argv[1:] if argv is None else argv)]
     try:
-        yield
+        module.main()
     finally:
-        server.make_prompt_cache = own
+        sys.argv = saved
 
 
 def serve(argv: list[str] | None = None, config: ReFreeKVConfig | None = None) -> None:
@@ -516,14 +543,18 @@ def serve(argv: list[str] | None = None, config: ReFreeKVConfig | None = None) -
     prompt caches (``server_caches``); plans are logged at INFO."""
     from mlx_lm import server
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     with server_caches(config):
-        saved = sys.argv
-        sys.argv = ["mlx_lm.server", *argv]
-        try:
-            server.main()
-        finally:
-            sys.argv = saved
+        _run_main(server, "mlx_lm.server", argv)
+
+
+def chat(argv: list[str] | None = None, config: ReFreeKVConfig | None = None) -> None:
+    """Run ``mlx_lm.chat`` with ``argv`` (its own options: ``--model``, ``--max-tokens``, ...) and a
+    ReFreeKV prompt cache (``chat_caches``). Plans are logged on the ``refreekv`` logger (the CLI's
+    ``refreekv chat`` shows them on stderr)."""
+    from mlx_lm import chat as mlx_chat
+
+    with chat_caches(config):
+        _run_main(mlx_chat, "mlx_lm.chat", argv)
 
 
 def _checked(prompt_cache, ours: bool = False) -> None:

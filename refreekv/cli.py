@@ -1,4 +1,4 @@
-"""The ``refreekv`` command: demo, inspect, eval, bench, serve (see ``refreekv <command> --help``).
+"""The ``refreekv`` command: demo, inspect, eval, bench, serve, chat (see ``refreekv <command> --help``).
 
 Every command takes the same configuration options, built from ``ReFreeKVConfig``'s fields and
 the rule tables in ``refreekv.rules``: the choices and help lines below are those tables.
@@ -176,7 +176,35 @@ def parser() -> argparse.ArgumentParser:
     _config_args(v)
     v.add_argument("server_args", nargs=argparse.REMAINDER, metavar="-- SERVER_OPTIONS",
                    help="mlx_lm.server's own options, e.g. -- --port 8080 --model PATH")
+
+    c = sub.add_parser("chat", formatter_class=fmt,
+                       help="mlx_lm.chat (mlx-lm's terminal chat) with a ReFreeKV prompt cache, planned again at each "
+                       "turn, each plan shown on stderr; options after -- go to mlx_lm.chat (--model defaults to the "
+                       "packaged SmolLM2)")
+    _config_args(c)
+    c.add_argument("server_args", nargs=argparse.REMAINDER, metavar="-- CHAT_OPTIONS",
+                   help="mlx_lm.chat's own options, e.g. -- --max-tokens 128 --model PATH")
     return p
+
+
+# mlx-lm options that make a cache ReFreeKV does not combine with, per command.
+_REFUSED = {"serve": {"--kv-bits": "a quantized KV cache"},
+            "chat": {"--max-kv-size": "a rotating KV window"}}
+
+
+def _mlx_lm_args(p: argparse.ArgumentParser, command: str, args: list[str]) -> list[str]:
+    """The options after ``--`` for mlx_lm.server / mlx_lm.chat, checked; ``--model`` defaults to the packaged
+    SmolLM2 (exported to MLX on first use)."""
+    args = args[1:] if args[:1] == ["--"] else list(args)
+    for flag, what in _REFUSED[command].items():
+        given = next((x for x in args if x == flag or x.startswith(flag + "=")), None)
+        if given is not None:
+            p.error(f"{given}: received {what}; expected none (a ReFreeKV cache is neither quantized nor a window)")
+    if not any(x == "--model" or x.startswith("--model=") for x in args):
+        from .commands.models import exported_model_dir
+
+        args = ["--model", str(exported_model_dir()), *args]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,15 +215,25 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "serve":
             from .adapters.mlx_lm import serve
 
-            args = a.server_args[1:] if a.server_args[:1] == ["--"] else a.server_args
-            bits = next((x for x in args if x == "--kv-bits" or x.startswith("--kv-bits=")), None)
-            if bits is not None:
-                p.error(f"{bits}: received a quantized KV cache; expected none (a ReFreeKV cache is not quantized)")
-            if not any(x == "--model" or x.startswith("--model=") for x in args):
-                from .commands.models import exported_model_dir
+            serve(_mlx_lm_args(p, "serve", a.server_args), config)
+            return 0
+        if a.command == "chat":
+            import logging
 
-                args = ["--model", str(exported_model_dir()), *args]
-            serve(args, config)
+            from .adapters.mlx_lm import chat
+
+            args = _mlx_lm_args(p, "chat", a.server_args)
+            log = logging.getLogger("refreekv")
+            shown = logging.StreamHandler(sys.stderr)
+            shown.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(shown)
+            level = log.level
+            log.setLevel(logging.INFO)
+            try:
+                chat(args, config)
+            finally:
+                log.removeHandler(shown)
+                log.setLevel(level)
             return 0
         if a.command == "demo":
             from .commands.demo import run_demo

@@ -52,6 +52,8 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--task", "generation", "--every", "0"], "--every: received 0; expected an int >= 1"),
     (["serve", "--threshold", "1.5", "--", "--port", "8080"], "threshold: received 1.5; expected a number T"),
     (["serve", "--", "--kv-bits", "4"], "--kv-bits: received a quantized KV cache; expected none"),
+    (["chat", "--", "--max-kv-size=512"], "--max-kv-size=512: received a rotating KV window; expected none"),
+    (["chat", "--replan", "sometimes", "--"], "--replan: invalid choice"),
 ])
 def test_argument_errors_are_clear(capsys, argv, message):
     with pytest.raises(SystemExit) as info:

@@ -55,7 +55,7 @@ def test_bash_block_is_well_formed(code):
         line = line.split(" #")[0].strip()
         if not line or line.startswith("#"):
             continue
-        for part in re.split(r"&&|\|\||;", line):
+        for part in re.split(r"&&|\|\|?|;", line):  # and each side of a pipe
             words = shlex.split(part)
             if not words:
                 continue

@@ -523,28 +523,31 @@ def test_decoding_after_a_plan_continues_at_true_positions_as_torch_does(smol, i
         np.testing.assert_allclose(np.array(b), a.numpy(), atol=2e-3, rtol=0, err_msg=f"step {step}")
 
 
-def test_server_caches_switch_on_and_off_cleanly():
-    from mlx_lm import server
+@pytest.mark.parametrize("entry", ["server", "chat"])
+def test_server_and_chat_caches_switch_on_and_off_cleanly(entry):
+    import importlib
 
-    from refreekv.adapters.mlx_lm import server_caches
+    from refreekv.adapters import mlx_lm as ours
 
-    own = server.make_prompt_cache
-    with server_caches(CFG):
-        assert server.make_prompt_cache is not own
-        with pytest.raises(ReFreeKVError, match="mlx_lm.server: received make_prompt_cache = <function"):
-            with server_caches():
+    module = importlib.import_module(f"mlx_lm.{entry}")
+    switch = {"server": ours.server_caches, "chat": ours.chat_caches}[entry]
+    own = module.make_prompt_cache
+    with switch(CFG):
+        assert module.make_prompt_cache is not own
+        with pytest.raises(ReFreeKVError, match=f"mlx_lm.{entry}: received make_prompt_cache = <function"):
+            with switch():
                 pass
         with pytest.raises(ReFreeKVError, match="max_kv_size: received 100"):
-            server.make_prompt_cache(None, 100)
-    assert server.make_prompt_cache is own
+            module.make_prompt_cache(None, 100)
+    assert module.make_prompt_cache is own
     with pytest.raises(RuntimeError, match="inside"):
-        with server_caches():
+        with switch():
             raise RuntimeError("inside")
-    assert server.make_prompt_cache is own
+    assert module.make_prompt_cache is own
     with pytest.raises(ReFreeKVError, match="config: received type dict"):
-        with server_caches({"threshold": 0.1}):
+        with switch({"threshold": 0.1}):
             pass
-    assert server.make_prompt_cache is own
+    assert module.make_prompt_cache is own
 
 
 def _free_port() -> int:
@@ -622,3 +625,42 @@ def test_mlx_lm_server_serves_a_chat_with_refreekv_caches(tmp_path):
     budgets = [float(line.split("budget ")[1].split("%")[0]) for line in logs["default"].read_text().splitlines()
                if "refreekv: planned" in line]
     assert all(b < 100 for b in budgets) and "budget 100.0%" in logs["T=0"].read_text()
+
+
+def test_mlx_lm_chat_follows_the_conversation_with_a_refreekv_cache():
+    """mlx-lm's terminal chat itself, run by `refreekv chat`, next to a plain `mlx_lm chat`: two turns, a reset
+    (`r`), one more turn. At T = 0 the transcript is the plain chat's; each turn is planned (the reset makes a
+    fresh cache, so its plan covers that turn alone); with the default the plans keep less."""
+    import re
+    import subprocess
+    import sys
+
+    from refreekv.commands.models import exported_model_dir
+
+    typed = ("My locker code is 4417 and my bike is red. What is my locker code?\nWhat colour is my bike?\n"
+             "r\nName a fruit that is yellow.\nq\n")
+    opts = ["--max-tokens", "20"]
+    commands = {"plain": [sys.executable, "-m", "mlx_lm", "chat", "--model", str(exported_model_dir()), *opts],
+                "T=0": [sys.executable, "-m", "refreekv.cli", "chat", "--threshold", "0", "--", *opts],
+                "default": [sys.executable, "-m", "refreekv.cli", "chat", "--", *opts]}
+    procs = {name: subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name, cmd in commands.items()}
+    out = {name: p.communicate(typed, timeout=600) for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, (name, out[name][1][-3000:])
+
+    def transcript(text):  # without colours and the speed lines, which differ run to run
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+        return [line for line in text.splitlines() if "tok/s" not in line]
+
+    plain = transcript(out["plain"][0])
+    assert sum("context cleared" in line for line in plain) == 1 and plain[-1].strip() == "bye"
+    assert transcript(out["T=0"][0]) == plain
+    plans = {}
+    for name in ("T=0", "default"):
+        found = re.findall(r"refreekv: planned 30 layers at (\d+) tokens: budget ([\d.]+)%", out[name][1])
+        assert len(found) == 3, out[name][1][-3000:]  # one plan per turn
+        plans[name] = [(int(n), float(b)) for n, b in found]
+        (n1, _), (n2, _), (n3, _) = plans[name]
+        assert n1 < n2 and n3 < n2 - n1, plans  # the second turn extends the first; the reset starts over
+    assert all(b == 100.0 for _, b in plans["T=0"]) and all(b < 100 for _, b in plans["default"])
