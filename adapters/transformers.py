@@ -99,8 +99,27 @@ def _check_crop(value: int, removed: int, added: int) -> None:
     """A crop may remove at most the ``added`` tokens that came after a compressed layer's last plan."""
     if removed > added:
         raise bad_input("crop", value, f"at most {added} tokens to remove from this compressed cache (those added "
-                        "since its last plan; assisted decoding, which plans its first candidates with the prompt, "
-                        "is not supported)")
+                        "since its last plan: the kept slots were chosen with the tokens after them)")
+
+
+def _assisted_step() -> tuple[int, bool] | None:
+    """For a model call made by transformers' assisted decoding (prompt lookup, a draft model, early exit):
+    how many of the call's last tokens are the candidates it verifies (its ``candidate_length``) and whether
+    it is the generation's first call (``is_first_iteration``), read from the ``_assisted_decoding`` frame
+    that made the call; None for any other call."""
+    frame = sys._getframe(1)
+    for _ in range(32):
+        if frame is None:
+            return None
+        if frame.f_globals.get("__name__", "").startswith("transformers."):
+            if frame.f_code.co_name == "generate":
+                return None  # the nearest generation is not an assisted one (e.g. a draft model's own generate)
+            if frame.f_code.co_name == "_assisted_decoding":
+                c, first = frame.f_locals.get("candidate_length"), frame.f_locals.get("is_first_iteration")
+                ok = isinstance(c, int) and not isinstance(c, bool) and c >= 0 and isinstance(first, bool)
+                return (c, first) if ok else None
+        frame = frame.f_back
+    return None
 
 
 class ReFreeKVLayer(DynamicLayer):
@@ -261,6 +280,7 @@ class ReFreeKVCache(DynamicCache):
         self._generated: dict[int, list] = {}  # replan_every: each layer's newest generated rows
         self._since_plan = 0                   # replan_every: tokens generated since the last plan
         self._turn = 0                         # the newest segment and what was generated after it (history)
+        self._candidates = 0                   # the current call's last tokens that assisted decoding verifies
 
     def reset(self) -> None:
         """Empty every layer and forget every plan: the cache is as new for the next prompt."""
@@ -339,10 +359,14 @@ class ReFreeKVCache(DynamicCache):
         layer = self.layers[idx]
         first = idx not in self.planned_layers
         self.planned_layers.add(idx)
+        c = self._candidates  # assisted decoding's candidates end the call: the plan is of what precedes them
+        if c:
+            hidden, cos, sin = hidden[:, :-c], cos[:, :-c], sin[:, :-c]
         if first:
             self._turn = hidden.shape[1]  # the first prompt is the newest segment
         if isinstance(layer, ReFreeKVLayer):
             B, _, n, _ = layer.keys.shape
+            n -= c
             if first and (self._mask_start is None or self._mask_start[0] is not mask):  # layers share one mask
                 self._mask_start = (mask, _left_padding(mask, n, B))
             # A retained layer needs no queries: its last row is enough for the report.
@@ -355,7 +379,7 @@ class ReFreeKVCache(DynamicCache):
         if idx == self.last_layer:
             self._mask_start = None
             pending, self._pending = self._pending, []
-            self._compress(pending, self._start)
+            self._compress(pending, self._start, held_out=c)
 
     def segment(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """A call on an already planned cache: a new prompt segment (more than ``sinks`` tokens, and
@@ -364,11 +388,13 @@ class ReFreeKVCache(DynamicCache):
         ``replan="history"`` keeps whole."""
         cfg = self.refreekv_config
         q_len, B = hidden.shape[1], hidden.shape[0]
-        if q_len > 1 and module.layer_idx == self.last_layer:
-            self._turn = q_len  # a new segment starts a new turn
+        seg = q_len - self._candidates  # assisted decoding's candidates are generated tokens, not a segment
+        planned = seg > cfg.sinks and seg >= 2 and cfg.replan in ("turns", "history")
+        if planned and module.layer_idx == self.last_layer:
+            self._turn = seg  # a new segment starts a new turn (its candidates are added after the plan)
         elif module.layer_idx == self.last_layer:
             self._turn += q_len
-        if q_len > cfg.sinks and q_len >= 2 and cfg.replan in ("turns", "history"):
+        if planned:
             # A segment of at most `sinks` tokens is appended as it is (the n <= sinks + 1 rule of
             # a prompt): too few queries to judge the whole cache by.
             if B != 1:
@@ -392,11 +418,27 @@ class ReFreeKVCache(DynamicCache):
         n = [int(layer.keys.shape[-2])] * layer.keys.shape[0]
         self._skips.append(engine.skipped(idx, engine.SLIDING, n, layer.keys, layer.values))
 
-    def _compress(self, items: list[Captured], start: list[int], memo: dict | None = None) -> None:
+    def _compress(self, items: list[Captured], start: list[int], memo: dict | None = None, held_out: int = 0) -> None:
         """Plan the captured layers together (per group of equal shapes; one group after a prefill)
         and store what each keeps. Each layer's report time is its share of the planning, its
         eviction, its query recompute and its capture in the hook. A later segment scores with its
-        own rows, at most as many as it has."""
+        own rows, at most as many as it has. The newest ``held_out`` tokens (assisted decoding's
+        candidates) are left out of the plan and stored after the kept slots, as generated tokens are."""
+        if held_out:
+            tails = {}
+            for cap in items:
+                layer = self.layers[cap.module.layer_idx]
+                tails[cap.module.layer_idx] = (layer.keys[..., -held_out:, :], layer.values[..., -held_out:, :])
+                layer.keys, layer.values = layer.keys[..., :-held_out, :], layer.values[..., :-held_out, :]
+            try:
+                self._compress(items, start, memo)
+            finally:
+                for idx, (k, v) in tails.items():
+                    layer = self.layers[idx]
+                    layer.keys = torch.cat([layer.keys, k], dim=-2)
+                    layer.values = torch.cat([layer.values, v], dim=-2)
+                self._turn += held_out
+            return
         t0 = time.perf_counter()
         cfg = self.refreekv_config
         planned = [c for c in items if not cfg.is_retained(c.module.layer_idx)]
@@ -533,6 +575,49 @@ def _pre_hook(module, args, kwargs):
     return None if new is None else (args, new)
 
 
+def _model_pre_hook(model, args, kwargs):
+    """Once per model call: how many of its last tokens are assisted decoding's candidates (0 for any
+    other call), so that a plan covers only what precedes them and a rejected candidate can be cropped.
+
+    On a cache that already holds tokens, transformers' assisted decoding (5.2x) sends the whole sequence
+    again at its first step (plain generate sends only what the cache lacks): any cache would then hold
+    the earlier tokens twice. That call is cut here to the tokens the cache does not hold, as plain
+    generate's prefill does."""
+    cache = _cache_of(kwargs)
+    if cache is None:
+        return None
+    step = _assisted_step()
+    c = step[0] if step else 0
+    if c and cache.refreekv_config.replan_every > 0:
+        raise bad_input("replan_every", cache.refreekv_config.replan_every, "0 with assisted decoding (its "
+                        "rejected candidates are cropped, and replan_every's buffered rows would outlive them)")
+    cache._candidates = c
+    past = cache.get_seq_length() if step and step[1] else 0
+    if not past:
+        return None
+    name = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+    new, pos, mask = kwargs.get(name), kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if new is None:
+        return None
+    # Where the call's first token is: its position, or what the 2D mask says precedes it.
+    if pos is not None:
+        start = int(pos.reshape(-1, pos.shape[-1])[0, 0])  # one host read, at the first assisted step only
+    elif mask is not None and mask.dim() == 2:
+        start = mask.shape[1] - new.shape[1]
+    else:
+        return None  # the model counts positions from the cache: the call is taken as what the cache lacks
+    if start >= past:
+        return None
+    cut = past - start
+    if new.shape[1] <= cut + c:
+        raise bad_input(name, f"{new.shape[1]} tokens from position {start} (with {c} candidates) on a cache that "
+                        f"holds {past}", "the cached tokens followed by at least one new token")
+    kwargs[name] = new[:, cut:]
+    if pos is not None:
+        kwargs["position_ids"] = pos[..., cut:]
+    return args, kwargs
+
+
 def _post_hook(module, args, kwargs, output):
     """Capture this layer's newest rows after its prefill (the first call that fills it), and after
     later calls when the configuration re-plans."""
@@ -576,6 +661,7 @@ def refreekv_hooks(model):
     handles = []
     try:
         _HOOKED.update(modules)
+        handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
         for m in modules:
             handles.append(m.register_forward_pre_hook(_pre_hook, with_kwargs=True))
             handles.append(m.register_forward_hook(_post_hook, with_kwargs=True))

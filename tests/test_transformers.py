@@ -921,8 +921,7 @@ def test_crop_removes_what_came_after_the_plan_as_the_deferred_stop_check_needs(
     """On "mps", transformers' decode loop defers its stop check by a step (DeferredStopCheck): it crops
     the cache by 0 every step and by the extra step's token at the end. Simulated on CPU (its events made
     no-ops: CPU ops are synchronous), the compressed cache gives the tokens of the plain loop. A crop of
-    tokens added since the plan is exact; one into planned slots is refused before anything is removed,
-    and so is assisted decoding, whose first call plans the candidates with the prompt."""
+    tokens added since the plan is exact; one into planned slots is refused before anything is removed."""
     from unittest import mock
 
     from transformers.generation.utils import DeferredStopCheck
@@ -954,5 +953,65 @@ def test_crop_removes_what_came_after_the_plan_as_the_deferred_stop_check_needs(
         cache.crop(-8)
     assert cache.get_seq_length() == n + 7 and all(
         lay.keys.shape[-2] == lay.kept_slots + 7 for lay in cache.layers if lay.compressed)
-    with pytest.raises(ReFreeKVError, match="crop: received -.*assisted decoding"):
-        generate(model, ReFreeKVConfig(), **prompt, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4)
+
+
+@torch.no_grad()
+def test_assisted_decoding_plans_what_precedes_the_candidates(smol, prompt, monkeypatch):
+    """transformers' assisted decoding (prompt lookup, a draft model) runs the prompt together with its first
+    candidates, then verifies 1 + k tokens per call and crops the rejected ones; on a cache that already
+    holds a conversation its first call sends the whole sequence again. The plan covers the prompt alone
+    (the kept slots of plain generate's plan), candidates are stored after the kept slots (so a crop removes
+    them exactly), a verification call is generated tokens, not a new segment, and a second turn is planned
+    over what the cache holds plus that turn, once. At T = 0 the tokens are plain generate's."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import refreekv.adapters.transformers as adapter
+
+    model, tok = smol
+    n = prompt["input_ids"].shape[1]
+    seen = []
+    own = adapter._assisted_step
+    monkeypatch.setattr(adapter, "_assisted_step", lambda: seen.append(own()) or seen[-1])
+    kw = dict(do_sample=False, max_new_tokens=40)
+    turn = tok(["<|im_start|>user\nSay the number again, twice.<|im_end|>\n<|im_start|>assistant\n"],
+               return_tensors="pt")["input_ids"]
+    torch.manual_seed(0)
+    draft = LlamaForCausalLM(LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)).eval()
+
+    def chat_of(config, **assist):
+        cache = ReFreeKVCache(model, config)
+        with refreekv_hooks(model):
+            first = model.generate(**prompt, cache=cache, **kw, **assist)
+            after_first = copy.deepcopy(cache)
+            ids = torch.cat([first, turn], dim=1)
+            second = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **kw, **assist)
+        return first, ids, second, after_first, cache
+
+    def kept(plan):
+        return [lay.kept for lay in plan.layers]
+
+    plain = model.generate(**prompt, **kw)
+    for config in (ReFreeKVConfig(threshold=0), ReFreeKVConfig(), ReFreeKVConfig(replan="history")):
+        ref_first, _, ref_second, ref_after, ref = chat_of(config)
+        for assist in ({"prompt_lookup_num_tokens": 6}, {"assistant_model": draft}):
+            seen.clear()
+            first, ids, second, after_first, cache = chat_of(config, **assist)
+            label = (config.threshold, config.replan, list(assist))
+            assert seen[0][0] > 0 and seen[0][1], label  # the prompt came with candidates
+            assert cache.get_seq_length() == second.shape[1] - 1, label  # every token once
+            one, two = cache.history.plans
+            assert kept(one) == kept(ref.history.plans[0]), label  # the prompt's plan, candidates left out
+            for a, b in zip(after_first.layers, ref_after.layers):
+                if a.compressed:
+                    torch.testing.assert_close(a.keys[..., :a.kept_slots, :], b.keys[..., :b.kept_slots, :],
+                                               atol=1e-4, rtol=1e-4)
+            # The second turn: what the first plan kept, the first answer and the turn, each once.
+            assert [lay.prompt_lengths for lay in two.layers] == [[k + ids.shape[1] - n] for [k] in kept(one)], label
+            if config.threshold == 0:
+                assert torch.equal(first, ref_first) and torch.equal(second, ref_second), label
+                assert torch.equal(first, plain), label
+    with pytest.raises(ReFreeKVError, match="replan_every: received 8; expected 0 with assisted decoding"):
+        generate(model, ReFreeKVConfig(replan_every=8), **prompt, **kw, prompt_lookup_num_tokens=6)
