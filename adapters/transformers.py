@@ -641,6 +641,8 @@ def _clear_hooked(module, args, kwargs, output):
     cache = _cache_of(kwargs)
     if cache is not None and module.layer_idx < len(cache.layers) and isinstance(cache.layers[module.layer_idx], ReFreeKVLayer):
         cache.layers[module.layer_idx].hooked = False
+    if cache is not None and module.layer_idx == cache.last_layer:
+        cache._candidates = 0  # set per call by the model's pre-hook: never read by a later call
     return None
 
 
@@ -651,7 +653,8 @@ _HOOKED: weakref.WeakSet = weakref.WeakSet()
 @contextmanager
 def refreekv_hooks(model):
     """Switch ReFreeKV on for ``model`` inside the block: registers a forward pre-hook and a
-    forward hook on every attention module, and removes them on exit (also on error or
+    forward hook on every attention module and a forward pre-hook on ``model`` itself (which tells
+    assisted decoding's candidates apart), and removes them on exit (also on error or
     KeyboardInterrupt). A nested block on the same model changes nothing: the outer one owns the
     hooks. Every call with a ``ReFreeKVCache`` must run inside such a block (else ``ReFreeKVError``)."""
     modules = attention_modules(model)

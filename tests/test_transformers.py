@@ -315,13 +315,15 @@ def test_beam_search_and_several_sequences_carry_the_kept_slots(smol, prompt):
 
 def test_hooks_are_removed_and_plain_caches_untouched(smol, prompt):
     model, _ = smol
+    own = len(model._forward_pre_hooks)
     with refreekv_hooks(model):
-        assert all(m._forward_hooks for m in attention_modules(model))
+        assert all(m._forward_hooks for m in attention_modules(model)) and len(model._forward_pre_hooks) == own + 1
         plain = DynamicCache(config=model.config)
         with torch.no_grad():
             model(**prompt, cache=plain)
         assert plain.layers[5].keys.shape[-2] == prompt["input_ids"].shape[1]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in attention_modules(model))
+    assert len(model._forward_pre_hooks) == own
 
 
 def tiny(arch: str):
@@ -1002,6 +1004,7 @@ def test_assisted_decoding_plans_what_precedes_the_candidates(smol, prompt, monk
             label = (config.threshold, config.replan, list(assist))
             assert seen[0][0] > 0 and seen[0][1], label  # the prompt came with candidates
             assert cache.get_seq_length() == second.shape[1] - 1, label  # every token once
+            assert cache._candidates == 0, label  # a later call that bypasses the model's hook sees no candidates
             one, two = cache.history.plans
             assert kept(one) == kept(ref.history.plans[0]), label  # the prompt's plan, candidates left out
             for a, b in zip(after_first.layers, ref_after.layers):
