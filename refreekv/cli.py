@@ -207,9 +207,26 @@ def _mlx_lm_args(p: argparse.ArgumentParser, command: str, args: list[str]) -> l
     return args
 
 
+#: what each command imports, and the extra that installs it
+_NEEDS = {"serve": (("mlx_lm",), "mlxlm"), "chat": (("mlx_lm",), "mlxlm"),
+          **{c: (("torch", "transformers"), "hf") for c in ("demo", "inspect", "eval", "bench")}}
+
+
+def _check_installed(p: argparse.ArgumentParser, command: str) -> None:
+    """One usage error naming the missing package, before anything imports it."""
+    from importlib.util import find_spec
+
+    modules, extra = _NEEDS[command]
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        p.error(f"{command}: received an environment without {', '.join(missing)}; expected it installed "
+                f"(pip install 'refreekv[{extra}]')")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
+    _check_installed(p, a.command)
     try:
         config = config_from(a)
         if a.command == "serve":

@@ -187,3 +187,17 @@ def test_kinds_are_parsed_once_each_in_order():
     from refreekv.cli import _kinds
 
     assert _kinds("open, continuation,open") == ["open", "continuation"]
+
+
+@pytest.mark.parametrize("argv, missing, extra", [(["chat", "--"], "mlx_lm", "mlxlm"), (["serve"], "mlx_lm", "mlxlm"),
+                                                  (["demo", "--quick"], "transformers", "hf")])
+def test_a_missing_engine_is_one_usage_error(capsys, monkeypatch, argv, missing, extra):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"received an environment without {missing}; expected it installed (pip install 'refreekv[{extra}]')" in err
