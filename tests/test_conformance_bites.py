@@ -287,6 +287,72 @@ class FiniteCheckInHalf(NumpyBackend):
             return np.array([np.isfinite(x.sum())], dtype=np.int64)
 
 
+def _combine_as_mean(be, q_rows, keys, start, rows, scale=None, combine="mean"):
+    # combine="max" silently computed as the mean (a port that implements one combine only).
+    A, visible = core.step(be, "attention_rows")(q_rows, keys, start, rows, scale)
+    return core.combine_rows(be, A, visible, "mean")
+
+
+class CombineMaxAsMean(NumpyBackend):
+    name = "broken-combine-max-as-mean"
+    steps = {"attention_row": _combine_as_mean}
+
+
+class PoolShifted(NumpyBackend):
+    # The pooled ranking's max-pool window one position off (an asymmetric padding).
+    name = "broken-pool-shifted"
+    steps = {"window_scores": lambda be, a, hkv, kernel, start: np.concatenate(
+        [(w := core.window_scores(be, a, hkv, kernel, start))[..., 1:], w[..., -1:]], axis=-1)}
+
+
+class GroupMax(NumpyBackend):
+    # Query heads of a KV group combined by max instead of mean.
+    name = "broken-group-max"
+    steps = {"window_scores": lambda be, a, hkv, kernel, start: core.zero_padding(be, core.max_pool(
+        be, a.reshape(a.shape[0], hkv, -1, a.shape[-1]).max(axis=2), kernel), start)}
+
+
+class SnapKVNoPool(NumpyBackend):
+    # SnapKV's scores not max-pooled (pool_kernel ignored).
+    name = "broken-snapkv-no-pool"
+    steps = {"snapkv_scores": lambda be, q, keys, start, window, kernel, scale=None:
+             core.snapkv_scores(be, q, keys, start, window, 1, scale)}
+
+
+class RunsValuesFromKeys(NumpyBackend):
+    # The two-run eviction (the position ranking's fast path) returns the kept keys as values.
+    name = "broken-runs-values-from-keys"
+    steps = {"evict_runs": lambda be, keys, values, start, sinks, recent:
+             (lambda kv: (kv[0], kv[0]))(core.evict_runs(be, keys, values, start, sinks, recent))}
+
+
+class KeptDescending(NumpyBackend):
+    # Kept positions (and their validity) listed newest first.
+    name = "broken-kept-descending"
+    steps = {"kept_positions": lambda be, order, cut, J:
+             tuple(x[..., ::-1].copy() for x in core.kept_positions(be, order, cut, J))}
+
+
+class MassFloorIgnored(NumpyBackend):
+    # mass_threshold accepted and never applied.
+    name = "broken-mass-floor-ignored"
+    steps = {"mass_floor_cut": lambda be, a, order, cut, *args: cut}
+
+
+class NormAlwaysL2(NumpyBackend):
+    # norm="l1" (attention mass) computed as the L2 norm.
+    name = "broken-norm-always-l2"
+    steps = {"norm_ratio_curve": lambda be, a, order, sinks, scope, start, norm="l2", heads="mean":
+             core.norm_ratio_curve(be, a, order, sinks, scope, start, "l2", heads)}
+
+
+class HeadsAlwaysMean(NumpyBackend):
+    # heads="max" (the most demanding head) computed as the mean over heads.
+    name = "broken-heads-always-mean"
+    steps = {"norm_ratio_curve": lambda be, a, order, sinks, scope, start, norm="l2", heads="mean":
+             core.norm_ratio_curve(be, a, order, sinks, scope, start, norm, "mean")}
+
+
 #: bug -> the shipped suite test that must catch it (docs/conformance.md lists the same table)
 PLANTED = [
     (UnstableTies, "test_attention_ranking_ties"),
@@ -315,6 +381,15 @@ PLANTED = [
     (RecentRunShifted, "test_plan_matches_reference"),
     (ObservationWindowShort, "test_scores_and_rankings"),
     (FiniteCheckInHalf, "test_errors"),
+    (CombineMaxAsMean, "test_attention_row"),
+    (PoolShifted, "test_scores_and_rankings"),
+    (GroupMax, "test_scores_and_rankings"),
+    (SnapKVNoPool, "test_scores_and_rankings"),
+    (RunsValuesFromKeys, "test_keep_newest"),
+    (KeptDescending, "test_kept_positions_and_evict"),
+    (MassFloorIgnored, "test_plan_matches_reference"),
+    (NormAlwaysL2, "test_ratio_and_cut"),
+    (HeadsAlwaysMean, "test_ratio_and_cut"),
 ]
 #: bugs that only a float16 target shows (every other bug is run on float32)
 HALF_ONLY = {FiniteCheckInHalf}
