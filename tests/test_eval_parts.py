@@ -345,3 +345,17 @@ def test_diverges_at_names_the_first_differing_answer_token():
     assert diverges_at([1, 2, 3], [1, 2, 3]) is None
     assert diverges_at([1, 5, 3], [1, 2, 3]) == 1
     assert diverges_at([1, 2], [1, 2, 3]) == 2 and diverges_at([1, 2, 3, 4], [1, 2, 3]) == 3  # one stopped early
+
+
+def test_the_mlx_chat_transcript_parser_reads_each_turns_answer():
+    """scripts/mlx_chat_turns.py reads answers from mlx_lm.chat's terminal output (rich colours, a prompt
+    corridor, a speed line after each answer); the sample's bytes are those of a real `mlx_lm chat` run."""
+    dashes = "\x1b[38;5;244m" + "─" * 20 + "\x1b[0m\n"
+    prompt = dashes + "\n" + dashes + "\x1b[2A\n\x01\x1b[1;35m\x02›\x01\x1b[0m\x02 \n"
+
+    def speed(n):
+        return f"  \x1b[38;5;244m{n} tokens · 8.7 tok/s · prompt 12.7 tok/s · peak 0.56 GB\x1b[0m\n"
+
+    out = ("\x1b[34m╭─\x1b[0m mlx_lm.chat\n" + prompt + "The code is 4417.\n" + speed(6)
+           + prompt + "First line\nsecond line\n" + speed(4) + prompt + "\x1b[38;5;244mbye\x1b[0m\n")
+    assert _script("mlx_chat_turns").answers(out) == ["The code is 4417.", "First line second line"]
