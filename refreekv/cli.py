@@ -174,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
                        help="mlx_lm.server (OpenAI-compatible HTTP) with ReFreeKV prompt caches; options after -- "
                        "go to mlx_lm.server (--model defaults to the packaged SmolLM2)")
     _config_args(v)
-    v.add_argument("server_args", nargs=argparse.REMAINDER, metavar="-- SERVER_OPTIONS",
+    v.add_argument("mlx_lm_args", nargs=argparse.REMAINDER, metavar="-- SERVER_OPTIONS",
                    help="mlx_lm.server's own options, e.g. -- --port 8080 --model PATH")
 
     c = sub.add_parser("chat", formatter_class=fmt,
@@ -182,24 +182,24 @@ def parser() -> argparse.ArgumentParser:
                        "turn, each plan shown on stderr; options after -- go to mlx_lm.chat (--model defaults to the "
                        "packaged SmolLM2)")
     _config_args(c)
-    c.add_argument("server_args", nargs=argparse.REMAINDER, metavar="-- CHAT_OPTIONS",
+    c.add_argument("mlx_lm_args", nargs=argparse.REMAINDER, metavar="-- CHAT_OPTIONS",
                    help="mlx_lm.chat's own options, e.g. -- --max-tokens 128 --model PATH")
     return p
 
 
 # mlx-lm options that make a cache ReFreeKV does not combine with, per command.
-_REFUSED = {"serve": {"--kv-bits": "a quantized KV cache"},
-            "chat": {"--max-kv-size": "a rotating KV window"}}
+_REFUSED = {"serve": {"--kv-bits": ("a quantized KV cache", "a ReFreeKV cache is not quantized")},
+            "chat": {"--max-kv-size": ("a rotating KV window", "a rotating window and ReFreeKV do not combine")}}
 
 
 def _mlx_lm_args(p: argparse.ArgumentParser, command: str, args: list[str]) -> list[str]:
     """The options after ``--`` for mlx_lm.server / mlx_lm.chat, checked; ``--model`` defaults to the packaged
     SmolLM2 (exported to MLX on first use)."""
     args = args[1:] if args[:1] == ["--"] else list(args)
-    for flag, what in _REFUSED[command].items():
+    for flag, (what, why) in _REFUSED[command].items():
         given = next((x for x in args if x == flag or x.startswith(flag + "=")), None)
         if given is not None:
-            p.error(f"{given}: received {what}; expected none (a ReFreeKV cache is neither quantized nor a window)")
+            p.error(f"{given}: received {what}; expected none ({why})")
     if not any(x == "--model" or x.startswith("--model=") for x in args):
         from .commands.models import exported_model_dir
 
@@ -232,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "serve":
             from .adapters.mlx_lm import serve
 
-            serve(_mlx_lm_args(p, "serve", a.server_args), config)
+            serve(_mlx_lm_args(p, "serve", a.mlx_lm_args), config)
             return 0
         if a.command == "chat":
             import logging
 
             from .adapters.mlx_lm import chat
 
-            args = _mlx_lm_args(p, "chat", a.server_args)
+            args = _mlx_lm_args(p, "chat", a.mlx_lm_args)
             log = logging.getLogger("refreekv")
             shown = logging.StreamHandler(sys.stderr)
             shown.setFormatter(logging.Formatter("%(message)s"))
