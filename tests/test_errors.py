@@ -17,6 +17,7 @@ from refreekv.testing import Target, check_errors
     ({"halting": "ratio"}, "budget"), ({"halting": "ratio", "budget": 1.5}, "budget"),
     ({"halting": "count", "budget": 0.5}, "budget"), ({"budget": 0.5}, "budget"), ({"halting": "never"}, "halting"),
     ({"replan": "always"}, "replan"), ({"replan": "history", "ranking": "snapkv"}, "replan"),
+    ({"replan": "chat", "ranking": "h2o"}, "replan"),
 ])
 def test_config_errors_name_the_argument(kwargs, argument):
     with pytest.raises(ReFreeKVError) as info:
@@ -90,6 +91,8 @@ def test_several_layers_are_checked_layer_by_layer():
         refreekv.plan_layers([q, q], [K, bad], ReFreeKVConfig.paper())
     with pytest.raises(ReFreeKVError, match=r"layers: received \[3\]; expected None or 2 layer indices"):
         refreekv.compress_layers([q, q], [K, K], [K, K], layers=[3])
+    with pytest.raises(ReFreeKVError, match=r"values\[1\]: received None; expected a \(B, Hkv, n, d_v\) array"):
+        refreekv.compress_layers([q, q], [K, K], [K, None])  # was an AttributeError inside the backend
 
 
 def test_layers_planned_together_equal_layers_planned_alone():
