@@ -353,6 +353,58 @@ class HeadsAlwaysMean(NumpyBackend):
              core.norm_ratio_curve(be, a, order, sinks, scope, start, norm, "mean")}
 
 
+def _scale_ignored(be, q_rows, keys, scale=None):
+    # The engine's scale (Gemma's query_pre_attn_scalar, a tuned softmax temperature) dropped for 1/sqrt(d).
+    return core.attention_scores(be, q_rows, keys, None)
+
+
+class ScaleIgnored(NumpyBackend):
+    name = "broken-scale-ignored"
+    steps = {"attention_scores": _scale_ignored}
+
+
+class EvictFirstHeadIndex(NumpyBackend):
+    # Every KV head gathered at KV head 0's kept positions (right for the position ranking, where all
+    # heads keep the same positions; wrong for an attention ranking).
+    name = "broken-evict-head0"
+    steps = {"evict": lambda be, keys, values, idx:
+             core.evict(be, keys, values, np.broadcast_to(idx[:, :1], idx.shape).copy())}
+
+
+def _causal_plus_one(be, q_rows, keys, start, rows, scale=None):
+    # Each score row also sees the key one position after its own (a causal mask off by one).
+    logits = core.attention_scores(be, q_rows, keys, scale)
+    _, _, k, n = logits.shape
+    i = np.arange(k)
+    qpos = i + (n - k) + 1
+    pos = np.arange(n)
+    visible = ((pos[None, None, :] >= start[:, None, None]) & (pos[None, None, :] <= qpos[None, :, None])
+               & (qpos[None, :] - 1 >= start[:, None])[..., None] & (i[None, :] >= (k - rows)[:, None])[..., None])[:, None]
+    masked = np.where(visible, logits, -np.inf)
+    top = masked.max(-1, keepdims=True)
+    e = np.exp(masked - np.where(np.isinf(top), 0, top))
+    total = e.sum(-1, keepdims=True)
+    return (e / np.where(total > 0, total, 1)).astype(logits.dtype), visible
+
+
+class CausalOffByOne(NumpyBackend):
+    name = "broken-causal-off-by-one"
+    steps = {"attention_rows": _causal_plus_one}
+
+
+def _mask_after_softmax(be, q_rows, keys, start, rows, scale=None):
+    # The softmax taken over every position, the invisible ones zeroed afterwards (rows no longer sum to 1).
+    logits = core.attention_scores(be, q_rows, keys, scale)
+    _, visible = core.softmax_rows(be, logits, start, rows)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.where(visible, e / e.sum(-1, keepdims=True), 0.0).astype(logits.dtype), visible
+
+
+class MaskAfterSoftmax(NumpyBackend):
+    name = "broken-mask-after-softmax"
+    steps = {"attention_rows": _mask_after_softmax}
+
+
 #: bug -> the shipped suite test that must catch it (docs/conformance.md lists the same table)
 PLANTED = [
     (UnstableTies, "test_attention_ranking_ties"),
@@ -390,6 +442,10 @@ PLANTED = [
     (MassFloorIgnored, "test_plan_matches_reference"),
     (NormAlwaysL2, "test_ratio_and_cut"),
     (HeadsAlwaysMean, "test_ratio_and_cut"),
+    (ScaleIgnored, "test_plan_matches_reference"),
+    (EvictFirstHeadIndex, "test_kept_positions_and_evict"),
+    (CausalOffByOne, "test_attention_row"),
+    (MaskAfterSoftmax, "test_attention_row"),
 ]
 #: bugs that only a float16 target shows (every other bug is run on float32)
 HALF_ONLY = {FiniteCheckInHalf}
