@@ -42,6 +42,7 @@ import refreekv
 from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
 from refreekv.report import BudgetReport
+from refreekv.rules import REPLANS
 
 from . import engine
 from .transformers import ReFreeKVLayer, _left_padding, _queries, attention_modules, layer_mask_kwargs
@@ -128,9 +129,9 @@ class ReFreeKVPress(BasePress):
     def __post_init__(self):
         if not isinstance(self.config, ReFreeKVConfig):
             raise bad_input("config", f"type {type(self.config).__name__}", "a refreekv.ReFreeKVConfig")
-        if self.config.replan == "history":  # it would keep every prompt whole; a press compresses the prompt it gets
-            raise bad_input("replan", repr(self.config.replan), '"turns" or "once" in a kvpress press (it compresses each '
-                            'prompt once, after prefill; "history" keeps the newest segment whole, i.e. the prompt)')
+        if REPLANS[self.config.replan].keeps_turn(1):  # it would keep every prompt whole; a press compresses the prompt it gets
+            raise bad_input("replan", repr(self.config.replan), '"turns", "chat" or "once" in a kvpress press (it compresses '
+                            f'each prompt once, after prefill; {self.config.replan!r} keeps the newest segment whole, i.e. the prompt)')
         self._pending: list = []
         self._modules: list = []
         self._start: list[int] | None = None

@@ -61,7 +61,7 @@ import refreekv
 from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
 from refreekv.report import BudgetReport, LayerReport
-from refreekv.rules import RANKINGS
+from refreekv.rules import RANKINGS, REPLANS
 from refreekv.validate import config_value
 
 from . import engine
@@ -240,6 +240,7 @@ class ReFreeKVCache:
         self._last_call = 0        # tokens added by the previous call
         self._segment_prompt = 0   # prompt tokens (multi-token calls) of the segment not planned yet
         self._turn = 0             # the newest prompt segment and the tokens generated after it (history)
+        self._segments = 0         # prompt segments so far (1: the first prompt; replan="chat" keeps from 2)
         self._calls_since_trim = 0  # calls since the last trim (speculative decoding trims after each verification)
         # The position of every stored slot, as runs [first position, count] in slot order; None once
         # a plan kept a set this cache cannot follow (rankings other than sinks + newest run).
@@ -264,9 +265,17 @@ class ReFreeKVCache:
         if keys.shape[0] != 1:
             raise bad_input("keys", f"batch {keys.shape[0]}", "batch size 1 (the MLX ReFreeKV cache "
                             "does not batch; use one prompt cache per prompt)")
+        if self.planner is not None and self.layer in self.planner.ready:
+            # The previous call submitted this layer and the call ended before every layer had: the model
+            # ran only some layers (mlx-lm zips a model's layers with the list it gets, so a shortened
+            # list, or one made for a model of another depth, silently skips the rest).
+            waiting = [c.layer for c in self.planner.caches if c.layer not in self.planner.ready]
+            raise bad_input("prompt_cache", f"a call that did not reach layer(s) {waiting[:8]}"
+                            f"{' ...' if len(waiting) > 8 else ''} (layer {self.layer} is called again first)",
+                            "the whole list from make_prompt_cache(model) for this model, one cache per layer")
         L = keys.shape[2]
         cfg = self.config
-        plans_segments = self.plans == 0 or cfg.replan in ("turns", "history")
+        plans_segments = self.plans == 0 or REPLANS[cfg.replan].segments
         # A one-token call right after a multi-token one ends a prompt segment (mlx-lm sends the last
         # prompt token with the first decode step); replan_every counts generated tokens.
         segment_end = L == 1 and self._last_call > 1 and plans_segments
@@ -288,6 +297,7 @@ class ReFreeKVCache:
             self._buffer_rows(q)
         if segment_end:
             self._turn = self._segment_prompt + 1  # this segment, its last token included
+            self._segments += 1
         elif L == 1:
             self._turn += 1
         self._append(keys, values)
@@ -356,7 +366,7 @@ class ReFreeKVCache:
             self._rows = [rows[:, :, :max(0, rows.shape[2] - n)]]
         after_call, calls = self._last_call > 1, self._calls_since_trim
         self._calls_since_trim = 0
-        plans_segments = self.plans == 0 or self.config.replan in ("turns", "history")
+        plans_segments = self.plans == 0 or REPLANS[self.config.replan].segments
         if after_call and calls == 1 and self._segment_prompt:  # a verification: generated tokens
             accepted = min(self._segment_prompt, self._last_call - n)
             self._segment_prompt -= accepted
@@ -367,6 +377,7 @@ class ReFreeKVCache:
         elif after_call and calls >= 2 and plans_segments and self._rows and \
                 (self.plans == 0 or self._segment_prompt > self.config.sinks):
             self._turn = self._segment_prompt  # the segment, its accepted tokens included
+            self._segments += 1
             self._last_call = 1
             if self.planner is None:
                 self.compress()
@@ -409,9 +420,10 @@ class ReFreeKVCache:
 
     @property
     def keep_newest(self) -> int | None:
-        """What a plan must keep whole: with ``replan="history"`` the newest segment and what was
-        generated after it; else None."""
-        return self._turn if self.config.replan == "history" else None
+        """What a plan must keep whole: the newest segment and what was generated after it when the
+        configuration's ``REPLANS`` rule keeps this segment ("history"; "chat" from the second
+        segment on); else None."""
+        return self._turn if REPLANS[self.config.replan].keeps_turn(self._segments) else None
 
     def compress(self) -> LayerReport:
         """Plan this layer alone on what is stored, with the buffered query rows."""
@@ -591,6 +603,7 @@ def compress_prompt_cache(prompt_cache: list) -> BudgetReport:
         if isinstance(c, ReFreeKVCache) and c._rows and c.layer not in planner.ready:
             if c._segment_prompt:  # the manual prefill is the newest segment (replan="history" keeps it)
                 c._turn = c._segment_prompt
+                c._segments += 1
             planner.ready[c.layer] = c
     planner.run()
     return budget_report(prompt_cache)
@@ -653,7 +666,8 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
             entry = {"class": "ReFreeKVCache", "offset": c.offset, "stored": c.stored, "planned": c.planned,
                      "plans": c.plans, "layer": c.layer, "config": c.config.to_dict(),
                      "reports": [r.__dict__ for r in c.reports], "segment": c._segment, "last_call": c._last_call,
-                     "segment_prompt": c._segment_prompt, "turn": c._turn, "runs": c.runs}
+                     "segment_prompt": c._segment_prompt, "turn": c._turn, "segments": c._segments,
+                     "runs": c.runs}
             if c.keys is not None:
                 arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.stored, :], c.values[..., :c.stored, :]
             if c._rows:  # query rows of a segment not planned yet (or of generated tokens, for replan_every)
@@ -732,6 +746,8 @@ def _rebuild(i: int, entry: dict, arrays: dict):
         c._segment, c._last_call = int(entry.get("segment", 0)), int(entry.get("last_call", 0))
         c._segment_prompt = int(entry.get("segment_prompt", 0))
         c._turn = int(entry.get("turn", 0))
+        # files written before segments were counted: a cache that planned or holds a turn is past its first
+        c._segments = int(entry.get("segments", 1 if c.plans or c._turn else 0))
         runs = entry.get("runs")  # absent in files written before positions were tracked: deep trims refused
         if runs is not None:
             c.runs = [[int(p), int(k)] for p, k in runs]

@@ -46,6 +46,7 @@ from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
 from refreekv.planner import ORDER_FIELDS
 from refreekv.report import BudgetReport
+from refreekv.rules import REPLANS
 
 from . import engine
 
@@ -280,6 +281,7 @@ class ReFreeKVCache(DynamicCache):
         self._generated: dict[int, list] = {}  # replan_every: each layer's newest generated rows
         self._since_plan = 0                   # replan_every: tokens generated since the last plan
         self._turn = 0                         # the newest segment and what was generated after it (history)
+        self._segments = 0                     # prompt segments so far (1: the first prompt; chat keeps from 2)
         self._candidates = 0                   # the current call's last tokens that assisted decoding verifies
 
     def reset(self) -> None:
@@ -328,6 +330,7 @@ class ReFreeKVCache(DynamicCache):
             mine.keys, mine.values = src.keys, src.values
             cache.planned_layers.add(i)
             cache._turn = int(src.keys.shape[-2])
+            cache._segments = 1
         need = cache.refreekv_config.rows_needed(int(prefill.lengths.max()))
         if need > prefill.rows:
             raise bad_input("config", f"a configuration that needs {need} query rows",
@@ -364,6 +367,7 @@ class ReFreeKVCache(DynamicCache):
             hidden, cos, sin = hidden[:, :-c], cos[:, :-c], sin[:, :-c]
         if first:
             self._turn = hidden.shape[1]  # the first prompt is the newest segment
+            self._segments = 1
         if isinstance(layer, ReFreeKVLayer):
             B, _, n, _ = layer.keys.shape
             n -= c
@@ -383,15 +387,17 @@ class ReFreeKVCache(DynamicCache):
 
     def segment(self, module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """A call on an already planned cache: a new prompt segment (more than ``sinks`` tokens, and
-        at least two) is planned with ``replan="turns"`` or ``"history"``; generated tokens are counted and
-        buffered for ``replan_every``. ``_turn`` counts the newest segment and the tokens after it: what
-        ``replan="history"`` keeps whole."""
+        at least two) is planned when the configuration's ``REPLANS`` rule plans segments ("turns",
+        "history", "chat"); generated tokens are counted and buffered for ``replan_every``. ``_turn``
+        counts the newest segment and the tokens after it: what "history" (and "chat" from the second
+        segment) keeps whole; ``_segments`` counts the prompt segments."""
         cfg = self.refreekv_config
         q_len, B = hidden.shape[1], hidden.shape[0]
         seg = q_len - self._candidates  # assisted decoding's candidates are generated tokens, not a segment
-        planned = seg > cfg.sinks and seg >= 2 and cfg.replan in ("turns", "history")
+        planned = seg > cfg.sinks and seg >= 2 and REPLANS[cfg.replan].segments
         if planned and module.layer_idx == self.last_layer:
             self._turn = seg  # a new segment starts a new turn (its candidates are added after the plan)
+            self._segments += 1
         elif module.layer_idx == self.last_layer:
             self._turn += q_len
         if planned:
@@ -477,7 +483,8 @@ class ReFreeKVCache(DynamicCache):
                         memo[key] = refreekv.plan_layers(*args[:2], cfg, **kw)
                     reuse = memo[key]
                 outs = refreekv.compress_layers(*args, layers=[c.module.layer_idx for c in chunk], reuse=reuse,
-                                                keep_newest=self._turn if cfg.replan == "history" else None, **kw)
+                                                keep_newest=self._turn if REPLANS[cfg.replan].keeps_turn(self._segments) else None,
+                                                **kw)
                 for cap, layer, out in zip(chunk, layers, outs):
                     if out.valid is not None:
                         layer.additive_mask = self.additive_mask
@@ -516,6 +523,10 @@ def _left_padding(mask: torch.Tensor | None, n: int, batch: int) -> list[int]:
     if not torch.equal(visible, expected):
         raise bad_input("attention_mask", "padding that is not on the left",
                         "left padding (tokenizer.padding_side = 'left') for batched prompts")
+    empty = (count == 0).nonzero().flatten().tolist()
+    if empty:
+        raise bad_input("attention_mask", f"no token in sample(s) {empty} (a row of 0s)",
+                        "at least one token (a 1) in every sample's row")
     return start.tolist()
 
 
@@ -687,8 +698,9 @@ def _check_ids(input_ids, attention_mask=None, model=None) -> None:
     attention_mask, if given, a tensor of the same shape."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 \
             or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise bad_input("input_ids", f"{type(input_ids).__name__} of shape {tuple(getattr(input_ids, 'shape', ()))} "
-                        f"and dtype {getattr(input_ids, 'dtype', None)}", "a (B, n) LongTensor of token ids with n >= 1")
+        got = (f"{type(input_ids).__name__} of shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}"
+               if isinstance(input_ids, torch.Tensor) else f"type {type(input_ids).__name__}")
+        raise bad_input("input_ids", got, "a (B, n) LongTensor of token ids with n >= 1")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):
         raise bad_input("attention_mask", f"{type(attention_mask).__name__} of shape "

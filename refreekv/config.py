@@ -73,7 +73,9 @@ class ReFreeKVConfig:
             "history" plans like "turns" but never evicts from the newest segment (the turn being
             answered, and what is generated for it): each answer is computed with its own turn whole
             and the rest compressed, and a single prompt is not compressed at all until a second
-            segment comes. Position ranking only.
+            segment comes; "chat" plans the first prompt as "turns" does (a single prompt is
+            compressed) and every later segment as "history" does. "history" and "chat": position
+            ranking only. The rule table is ``refreekv.rules.REPLANS``.
         replan_every: also plan again every this many generated tokens, with the newest generated
             tokens' queries (0: never; opt-in for one long generation: in a chat, plans made with an
             answer's queries evict facts that later turns ask about, measured in docs/results.md).
@@ -135,8 +137,8 @@ class ReFreeKVConfig:
         _choice("ranking", self.ranking, rules.RANKINGS)
         _choice("halting", self.halting, rules.HALTINGS)
         _choice("replan", self.replan, rules.REPLANS)
-        if self.replan == "history" and not rules.RANKINGS[self.ranking].newest_run:
-            raise bad_input("replan", repr(self.replan), f'"turns" or "once" with ranking={self.ranking!r} ("history" keeps '
+        if rules.REPLANS[self.replan].keep_from is not None and not rules.RANKINGS[self.ranking].newest_run:
+            raise bad_input("replan", repr(self.replan), f'"turns" or "once" with ranking={self.ranking!r} ({self.replan!r} keeps '
                             'the newest segment whole, which needs a ranking that keeps the newest tokens first: "position")')
         if not _int(self.replan_every) or self.replan_every < 0:
             raise bad_input("replan_every", repr(self.replan_every), "an int >= 0 (0: never during generation)")

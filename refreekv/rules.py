@@ -101,11 +101,42 @@ HEADS = {"mean": "ratio of the mean per-head norms (the paper's Uni-Metric)",
 HALTINGS = {"threshold": "the shortest prefix whose norm ratio is <= T (threshold-free ReFreeKV)",
             "ratio": "a fixed fraction `budget` of the prompt (the fixed-budget baselines)",
             "count": "a fixed number `budget` of tokens"}
+@dataclass(frozen=True)
+class Replan:
+    """When an engine whose cache lives on (chats, agents, tool results) plans again, and what a plan
+    keeps whole (``ReFreeKVConfig.replan``).
+
+    Attributes:
+        name: the value of ``ReFreeKVConfig.replan``.
+        summary: one line, for ``--help`` and the docs.
+        segments: every later prompt segment (two or more tokens, more than ``sinks``) is planned
+            again, over the kept slots plus the segment, with the segment's queries.
+        keep_from: the plan of prompt segment number ``keep_from`` (1 = the first prompt) and every
+            later one keeps the newest segment whole (and what is generated after it: the turn being
+            answered; the planner's ``keep_newest``); None: never.
+    """
+
+    name: str
+    summary: str
+    segments: bool
+    keep_from: int | None = None
+
+    def keeps_turn(self, segment: int) -> bool:
+        """Whether a plan made while prompt segment number ``segment`` (1 = the first prompt) is the
+        newest keeps that segment whole."""
+        return self.keep_from is not None and segment >= self.keep_from
+
+
 #: When an engine plans again (``ReFreeKVConfig.replan``).
-REPLANS = {"once": "after the first prompt only (the paper)",
-           "turns": "again after every later prompt segment (chat turns, tool results)",
-           "history": "like turns, but the turn being answered is kept whole: only what came before it is "
-                      "compressed (the first prompt stays whole until the next segment)"}
+REPLANS: dict[str, Replan] = {r.name: r for r in (
+    Replan("once", "after the first prompt only (the paper)", segments=False),
+    Replan("turns", "again after every later prompt segment (chat turns, tool results)", segments=True),
+    Replan("history", "like turns, but the turn being answered is kept whole: only what came before it is "
+           "compressed (the first prompt stays whole until the next segment)", segments=True, keep_from=1),
+    Replan("chat", "the first prompt as turns (compressed before it is answered), every later turn as "
+           "history (kept whole while it is answered, compressed with the history at the next)",
+           segments=True, keep_from=2),
+)}
 #: Norm scopes (``ReFreeKVConfig.norm_scope``).
 NORM_SCOPES = {"candidates": "the sinks are masked out of both norms (the research code)",
                "all": "the whole row (the paper's text)"}

@@ -3,6 +3,7 @@ Qwen2 / Mistral / Gemma-3 models for the other architectures)."""
 
 import contextlib
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -274,6 +275,9 @@ def test_bad_configurations_fail_before_any_work(smol):
             (lambda: generate(model, None, input_ids=ids[:1], past_key_values=ReFreeKVCache(model)),
              "past_key_values: received a ReFreeKVCache"),
             (lambda: generate(model, None, input_ids=ids[:1].float()), "input_ids: received"),
+            (lambda: generate(model, None, input_ids=ids[:1].tolist()), "input_ids: received type list"),
+            (lambda: generate(model, None, input_ids=ids, attention_mask=torch.cat(
+                [torch.ones_like(ids[:1]), torch.zeros_like(ids[:1])])), r"attention_mask: received no token in sample\(s\) \[1\]"),
             (lambda: generate("gpt2", None, input_ids=ids[:1]), "model: received type str"),
             (lambda: generate(model, None, input_ids=ids[:1] + 10 ** 6), "input_ids: received token ids from"),
             (lambda: generate(model, None, input_ids=ids[:1], prefill_chunk_size=8), "prefill_chunk_size: received 8"),
@@ -443,9 +447,10 @@ def test_replanning_each_turn_keeps_positions_and_the_full_answers_at_zero_thres
     turns = [needle_prompt(250, 0.3, number=4321, question=False), "Say it in one short sentence.",
              "What was the magic number?"]
     full = _chat(model, tok, DynamicCache(config=model.config), turns)
-    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.0, replan="turns"))
-    assert _chat(model, tok, cache, turns) == full
-    assert len(cache.history.plans) == 3  # the prompt, then each later turn
+    for replan in ("turns", "history", "chat"):  # every re-planning rule keeps every token at T = 0
+        cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.0, replan=replan))
+        assert _chat(model, tok, cache, turns) == full, replan
+        assert len(cache.history.plans) == 3  # the prompt, then each later turn
     small = ReFreeKVCache(model, ReFreeKVConfig(query_rows=16, replan="turns"))
     _chat(model, tok, small, turns)
     held = sum(layer.keys.shape[-2] for layer in small.layers)
@@ -506,19 +511,32 @@ def test_a_replan_cuts_as_the_reference_on_the_captured_tensors(smol, monkeypatc
 
 
 @torch.no_grad()
-def test_history_replanning_keeps_the_turn_being_answered_whole(smol, monkeypatch):
-    """replan="history": the first prompt is not compressed (so its answer is the full cache's); a
-    later segment is planned over everything with its own queries, and each layer's cut is the
-    reference's with the segment protected (keep_newest): at least the sinks plus the whole segment."""
+@pytest.mark.parametrize("replan", ["history", "chat"])
+def test_history_replanning_keeps_the_turn_being_answered_whole(smol, monkeypatch, replan):
+    """replan="history": the first prompt is not compressed (so its answer is the full cache's);
+    replan="chat": the first prompt is compressed as "turns" compresses it (same kept slots, same
+    answer). Then a later segment is planned over everything with its own queries, and each layer's
+    cut is the reference's with the segment protected (keep_newest): at least the sinks plus the
+    whole segment."""
     model, tok = smol
-    cfg = ReFreeKVConfig(query_rows=8, threshold=0.01, replan="history")
+    cfg = ReFreeKVConfig(query_rows=8, threshold=0.01, replan=replan)
     calls = _spy_compress_layers(monkeypatch)
     turns = [needle_prompt(200, 0.5, number=2718, question=False), "What was the magic number?"]
     full = _chat(model, tok, DynamicCache(config=model.config), turns[:1])
     cache = ReFreeKVCache(model, cfg)
-    assert _chat(model, tok, cache, turns[:1]) == full  # the first turn is answered with its prompt whole
+    first_answer = _chat(model, tok, cache, turns[:1])
     first = cache.history.plans[0]
-    assert not first.compressed_layers and all(r.kept == r.prompt_lengths for r in first.layers)
+    if replan == "history":
+        assert first_answer == full  # the first turn is answered with its prompt whole
+        assert not first.compressed_layers and all(r.kept == r.prompt_lengths for r in first.layers)
+    else:
+        turns_cache = ReFreeKVCache(model, dataclasses.replace(cfg, replan="turns"))
+        assert first_answer == _chat(model, tok, turns_cache, turns[:1])
+        assert [r.kept for r in first.layers] == [r.kept for r in turns_cache.history.plans[0].layers]
+        assert first.compressed_layers and calls[0][3]["keep_newest"] is None
+        for layer, mine in enumerate(cache.layers):  # the same slots as "turns" kept
+            assert torch.equal(mine.keys, turns_cache.layers[layer].keys)
+        full = first_answer  # this chat's history is its own answer
     msgs = [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": full[0]},
             {"role": "user", "content": turns[1]}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -539,7 +557,7 @@ def test_history_replanning_keeps_the_turn_being_answered_whole(smol, monkeypatc
             floor = min(n, used.sinks + seg)
             assert max(lo, floor) <= report[layer].kept[0] <= max(hi, floor), (layer, report[layer].kept, lo, hi, floor)
             checked += 1
-    assert checked >= 20 and report[5].kept[0] < report[5].prompt_lengths[0]  # the history was compressed
+    assert checked >= 20 and any(r.kept[0] < r.prompt_lengths[0] for r in report.values())  # the history was compressed
     assert len(cache.history.plans) == 2
 
 

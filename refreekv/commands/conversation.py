@@ -5,7 +5,8 @@ essay with one planted fact ("The code for the <name> archive is <number>."); tu
 for one of those facts. Each method runs its own chat (its own answers become the history) with
 one cache through the whole conversation: the full cache, ReFreeKV compressing once after the
 first prompt (``replan="once"``), ReFreeKV re-planning after every turn (``replan="turns"``), and
-re-planning after every turn with the turn being answered kept whole (``replan="history"``).
+re-planning after every turn with the turn being answered kept whole (``replan="history"``), and the first
+prompt compressed with every later turn kept whole (``replan="chat"``).
 Per turn: KV bytes held, the answer, whether it holds the fact, time spent planning.
 
 generation: one prompt, the full cache's greedy continuation of ``--gen-tokens`` tokens, then
@@ -95,7 +96,8 @@ def run_conversation(split: str, out_dir: str, count: int = 3, as_json: bool = F
     model, tok = load_torch()
     base = ReFreeKVConfig() if default is None else default
     methods = {"full": None, "compress once": _with(base, replan="once"), "re-plan each turn": _with(base, replan="turns"),
-               "re-plan, turn kept whole": _with(base, replan="history")}
+               "re-plan, turn kept whole": _with(base, replan="history"),
+               "re-plan, later turns kept whole": _with(base, replan="chat")}
     results = {name: [] for name in methods}
     for c, turns in enumerate(conversations(tok, split, count)):
         for name, cfg in methods.items():

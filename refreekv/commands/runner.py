@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from refreekv import ReFreeKVConfig
+from refreekv.rules import REPLANS
 
 from .tasks import Prompt
 
@@ -194,12 +195,13 @@ class ResultsCache:
 
     @staticmethod
     def settings(config: ReFreeKVConfig | None) -> dict | None:
-        """What decides an eval result: eval plans once, after the prompt, so "once" and "turns" and
-        replan_every cannot change one; replan="history" can (it keeps the prompt whole) and is part of
-        the key. A mass floor that is off is left out (records made before the field existed keep their
-        keys)."""
+        """What decides an eval result: eval plans once, after the prompt, so "once", "turns", "chat" and
+        replan_every cannot change one; a replan rule that keeps the first prompt whole ("history") can
+        and is part of the key. A mass floor that is off is left out (records made before the field
+        existed keep their keys)."""
         return None if config is None else {k: v for k, v in config.to_dict().items()
-                                            if not (k == "replan" and v != "history") and k != "replan_every"
+                                            if not (k == "replan" and not REPLANS[v].keeps_turn(1))
+                                            and k != "replan_every"
                                             and not (k == "mass_threshold" and v is None)}
 
     @staticmethod

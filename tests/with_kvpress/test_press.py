@@ -136,6 +136,7 @@ def test_a_configuration_kvpress_cannot_mask_is_refused(smol):
         ReFreeKVPress({"threshold": 0.1})
     with pytest.raises(ReFreeKVError, match="replan: received 'history'"):
         ReFreeKVPress(ReFreeKVConfig(replan="history"))  # it would keep the prompt whole: refused, not ignored
+    assert ReFreeKVPress(ReFreeKVConfig(replan="chat")).config.replan == "chat"  # compresses the prompt, as "turns"
 
 
 @torch.no_grad()
