@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -223,12 +224,37 @@ def _check_installed(p: argparse.ArgumentParser, command: str) -> None:
                 f"(pip install 'refreekv[{extra}]')")
 
 
+def _text_file(p: argparse.ArgumentParser, flag: str, path: Path) -> str:
+    """A prompt file's text, or one usage error naming the flag (missing, unreadable, not UTF-8)."""
+    if not path.is_file():
+        p.error(f"{flag}: received {str(path)!r}; expected an existing text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        p.error(f"{flag}: received {str(path)!r}, which is not UTF-8 text (byte {err.start}); expected a UTF-8 text file")
+    except OSError as err:
+        p.error(f"{flag}: received {str(path)!r}, unreadable ({err.strerror}); expected a readable text file")
+
+
+def _check_out(p: argparse.ArgumentParser, out: str) -> None:
+    """--out must be a folder, or a path where one can be made: checked before any work."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        p.error(f"--out: received {out!r}, an existing file; expected a folder for the results")
+    parent = next((q for q in [path, *path.parents] if q.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        p.error(f"--out: received {out!r}; expected a folder that can be created ({str(parent)!r} is "
+                f"{'not a folder' if not parent.is_dir() else 'not writable'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
     _check_installed(p, a.command)
     try:
         config = config_from(a)
+        if a.command not in ("serve", "chat"):
+            _check_out(p, a.out)
         if a.command == "serve":
             from .adapters.mlx_lm import serve
 
@@ -259,9 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--max-new-tokens: received {a.max_new_tokens}; expected an int >= 1")
             texts = [("--prompt", t) for t in a.prompt]
             for f in a.prompt_file:
-                if not f.is_file():
-                    p.error(f"--prompt-file: received {str(f)!r}; expected an existing text file")
-                texts.append(("--prompt-file", f.read_text()))
+                texts.append(("--prompt-file", _text_file(p, "--prompt-file", f)))
             for flag, t in texts:
                 if not t.strip():
                     p.error(f"{flag}: received an empty prompt; expected some text")
@@ -272,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "inspect":
             from .commands.inspect_prompt import inspect_prompt
 
-            if a.file is not None and not a.file.is_file():
-                p.error(f"--file: received {str(a.file)!r}; expected an existing text file")
-            text = a.file.read_text() if a.file is not None else a.text
+            text = _text_file(p, "--file", a.file) if a.file is not None else a.text
             if not text.strip():
                 p.error("text: received an empty prompt; expected some text")
             result = inspect_prompt(text, config, a.out, raw=a.raw, plot=not a.no_plot, as_json=a.json)

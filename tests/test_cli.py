@@ -62,6 +62,25 @@ def test_argument_errors_are_clear(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_files_and_folders_that_cannot_be_used_are_usage_errors(capsys, tmp_path):
+    """A prompt file that is not UTF-8, and an --out that is a file or sits under one: one usage error
+    naming the flag, before any model loads (was a UnicodeDecodeError / FileExistsError traceback)."""
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file, not a folder")
+    for argv, message in (
+            (["demo", "--prompt-file", str(latin)], "--prompt-file: received '%s', which is not UTF-8 text (byte 3)" % latin),
+            (["inspect", "--file", str(latin)], "--file: received '%s', which is not UTF-8 text" % latin),
+            (["demo", "--prompt", "Hi", "--out", str(taken)], "--out: received '%s', an existing file" % taken),
+            (["inspect", "Hi", "--out", str(taken / "sub")], "('%s' is not a folder)" % taken),
+            (["eval", "--task", "conversation", "--out", str(taken)], "--out: received '%s', an existing file" % taken)):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err, argv
+
+
 @pytest.mark.model
 def test_inspect_json_schema(capsys, tmp_path):
     out = run_json(capsys, "inspect", "The quick brown fox jumps over the lazy dog. " * 20, "--no-plot",
