@@ -80,6 +80,16 @@ MUTANTS = [
     ("mlx", "one buffered query row too few", M,
      "keep = cfg.rows_needed(10 ** 9)", "keep = cfg.rows_needed(10 ** 9) - 1"),
     ("mlx", "saved arrays' digests not checked at load", M, "if _digest(arrays[k]) != d:", "if False:"),
+    ("transformers", "replan=\"chat\" never keeps a turn whole (the segment count not advanced)", T,
+     "            self._segments += 1\n", ""),
+    ("transformers", "replan=\"chat\" keeps the first prompt whole too (as \"history\")", T,
+     "            self._segments = 1\n        if isinstance(layer, ReFreeKVLayer):",
+     "            self._segments = 2\n        if isinstance(layer, ReFreeKVLayer):"),
+    ("mlx", "replan=\"chat\" never keeps a turn whole (the segment count not advanced)", M,
+     "            self._turn = self._segment_prompt + 1  # this segment, its last token included\n            self._segments += 1\n",
+     "            self._turn = self._segment_prompt + 1  # this segment, its last token included\n"),
+    ("mlx", "a prompt-cache list that misses layers decoded on", M,
+     "if self.planner is not None and self.layer in self.planner.ready:", "if False:"),
 ]
 TESTS = {"transformers": "tests/test_transformers.py", "mlx": "tests/test_mlx_lm.py"}
 
