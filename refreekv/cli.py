@@ -71,7 +71,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-kernel", type=int, help=f"max-pool width of snapkv/pooled (default {d.pool_kernel})")
     g.add_argument("--halting", choices=list(rules.HALTINGS), help=f"{_choices(rules.HALTINGS)} (default {d.halting})")
     g.add_argument("--budget", type=_number, help="the fixed budget for --halting ratio|count")
-    g.add_argument("--replan", choices=list(rules.REPLANS), help="; ".join(f"{r.name}: {r.summary}" for r in rules.REPLANS.values()) + f" (default {d.replan})")
+    g.add_argument("--replan", choices=list(rules.REPLANS),
+                   help="; ".join(f"{r.name}: {r.summary}" for r in rules.REPLANS.values()) + f" (default {d.replan})")
     g.add_argument("--replan-every", type=int, help="also re-plan every N generated tokens (default 0: never)")
     g.add_argument("--mass-threshold", type=float, help="Tm: also keep until the evicted attention mass is <= Tm, "
                    "a floor under the threshold rule's cut (default: off)")

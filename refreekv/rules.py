@@ -10,6 +10,12 @@ engines' query capture and the conformance strategies all read ``RANKINGS``. The
 keeps its own independent twin of each rule (``refreekv.reference``); adding a rule is one
 entry here, one scoring function in ``refreekv.core``, one function in the reference, and a
 line in docs/spec.md (see docs/architecture.md).
+
+Re-planning policies are parts the same way: ``REPLANS`` holds one ``Replan`` per value of
+``ReFreeKVConfig.replan`` (whether later prompt segments are planned, and from which segment on a
+plan keeps the newest one whole); the config, the CLI, both engines, the kvpress press and the
+eval's results cache read it. The smaller option tables (``COMBINES``, ``NORMS``, ...) name the
+choices of one step each.
 """
 
 from __future__ import annotations
@@ -101,6 +107,8 @@ HEADS = {"mean": "ratio of the mean per-head norms (the paper's Uni-Metric)",
 HALTINGS = {"threshold": "the shortest prefix whose norm ratio is <= T (threshold-free ReFreeKV)",
             "ratio": "a fixed fraction `budget` of the prompt (the fixed-budget baselines)",
             "count": "a fixed number `budget` of tokens"}
+
+
 @dataclass(frozen=True)
 class Replan:
     """When an engine whose cache lives on (chats, agents, tool results) plans again, and what a plan
@@ -137,6 +145,7 @@ REPLANS: dict[str, Replan] = {r.name: r for r in (
            "history (kept whole while it is answered, compressed with the history at the next)",
            segments=True, keep_from=2),
 )}
+
 #: Norm scopes (``ReFreeKVConfig.norm_scope``).
 NORM_SCOPES = {"candidates": "the sinks are masked out of both norms (the research code)",
                "all": "the whole row (the paper's text)"}
