@@ -45,7 +45,7 @@ from refreekv.report import BudgetReport
 from refreekv.rules import REPLANS
 
 from . import engine
-from .transformers import ReFreeKVLayer, _left_padding, _queries, attention_modules, layer_mask_kwargs
+from .transformers import ReFreeKVLayer, _left_padding, _queries, attention_modules, layer_mask_kwargs, plan_group
 
 
 class PressLayer(ReFreeKVLayer):
@@ -197,7 +197,7 @@ class ReFreeKVPress(BasePress):
                                 "(another press compressed the layer, e.g. after it in a ComposedPress)", _ALONE)
             q = _queries(module, hidden, cos, sin)
             K = cache.layers[module.layer_idx].keys
-            groups.setdefault((tuple(q.shape), tuple(K.shape), K.dtype), []).append((module, q, spent))
+            groups.setdefault(plan_group(K, q), []).append((module, q, spent))
         reports = []
         for group in groups.values():
             layers = [cache.layers[m.layer_idx] for m, _, _ in group]

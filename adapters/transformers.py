@@ -464,7 +464,7 @@ class ReFreeKVCache(DynamicCache):
         groups: dict[tuple, list[Captured]] = {}
         for cap in items:
             K, q = self.layers[cap.module.layer_idx].keys, qs[cap.module.layer_idx]
-            groups.setdefault((tuple(K.shape), K.dtype, tuple(q.shape)), []).append(cap)
+            groups.setdefault(plan_group(K, q), []).append(cap)
         reports, self._skips = self._skips, []
         self._since_plan = 0
         for group in groups.values():
@@ -500,6 +500,13 @@ class ReFreeKVCache(DynamicCache):
 #: than one by one. Small models and short prompts fit every layer in one group. A GPU has the bandwidth
 #: and is bound by launches: no cap there.
 CPU_JOINT_BYTES = 8 << 20
+
+
+def plan_group(keys: torch.Tensor, q: torch.Tensor) -> tuple:
+    """Which layers may be planned in one ``compress_layers`` call: same shapes, dtype and device
+    (a model split over devices, ``device_map="auto"``, holds each layer's cache on its layer's device,
+    and one call takes arrays of one device)."""
+    return tuple(keys.shape), keys.dtype, keys.device, tuple(q.shape), q.dtype
 
 
 def _joint_layers(keys: torch.Tensor, q: torch.Tensor) -> int | None:

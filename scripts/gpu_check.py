@@ -96,6 +96,33 @@ def tiny_generate() -> dict:
     return res
 
 
+def split_devices() -> dict:
+    """A model split over two devices (accelerate's dispatch_model, as device_map="auto" does): layers 0-2
+    on cuda:0, 3-5 on the CPU. Each layer's cache lives on its layer's device; the layers are planned per
+    device (adapters.transformers.plan_group). At T = 0 the output must be the full cache's."""
+    from accelerate import dispatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from refreekv.adapters.transformers import generate
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                      num_key_value_heads=2, num_hidden_layers=6, max_position_embeddings=4096)
+    model = LlamaForCausalLM(cfg).eval()
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": 0 if i < 3 else "cpu" for i in range(6)}}
+    model = dispatch_model(model, device_map=device_map)
+    ids = torch.randint(3, 256, (1, 700), generator=torch.Generator().manual_seed(1)).to("cuda")
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    with torch.no_grad():
+        full = model.generate(**kw)
+        out0, _ = generate(model, ReFreeKVConfig(threshold=0.0), **kw)
+        out, cache = generate(model, ReFreeKVConfig(threshold=0.05), **kw)
+    return {"t0_matches_full": out0.tolist() == full.tolist(),
+            "layer_devices": [str(layer.keys.device) for layer in cache.layers],
+            "kept": [r.kept[0] for r in cache.report.layers], "budget": round(cache.report.budget[0], 4)}
+
+
 def cuda_ms(fn, repeat: int = 20) -> float:
     fn()
     torch.cuda.synchronize()
@@ -167,7 +194,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, step in (("hygiene", hygiene), ("tiny_generate", tiny_generate), ("timings", timings),
+    for name, step in (("hygiene", hygiene), ("tiny_generate", tiny_generate), ("split_devices", split_devices),
+                       ("timings", timings),
                        ("compiled", compiled), ("conformance", conformance)):
         t = time.time()
         try:

@@ -290,6 +290,22 @@ def test_bad_configurations_fail_before_any_work(smol):
             call()
 
 
+def test_layers_on_different_devices_are_never_planned_in_one_call():
+    """A model split over devices (device_map="auto") keeps each layer's cache on its layer's device, and
+    one compress_layers call refuses arrays of two devices: the engines group layers by device too
+    (shapes and dtypes alone would put a cuda:0 layer and a cuda:1 layer in one call). CPU and meta
+    tensors stand for two devices here; scripts/gpu_check.py runs a model split over cuda:0 and the CPU."""
+    import refreekv
+    from refreekv.adapters.transformers import plan_group
+
+    K, q = torch.zeros(1, 3, 40, 64), torch.zeros(1, 9, 32, 64)
+    assert plan_group(K, q) == plan_group(K.clone(), q.clone())
+    assert plan_group(K, q) != plan_group(K.to("meta"), q.to("meta"))
+    assert plan_group(K, q) != plan_group(K.double(), q.double())
+    with pytest.raises(ReFreeKVError, match=r"keys\[1\]"):  # what one mixed call would do
+        refreekv.plan_layers([q, q.to("meta")], [K, K.to("meta")])
+
+
 def test_beam_search_and_several_sequences_carry_the_kept_slots(smol, prompt):
     # generate() expands the batch (batch_repeat_interleave) and beam search reorders it
     # (batch_select_indices): at T = 0 the output is the full cache's; compressed, every row's slot mask follows
