@@ -249,9 +249,9 @@ def request(q_rows, keys, values, config, *, start=None, scale=None, layers=None
     if values is None and need_values:
         raise bad_input("values", "None", f"a list of {L} (B, Hkv, n, d_v) arrays, one per layer")
     vs = None if values is None else _layer_list(values, "values", L)
-    if vs is not None and any(x is None for x in vs):
-        i = next(i for i, x in enumerate(vs) if x is None)
-        raise bad_input(f"values[{i}]", "None", "a (B, Hkv, n, d_v) array like keys, in every layer")
+    missing = None if vs is None else next((i for i, x in enumerate(vs) if x is None), None)
+    if missing is not None:
+        raise bad_input(f"values[{missing}]", "None", "a (B, Hkv, n, d_v) array like keys, in every layer")
     if isinstance(scale, (list, tuple)):
         if len(scale) != L:
             raise bad_input("scale", f"{len(scale)} values", f"one number, or a list of {L} (one per layer)")

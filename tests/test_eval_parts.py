@@ -303,6 +303,14 @@ def test_chat_margins_refuses_a_turn_outside_the_chat(capsys):
     assert "--turn: received 11; expected a turn from 1 to 10" in capsys.readouterr().err
 
 
+def test_the_entry_fuzz_finds_no_escape_and_agrees_with_the_reference():
+    """scripts/fuzz_entries.py: bad and odd inputs on NumPy, torch and MLX raise ReFreeKVError or plan
+    exactly as the reference (a None in a values list escaped as an AttributeError before its fix)."""
+    count, compared, problems = _script("fuzz_entries").run()
+    assert count == 5247 and compared >= 400
+    assert not problems, problems
+
+
 def test_every_planted_engine_bug_still_matches_its_adapter(capsys):
     # scripts/engine_mutants.py plants each bug by replacing one exact snippet: if an adapter changes so
     # that a snippet no longer occurs exactly once, the list must be updated (the script stops).
