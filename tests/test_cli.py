@@ -52,6 +52,13 @@ def run_json(capsys, *argv) -> dict:
     (["eval", "--task", "generation", "--every", "0"], "--every: received 0; expected an int >= 1"),
     (["serve", "--threshold", "1.5", "--", "--port", "8080"], "threshold: received 1.5; expected a number T"),
     (["serve", "--", "--kv-bits", "4"], "--kv-bits: received a quantized KV cache; expected none"),
+    (["serve", "--engine", "transformers", "--", "--continuous-batching"],
+     "--continuous-batching: received on; expected off (it serves with its paged cache"),
+    (["serve", "--engine", "transformers", "--", "--compile"], "--compile: received on; expected off"),
+    (["serve", "--engine", "transformers", "--", "--bogus"],
+     "transformers serve options: received '--bogus'; expected its own options (No such option: --bogus"),
+    (["serve", "--engine", "transformers", "--replan", "history"], "replan: received 'history'; expected \"turns\""),
+    (["serve", "--engine", "vllm"], "--engine: invalid choice"),
     (["chat", "--", "--max-kv-size=512"], "--max-kv-size=512: received a rotating KV window; expected none"),
     (["chat", "--replan", "sometimes", "--"], "--replan: invalid choice"),
 ])
@@ -209,6 +216,7 @@ def test_kinds_are_parsed_once_each_in_order():
 
 
 @pytest.mark.parametrize("argv, missing, extra", [(["chat", "--"], "mlx_lm", "mlxlm"), (["serve"], "mlx_lm", "mlxlm"),
+                                                  (["serve", "--engine", "transformers"], "fastapi", "hfserve"),
                                                   (["demo", "--quick"], "transformers", "hf")])
 def test_a_missing_engine_is_one_usage_error(capsys, monkeypatch, argv, missing, extra):
     import importlib.util

@@ -1,0 +1,204 @@
+"""transformers serve (transformers' OpenAI-compatible HTTP server) with ReFreeKV caches: each request
+is served with a fresh ReFreeKVCache planned after its prompt; at T = 0 every answer is the plain
+server's; what the cache cannot serve is refused by name, never served uncompressed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from refreekv import ReFreeKVConfig, ReFreeKVError
+from refreekv.commands.models import exported_model_dir
+from refreekv.commands.prompts import needle_prompt
+
+pytestmark = pytest.mark.model
+
+MODEL = str(exported_model_dir())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(port: int, alive=lambda: True, log=lambda: "") -> None:
+    deadline = time.time() + 240
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
+            return
+        except OSError:
+            assert alive(), log()
+            assert time.time() < deadline, "the server did not start: " + log()
+            time.sleep(0.3)
+
+
+@contextmanager
+def running(**options):
+    """A transformers serve server in this process (in a thread), pinned to the packaged model."""
+    from transformers.cli.serve import Serve
+
+    port = _free_port()
+    srv = Serve(force_model=MODEL, port=port, non_blocking=True, device="cpu", dtype="float32", **options)
+    try:
+        _wait(port)
+        yield port
+    finally:
+        srv.kill_server()
+
+
+def _post(port: int, path: str, body: dict) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/{path}", json.dumps({"model": MODEL, **body}).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _streamed(text: str) -> tuple[str, list[str]]:
+    """The content of a chat-completion event stream, and its error events."""
+    content, errors = [], []
+    for line in text.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[len("data: "):])
+        if "error" in event:
+            errors.append(event["error"])
+        for choice in event.get("choices", []):
+            content.append(choice.get("delta", {}).get("content") or "")
+    return "".join(content), errors
+
+
+def _answers(port: int) -> dict:
+    """A needle question (non-streaming and streaming), its second turn, and a plain completion."""
+    first = [{"role": "user", "content": needle_prompt(300, 0.3)}]
+    out = {}
+    status, text = _post(port, "chat/completions", {"messages": first, "temperature": 0, "max_tokens": 12})
+    assert status == 200, text
+    out["chat"] = json.loads(text)["choices"][0]["message"]["content"]
+    status, text = _post(port, "chat/completions", {"messages": first, "temperature": 0, "max_tokens": 12,
+                                                    "stream": True})
+    assert status == 200, text
+    out["stream"], errors = _streamed(text)
+    assert not errors, errors
+    second = first + [{"role": "assistant", "content": out["chat"]},
+                      {"role": "user", "content": "Say it again, digit by digit."}]
+    status, text = _post(port, "chat/completions", {"messages": second, "temperature": 0, "max_tokens": 12})
+    assert status == 200, text
+    out["second turn"] = json.loads(text)["choices"][0]["message"]["content"]
+    status, text = _post(port, "completions", {"prompt": "The capital of France is", "temperature": 0, "max_tokens": 6})
+    assert status == 200, text
+    out["completion"] = json.loads(text)["choices"][0]["text"]
+    return out
+
+
+def _plans(caplog) -> list[tuple[int, float, float, float]]:
+    """(tokens, budget %, MB before, MB after) of each logged plan."""
+    rows = []
+    for rec in caplog.records:
+        msg = rec.getMessage()
+        if rec.name == "refreekv" and msg.startswith("refreekv: planned"):
+            tokens = int(msg.split(" at ")[1].split(" tokens")[0])
+            budget = float(msg.split("budget ")[1].split("%")[0])
+            before, after = (float(x) for x in msg.split("KV ")[1].removesuffix(" MB").split(" -> "))
+            rows.append((tokens, budget, before, after))
+    return rows
+
+
+def test_transformers_serve_answers_as_the_plain_server_at_T0_and_compresses_each_request(caplog):
+    from transformers.cli.serving import utils
+
+    from refreekv.adapters.transformers_serve import serve_caches
+
+    own = (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState)
+    caplog.set_level(logging.INFO, logger="refreekv")
+    with running() as port:
+        plain = _answers(port)
+    assert plain["chat"] == plain["stream"] and "741" in plain["chat"]
+    assert _plans(caplog) == []  # a plain server plans nothing
+    with serve_caches(ReFreeKVConfig(threshold=0)), running() as port:
+        exact = _answers(port)
+    assert exact == plain
+    plans = _plans(caplog)
+    assert len(plans) == 4 and all(b == 100.0 and before == after for _, b, before, after in plans)
+    assert plans[0][0] == plans[1][0] < plans[2][0]  # a fresh cache per request: the second turn's whole prompt
+    caplog.clear()
+    with serve_caches() as cfg, running() as port:
+        default = _answers(port)
+    assert cfg == ReFreeKVConfig()
+    plans = _plans(caplog)
+    assert len(plans) == 4 and all(b < 100 and after < before for _, b, before, after in plans[:3]), plans
+    assert default["chat"] == default["stream"]  # the same plan, whichever way the answer is sent
+    assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own  # switched off cleanly
+
+
+def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name():
+    from transformers.cli.serve import Serve
+    from transformers.cli.serving import utils
+
+    from refreekv.adapters.transformers_serve import serve_caches, server_options
+
+    own = (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState)
+    # a server whose cache ReFreeKV cannot be: refused when it is made, not served uncompressed
+    for option, message in (("continuous_batching", "continuous_batching: received True; expected False"),
+                            ("compile", "compile: received True; expected False")):
+        with serve_caches(), pytest.raises(ReFreeKVError, match=message):
+            Serve(force_model=MODEL, port=_free_port(), non_blocking=True, device="cpu", **{option: True})
+        assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
+    with pytest.raises(ReFreeKVError, match="replan: received 'history'"):
+        with serve_caches(ReFreeKVConfig(replan="history")):
+            pass
+    with pytest.raises(ReFreeKVError, match="config: received type dict"):
+        with serve_caches({"threshold": 0}):
+            pass
+    with serve_caches(), pytest.raises(ReFreeKVError, match="one serve_caches block at a time"):
+        with serve_caches():
+            pass
+    assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
+    with pytest.raises(ReFreeKVError, match=r"transformers serve options: received '--port x'; expected its own "
+                       r"options \(Invalid value for '--port'"):
+        server_options(["--port", "x"])
+    # a request whose generation config the cache cannot serve: HTTP 400 / an error event naming the setting
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    with serve_caches(), running() as port:
+        for setting, name in (({"cache_implementation": "static"}, "generation_config.cache_implementation: "
+                               "received 'static'"), ({"use_cache": False}, "use_cache: received False"),
+                              ({"prefill_chunk_size": 16}, "prefill_chunk_size: received 16")):
+            body = {"messages": messages, "generation_config": json.dumps({**setting, "max_new_tokens": 4})}
+            status, text = _post(port, "chat/completions", body)
+            assert status == 400 and name in json.loads(text)["detail"], text
+            status, text = _post(port, "chat/completions", {**body, "stream": True})
+            assert status == 200 and any(name in e for e in _streamed(text)[1]), text
+        status, text = _post(port, "chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0})
+        assert status == 200, text  # the server still serves after refusing
+
+
+def test_refreekv_serve_engine_transformers_runs_the_server_and_shows_each_plan(tmp_path):
+    """The CLI: `refreekv serve --engine transformers -- --port P` (the packaged model by default) serves,
+    and prints one line per plan on stderr."""
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "refreekv.cli", "serve", "--engine", "transformers", "--",
+                             "--port", str(port), "--device", "cpu"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        _wait(port, lambda: proc.poll() is None, lambda: log.read_text()[-3000:])
+        status, text = _post(port, "chat/completions", {"messages": [{"role": "user", "content": needle_prompt(300, 0.3)}],
+                                                        "temperature": 0, "max_tokens": 12})
+        assert status == 200 and "741" in json.loads(text)["choices"][0]["message"]["content"], text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lines = [x for x in log.read_text().splitlines() if x.startswith("refreekv: planned 30 layers at 428 tokens")]
+    assert len(lines) == 1 and "budget 100.0%" not in lines[0], log.read_text()[-3000:]
