@@ -727,7 +727,38 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
         if generate_kwargs.get(name) is not None:
             raise bad_input(name, f"a {type(generate_kwargs[name]).__name__}",
                             "nothing: generate() makes a fresh ReFreeKVCache (to continue one, call "
-                            "model.generate(..., past_key_values=cache) inside refreekv_hooks(model))")
+                            "continue_generate(model, cache, ...), or model.generate(..., past_key_values=cache) "
+                            "inside refreekv_hooks(model))")
+    _check_generate(model, generate_kwargs)
+    cache = ReFreeKVCache(model, config)
+    with refreekv_hooks(model):
+        out = model.generate(**generate_kwargs, **{cache_kwarg(model): cache})
+    return out, cache
+
+
+def continue_generate(model, cache: "ReFreeKVCache", **generate_kwargs):
+    """``model.generate`` on ``cache``, a ReFreeKVCache of ``model`` that is fresh or holds a conversation
+    whose token ids ``input_ids`` starts with (``generate`` feeds only the ids the cache lacks, and the new
+    segment is planned by ``config.replan``), inside ``refreekv_hooks``, with ``generate``'s checks.
+    Returns the output ids; the cache then holds them all but the last."""
+    if not isinstance(cache, ReFreeKVCache):
+        raise bad_input("cache", f"type {type(cache).__name__}", "a ReFreeKVCache (made for this model)")
+    for name in ("past_key_values", "cache"):
+        if name in generate_kwargs:
+            raise bad_input(name, f"a {type(generate_kwargs[name]).__name__}", "nothing: the cache is continue_generate's "
+                            "second argument")
+    _check_generate(model, generate_kwargs)
+    held = cache.get_seq_length()
+    ids = generate_kwargs.get("input_ids")
+    if held and ids is not None and ids.shape[1] <= held:
+        raise bad_input("input_ids", f"{ids.shape[1]} tokens on a cache holding {held}",
+                        f"more than {held} tokens: the conversation the cache holds, then the new ones")
+    with refreekv_hooks(model):
+        return model.generate(**generate_kwargs, **{cache_kwarg(model): cache})
+
+
+def _check_generate(model, generate_kwargs: dict) -> None:
+    """What ``generate``/``continue_generate`` refuse in ``model.generate``'s arguments, by name."""
     if "input_ids" in generate_kwargs:
         _check_ids(generate_kwargs["input_ids"], generate_kwargs.get("attention_mask"), model)
     gen = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
@@ -743,10 +774,6 @@ def generate(model, config: ReFreeKVConfig | None = None, **generate_kwargs):
         name = "cache_implementation" if "cache_implementation" in generate_kwargs else "generation_config.cache_implementation"
         raise bad_input(name, repr(impl), "None: generate() passes a ReFreeKVCache (a DynamicCache), which transformers "
                         "does not combine with a cache_implementation (static, offloaded, quantized, ...)")
-    cache = ReFreeKVCache(model, config)
-    with refreekv_hooks(model):
-        out = model.generate(**generate_kwargs, **{cache_kwarg(model): cache})
-    return out, cache
 
 
 # -- prefill once, compress many ways ------------------------------------------------------------

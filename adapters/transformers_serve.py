@@ -1,12 +1,14 @@
 """``transformers serve`` (transformers' OpenAI-compatible HTTP server) with ReFreeKV caches.
 
 Its sequential path runs one ``model.generate`` per request on an inference thread (a
-``GenerateManager`` per model) and keeps no cache between requests: every request sends the whole
-conversation and gets a fresh cache. While ``serve_caches`` is on, that ``generate`` is
-``refreekv.adapters.transformers.generate``: a fresh ``ReFreeKVCache`` planned after the request's
-prompt, inside ``refreekv_hooks``, with that entry's checks (a request whose generation config asks for
-a ``cache_implementation``, ``use_cache=False`` or a chunked prefill is refused with one error naming
-the setting, not served uncompressed). Each plan is logged on the ``refreekv`` logger.
+``GenerateManager`` per model); every request sends the whole conversation, and transformers keeps no
+cache between requests. While ``serve_caches`` is on, that ``generate`` runs on a ReFreeKV cache inside
+``refreekv_hooks`` (``continue_generate``, with ``generate``'s checks: a request whose generation config
+asks for a ``cache_implementation``, ``use_cache=False`` or a chunked prefill is refused with one error
+naming the setting, not served uncompressed): a fresh cache planned after the request's prompt, or, when
+the request's ids extend a conversation the server holds (``PromptCaches``, the prompt cache mlx-lm's
+server has and transformers' lacks), that conversation's cache, fed only the new ids and planned again
+as ``config.replan`` says. Each plan is logged on the ``refreekv`` logger.
 
 Continuous batching (``--continuous-batching``) keeps its own paged cache, which ReFreeKV does not
 compress, and ``--compile`` asks for a static cache: with ``serve_caches`` on, a server made with either
@@ -19,47 +21,116 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from refreekv.config import ReFreeKVConfig
 from refreekv.errors import ReFreeKVError, bad_input
 from refreekv.rules import REPLANS
 from refreekv.validate import config_value
 
-from .transformers import generate
+import torch
+
+from . import engine
+from .transformers import ReFreeKVCache, continue_generate
 
 log = logging.getLogger("refreekv")
 
 
-class _Generating:
-    """The model as a ``GenerateManager`` sees it, whose ``generate`` makes and plans a ReFreeKV cache
-    (every other attribute is the model's)."""
+class PromptCaches:
+    """A server's conversations: up to ``size`` ReFreeKV caches, each with the token ids it holds (the
+    request's prompt and answer but the answer's last token), least recently used first. A request whose
+    ids extend a held conversation takes that cache out (one request per cache) and continues it: only the
+    new ids are prefilled, and the new segment is planned as ``config.replan`` says (``"turns"``: over
+    what was kept plus the new turn; evicted tokens stay evicted)."""
 
-    def __init__(self, model, config: ReFreeKVConfig):
-        self._model, self._config = model, config
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: list[tuple[torch.Tensor, ReFreeKVCache]] = []
+
+    def take(self, ids: torch.Tensor) -> tuple[ReFreeKVCache | None, int]:
+        """The cache of the longest held conversation that ``ids`` (n,) extends, taken out, and its length."""
+        best = None
+        for i, (held, _) in enumerate(self.entries):
+            m = held.shape[0]
+            if m < ids.shape[0] and bool((ids[:m] == held).all()) and (best is None or m > self.entries[best][0].shape[0]):
+                best = i
+        if best is None:
+            return None, 0
+        held, cache = self.entries.pop(best)
+        return cache, held.shape[0]
+
+    def put(self, ids: torch.Tensor, cache: ReFreeKVCache) -> None:
+        if self.size < 1:
+            return
+        self.entries.append((ids.clone(), cache))
+        del self.entries[:-self.size]
+
+    @property
+    def nbytes(self) -> int:
+        """KV bytes the held conversations keep between requests."""
+        return sum(engine.kv_bytes(*(x for layer in c.layers for x in (layer.keys, layer.values)))
+                   for _, c in self.entries)
+
+
+class _Generating:
+    """The model as a ``GenerateManager`` sees it, whose ``generate`` runs on a ReFreeKV cache: a held
+    conversation's that the request extends, or a fresh one (every other attribute is the model's)."""
+
+    def __init__(self, model, config: ReFreeKVConfig, caches: PromptCaches):
+        self._model, self._config, self._caches = model, config, caches
 
     def generate(self, **kwargs):
-        out, cache = generate(self._model, self._config, **kwargs)
-        rep = cache.history.report
-        if rep.layers:
-            log.info("refreekv: planned %d layers at %d tokens: budget %.1f%%, KV %.2f -> %.2f MB",
-                     len(rep.layers), kwargs["input_ids"].shape[1], 100 * rep.budget[0],
-                     rep.bytes_before / 2**20, rep.bytes_after / 2**20)
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        reusable = isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1 and \
+            (mask is None or bool(mask.all()))
+        cache, reused = self._caches.take(ids[0]) if reusable else (None, 0)
+        if cache is None:
+            cache = ReFreeKVCache(self._model, self._config)
+        plans = len(cache.history.plans)
+        out = continue_generate(self._model, cache, **kwargs)
+        if len(cache.history.plans) > plans:
+            rep = cache.history.report
+            log.info("refreekv: planned %d layers at %d tokens%s: budget %.1f%%, KV %.2f -> %.2f MB",
+                     len(rep.layers), ids.shape[1], f" ({reused} from the prompt cache)" if reused else "",
+                     100 * rep.budget[0], rep.bytes_before / 2**20, rep.bytes_after / 2**20)
+        if reusable and out.shape[0] == 1 and cache.get_seq_length() == out.shape[1] - 1:
+            self._caches.put(out[0, :-1], cache)
         return out
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
 
+@dataclass
+class Serving:
+    """What ``serve_caches`` yields: its configuration, and the prompt caches of the servers' models (one
+    ``PromptCaches`` per model, made at its first request)."""
+
+    config: ReFreeKVConfig
+    prompt_cache_size: int
+    prompt_caches: list[PromptCaches] = field(default_factory=list)
+
+    @property
+    def held_bytes(self) -> int:
+        """KV bytes the held conversations keep between requests, over all models."""
+        return sum(c.nbytes for c in self.prompt_caches)
+
+
 @contextmanager
-def serve_caches(config: ReFreeKVConfig | None = None):
+def serve_caches(config: ReFreeKVConfig | None = None, prompt_cache_size: int = 4):
     """While the block runs, a ``transformers serve`` server (``transformers.cli.serve.Serve``) made in it
-    serves every request with a fresh ReFreeKV cache (``config``; the library's default for None).
-    ``replan`` must compress a first prompt ("turns", "chat" or "once"): each request is one prompt.
-    A second switch-on while one is active is refused."""
+    serves every request with a ReFreeKV cache (``config``; the library's default for None): a fresh one,
+    or, when the request's token ids extend a conversation the server holds, that conversation's (up to
+    ``prompt_cache_size`` held per model, ``PromptCaches``; 0 holds none, and then ``replan`` must compress a
+    first prompt: "turns", "chat" or "once"). Yields a ``Serving`` (``held_bytes``: what the held
+    conversations keep). A second switch-on while one is active is refused."""
     cfg = config_value(config)
-    if REPLANS[cfg.replan].keeps_turn(1):
-        raise bad_input("replan", repr(cfg.replan), '"turns", "chat" or "once" for transformers serve (each request '
-                        f'is one prompt with a fresh cache; {cfg.replan!r} keeps the newest prompt whole, i.e. all of it)')
+    if isinstance(prompt_cache_size, bool) or not isinstance(prompt_cache_size, int) or prompt_cache_size < 0:
+        raise bad_input("prompt_cache_size", repr(prompt_cache_size), "an int >= 0 (conversations held per model)")
+    if REPLANS[cfg.replan].keeps_turn(1) and prompt_cache_size == 0:
+        raise bad_input("replan", repr(cfg.replan), '"turns", "chat" or "once" with prompt_cache_size=0 (every request '
+                        f'is then one prompt on a fresh cache, and {cfg.replan!r} keeps the newest prompt whole, i.e. '
+                        'all of it)')
     from transformers.cli.serving import utils
 
     own, own_cb, own_state = utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState
@@ -83,12 +154,18 @@ def serve_caches(config: ReFreeKVConfig | None = None):
 
         refreekv_config = cfg
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.prompt_caches = PromptCaches(prompt_cache_size)  # one manager per model: its conversations
+            serving.prompt_caches.append(self.prompt_caches)
+
         def generate_streaming(self, model, *args, **kwargs):
-            return super().generate_streaming(_Generating(model, cfg), *args, **kwargs)
+            return super().generate_streaming(_Generating(model, cfg, self.prompt_caches), *args, **kwargs)
 
         async def generate_non_streaming(self, model, *args, **kwargs):
             try:
-                return await super().generate_non_streaming(_Generating(model, cfg), *args, **kwargs)
+                return await super().generate_non_streaming(_Generating(model, cfg, self.prompt_caches), *args,
+                                                            **kwargs)
             except ReFreeKVError as err:  # the request's settings: the client's error, said to the client
                 from fastapi import HTTPException
 
@@ -102,11 +179,12 @@ def serve_caches(config: ReFreeKVConfig | None = None):
             raise bad_input("continuous_batching", "True", "False with ReFreeKV caches (continuous batching keeps "
                             "its own paged cache, which ReFreeKV does not compress)")
 
+    serving = Serving(cfg, prompt_cache_size)
     saved = utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState
     utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState = \
         ReFreeKVGenerateManager, RefusedCBManager, ReFreeKVGenerationState
     try:
-        yield cfg
+        yield serving
     finally:
         utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState = saved
 
@@ -136,10 +214,10 @@ def server_options(argv: list[str]) -> dict:
     return dict(ctx.params)
 
 
-def serve(argv: list[str] | None = None, config: ReFreeKVConfig | None = None) -> None:
+def serve(argv: list[str] | None = None, config: ReFreeKVConfig | None = None, prompt_cache_size: int = 4) -> None:
     """Run ``transformers serve`` with ``argv`` (its own arguments and options: the model, ``--port``,
-    ``--device``, ...) and a fresh ReFreeKV cache per request (``serve_caches``)."""
+    ``--device``, ...) and ReFreeKV caches (``serve_caches``)."""
     import sys
 
-    with serve_caches(config):
+    with serve_caches(config, prompt_cache_size):
         _serve_command().main(list(sys.argv[1:] if argv is None else argv), prog_name="transformers serve")

@@ -175,11 +175,15 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", formatter_class=fmt,
                        help="an OpenAI-compatible HTTP server with ReFreeKV caches: mlx_lm.server (its prompt cache "
-                       "reuses ours turn after turn) or, with --engine transformers, transformers serve (a fresh "
-                       "ReFreeKV cache per request); options after -- go to that server (its model defaults to the "
+                       "reuses ours turn after turn) or, with --engine transformers, transformers serve (a ReFreeKV "
+                       "cache per conversation, continued turn after turn); options after -- go to that server (its model defaults to the "
                        "packaged SmolLM2)")
     v.add_argument("--engine", choices=["mlx-lm", "transformers"], default="mlx-lm",
                    help="which server: mlx_lm.server, or transformers serve")
+    v.add_argument("--prompt-cache-size", type=int, default=None,
+                   help="transformers serve: conversations held between requests per model, each continued when "
+                   "a request extends it (default 4; 0: a fresh cache per request). mlx_lm.server has its own, "
+                   "after --")
     _config_args(v)
     v.add_argument("mlx_lm_args", nargs=argparse.REMAINDER, metavar="-- SERVER_OPTIONS",
                    help="the server's own options, e.g. -- --port 8080 --model PATH (mlx-lm) or -- --port 8080 "
@@ -304,10 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "serve" and engine == "transformers":
             from .adapters.transformers_serve import serve as serve_transformers
 
+            size = 4 if a.prompt_cache_size is None else a.prompt_cache_size
+            if size < 0:
+                p.error(f"--prompt-cache-size: received {size}; expected an int >= 0")
             args = _transformers_serve_args(p, a.mlx_lm_args)
             with _plans_on_stderr():
-                serve_transformers(args, config)
+                serve_transformers(args, config, size)
             return 0
+        if a.command == "serve" and a.prompt_cache_size is not None:
+            p.error(f"--prompt-cache-size: received {a.prompt_cache_size} with --engine mlx-lm; expected it after -- "
+                    "(mlx_lm.server's own --prompt-cache-size)")
         if a.command == "serve":
             from .adapters.mlx_lm import serve
 

@@ -117,6 +117,29 @@ def _plans(caplog) -> list[tuple[int, float, float, float]]:
     return rows
 
 
+def test_prompt_caches_continue_the_longest_conversation_a_request_extends():
+    import torch
+
+    from refreekv.adapters.transformers import ReFreeKVCache
+    from refreekv.adapters.transformers_serve import PromptCaches
+    from refreekv.commands.models import load_torch
+
+    model, _ = load_torch()
+    held = PromptCaches(2)
+    a, b, c = (ReFreeKVCache(model) for _ in range(3))
+    held.put(torch.tensor([1, 2, 3]), a)
+    held.put(torch.tensor([1, 2, 3, 4, 5]), b)
+    assert held.take(torch.tensor([1, 2, 3, 4, 5])) == (a, 3)  # a proper prefix only: b holds all of it
+    assert held.take(torch.tensor([9, 2, 3, 4])) == (None, 0)
+    held.put(torch.tensor([1, 2, 3]), a)
+    held.put(torch.tensor([7]), c)                               # the least recently used (b) is dropped
+    assert [k.tolist() for k, _ in held.entries] == [[1, 2, 3], [7]]
+    assert held.take(torch.tensor([1, 2, 3, 4, 5, 6])) == (a, 3) and held.take(torch.tensor([1, 2, 3, 4])) == (None, 0)
+    none = PromptCaches(0)
+    none.put(torch.tensor([1, 2]), a)
+    assert none.entries == [] and none.nbytes == 0
+
+
 def test_transformers_serve_answers_as_the_plain_server_at_T0_and_compresses_each_request(caplog):
     from transformers.cli.serving import utils
 
@@ -133,11 +156,17 @@ def test_transformers_serve_answers_as_the_plain_server_at_T0_and_compresses_eac
     assert exact == plain
     plans = _plans(caplog)
     assert len(plans) == 4 and all(b == 100.0 and before == after for _, b, before, after in plans)
-    assert plans[0][0] == plans[1][0] < plans[2][0]  # a fresh cache per request: the second turn's whole prompt
+    assert plans[0][0] == plans[1][0] < plans[2][0]
+    reused = [r.getMessage() for r in caplog.records if "from the prompt cache" in r.getMessage()]
+    assert len(reused) == 1 and f"at {plans[2][0]} tokens" in reused[0]  # the second turn continued the first's cache
     caplog.clear()
-    with serve_caches() as cfg, running() as port:
+    with serve_caches(ReFreeKVConfig(threshold=0), prompt_cache_size=0), running() as port:
+        assert _answers(port) == plain  # a fresh cache for each request
+    assert len(_plans(caplog)) == 4 and not any("from the prompt cache" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with serve_caches() as serving, running() as port:
         default = _answers(port)
-    assert cfg == ReFreeKVConfig()
+    assert serving.config == ReFreeKVConfig() and serving.prompt_cache_size == 4 and serving.held_bytes > 0
     plans = _plans(caplog)
     assert len(plans) == 4 and all(b < 100 and after < before for _, b, before, after in plans[:3]), plans
     assert default["chat"] == default["stream"]  # the same plan, whichever way the answer is sent
@@ -157,9 +186,13 @@ def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name()
         with serve_caches(), pytest.raises(ReFreeKVError, match=message):
             Serve(force_model=MODEL, port=_free_port(), non_blocking=True, device="cpu", **{option: True})
         assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
-    with pytest.raises(ReFreeKVError, match="replan: received 'history'"):
-        with serve_caches(ReFreeKVConfig(replan="history")):
+    with pytest.raises(ReFreeKVError, match="replan: received 'history'; expected .* with prompt_cache_size=0"):
+        with serve_caches(ReFreeKVConfig(replan="history"), prompt_cache_size=0):
             pass
+    for size in (-1, 1.5, True):
+        with pytest.raises(ReFreeKVError, match=f"prompt_cache_size: received {size!r}; expected an int >= 0"):
+            with serve_caches(prompt_cache_size=size):
+                pass
     with pytest.raises(ReFreeKVError, match="config: received type dict"):
         with serve_caches({"threshold": 0}):
             pass
@@ -202,3 +235,42 @@ def test_refreekv_serve_engine_transformers_runs_the_server_and_shows_each_plan(
         proc.wait(30)
     lines = [x for x in log.read_text().splitlines() if x.startswith("refreekv: planned 30 layers at 428 tokens")]
     assert len(lines) == 1 and "budget 100.0%" not in lines[0], log.read_text()[-3000:]
+
+
+def test_a_chat_through_transformers_serve_is_one_cache_that_follows_the_conversation(caplog):
+    """Three turns of the conversation task, each request sending the whole chat: with replan="history"
+    each turn continues the conversation's cache (only the new ids prefilled), the first prompt is kept
+    whole (so the first answer is the plain server's), later plans compress what came before the turn, and
+    the server holds less KV between requests than the full conversation."""
+    from transformers import AutoTokenizer
+
+    from refreekv.adapters.transformers_serve import serve_caches
+    from refreekv.commands.conversation import conversations
+
+    turns = conversations(AutoTokenizer.from_pretrained(MODEL), "test", 1)[0][:3]
+
+    def chat(port):
+        messages, answers = [], []
+        for text, _ in turns:
+            messages.append({"role": "user", "content": text})
+            status, out = _post(port, "chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 8})
+            assert status == 200, out
+            answers.append(json.loads(out)["choices"][0]["message"]["content"])
+            messages.append({"role": "assistant", "content": answers[-1]})
+        return answers
+
+    with running() as port:
+        plain = chat(port)
+    caplog.set_level(logging.INFO, logger="refreekv")
+    with serve_caches(ReFreeKVConfig(replan="history")) as serving, running() as port:
+        history = chat(port)
+    held = serving.held_bytes
+    assert len(serving.prompt_caches) == 1 and len(serving.prompt_caches[0].entries) == 1  # one conversation
+    plans = _plans(caplog)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refreekv: planned")]
+    assert len(plans) == 3 and plans[0][1] == 100.0 and all(b < 100 for _, b, _, _ in plans[1:]), lines
+    assert all("from the prompt cache" in x for x in lines[1:]) and "from the prompt cache" not in lines[0]
+    assert history[0] == plain[0]
+    full = plans[-1][2] * 2**20  # what the newest plan started from: more than the cache keeps after it
+    assert 0 < held < full
+
