@@ -20,6 +20,7 @@ the error (non-streaming) or the server's own error event (streaming). Nothing h
 from __future__ import annotations
 
 import logging
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,9 +47,19 @@ class PromptCaches:
     def __init__(self, size: int):
         self.size = size
         self.entries: list[tuple[torch.Tensor, ReFreeKVCache]] = []
+        self._model = None  # a weak reference to the model the held caches were made with
 
-    def take(self, ids: torch.Tensor) -> tuple[ReFreeKVCache | None, int]:
-        """The cache of the longest held conversation that ``ids`` (n,) extends, taken out, and its length."""
+    def _same_model(self, model) -> None:
+        """Held caches are for one model object: a server that unloads an idle model and loads it again
+        drops them (a cache of the old object would be refused by the new one's hooks)."""
+        if self._model is None or self._model() is not model:
+            self.entries.clear()
+            self._model = weakref.ref(model)
+
+    def take(self, ids: torch.Tensor, model) -> tuple[ReFreeKVCache | None, int]:
+        """The cache of the longest held conversation of ``model`` that ``ids`` (n,) extends, taken out, and
+        its length."""
+        self._same_model(model)
         best = None
         for i, (held, _) in enumerate(self.entries):
             m = held.shape[0]
@@ -59,7 +70,9 @@ class PromptCaches:
         held, cache = self.entries.pop(best)
         return cache, held.shape[0]
 
-    def put(self, ids: torch.Tensor, cache: ReFreeKVCache) -> None:
+    def put(self, ids: torch.Tensor, cache: ReFreeKVCache, model) -> None:
+        """Hold ``cache`` of ``model``, which holds the conversation ``ids`` (n,)."""
+        self._same_model(model)
         if self.size < 1:
             return
         self.entries.append((ids.clone(), cache))
@@ -83,7 +96,7 @@ class _Generating:
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         reusable = isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1 and \
             (mask is None or bool(mask.all()))
-        cache, reused = self._caches.take(ids[0]) if reusable else (None, 0)
+        cache, reused = self._caches.take(ids[0], self._model) if reusable else (None, 0)
         if cache is None:
             cache = ReFreeKVCache(self._model, self._config)
         plans = len(cache.history.plans)
@@ -94,7 +107,7 @@ class _Generating:
                      len(rep.layers), ids.shape[1], f" ({reused} from the prompt cache)" if reused else "",
                      100 * rep.budget[0], rep.bytes_before / 2**20, rep.bytes_after / 2**20)
         if reusable and out.shape[0] == 1 and cache.get_seq_length() == out.shape[1] - 1:
-            self._caches.put(out[0, :-1], cache)
+            self._caches.put(out[0, :-1], cache, self._model)
         return out
 
     def __getattr__(self, name):

@@ -1,12 +1,12 @@
 """Would the engines' tests notice a wrong port? Plant one plausible bug at a time in the transformers or
 mlx-lm adapter and run that engine's tests on the copy.
 
-    python scripts/engine_mutants.py [--engine transformers|mlx|all] [--only 0,3] [--list]
+    python scripts/engine_mutants.py [--engine transformers|mlx|serve|all] [--only 0,3] [--list]
 
 For each mutant: copy the working tree (without .git, .venv-kvpress and results) to a temporary folder,
 replace one exact snippet of the adapter (each snippet must occur exactly once, or the script stops:
-the mutant no longer matches the code), run ``pytest -x`` on ``tests/test_transformers.py`` or
-``tests/test_mlx_lm.py`` there, and print CAUGHT (a test failed) or MISSED, with the failing test.
+the mutant no longer matches the code), run ``pytest -x`` on ``tests/test_transformers.py``,
+``tests/test_mlx_lm.py`` or ``tests/test_transformers_serve.py`` there, and print CAUGHT (a test failed) or MISSED, with the failing test.
 docs/results.md ("Planted bugs in the adapters") lists what the tests caught. About 1-3 min per mutant
 on 2 CPU cores.
 """
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-T, M = "adapters/transformers.py", "adapters/mlx_lm.py"
+T, M, S = "adapters/transformers.py", "adapters/mlx_lm.py", "adapters/transformers_serve.py"
 
 #: (engine, name, file, snippet, replacement)
 MUTANTS = [
@@ -90,8 +90,17 @@ MUTANTS = [
      "            self._turn = self._segment_prompt + 1  # this segment, its last token included\n"),
     ("mlx", "a prompt-cache list that misses layers decoded on", M,
      "if self.planner is not None and self.layer in self.planner.ready:", "if False:"),
+    ("serve", "a held conversation continued when only its length fits the request", S,
+     "if m < ids.shape[0] and bool((ids[:m] == held).all()) and", "if m < ids.shape[0] and"),
+    ("serve", "a conversation held under its prompt's ids (an edited answer continues the old cache)", S,
+     "self._caches.put(out[0, :-1], cache, self._model)", "self._caches.put(ids[0], cache, self._model)"),
+    ("serve", "a continued cache left in the prompt cache under its old ids", S,
+     "held, cache = self.entries.pop(best)", "held, cache = self.entries[best]"),
+    ("serve", "continuous batching served (uncompressed) instead of refused", S,
+     "            if continuous_batching:\n", "            if False:\n"),
 ]
-TESTS = {"transformers": "tests/test_transformers.py", "mlx": "tests/test_mlx_lm.py"}
+TESTS = {"transformers": "tests/test_transformers.py", "mlx": "tests/test_mlx_lm.py",
+         "serve": "tests/test_transformers_serve.py"}
 
 
 def _copy(dest: Path) -> None:
@@ -101,7 +110,7 @@ def _copy(dest: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--engine", choices=("transformers", "mlx", "all"), default="all")
+    p.add_argument("--engine", choices=("transformers", "mlx", "serve", "all"), default="all")
     p.add_argument("--only", default="", help="comma-separated mutant numbers (see --list)")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     a = p.parse_args(argv)
@@ -129,10 +138,14 @@ def main(argv=None) -> None:
             target = d / path
             target.write_text(target.read_text().replace(old, new))
             t0 = time.perf_counter()
-            run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", TESTS[engine]],
-                                 cwd=d, env={**os.environ, "PYTHONPATH": str(d)}, capture_output=True, text=True)
-            failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
-            verdict = "CAUGHT" if run.returncode else "MISSED"
+            try:
+                run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", TESTS[engine]],
+                                     cwd=d, env={**os.environ, "PYTHONPATH": str(d)}, capture_output=True, text=True,
+                                     stdin=subprocess.DEVNULL, timeout=1800)
+                failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
+                verdict = "CAUGHT" if run.returncode else "MISSED"
+            except subprocess.TimeoutExpired:  # a test that hangs is not a test that catches
+                failed, verdict = [], "HUNG (pytest still running after 30 min)"
             print(f"{i:2} {verdict} {engine}: {name} ({time.perf_counter() - t0:.0f} s)"
                   + (f"\n     by {failed[0].split(' - ')[0].removeprefix('FAILED ')}" if failed else ""), flush=True)
 

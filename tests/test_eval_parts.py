@@ -315,7 +315,7 @@ def test_every_planted_engine_bug_still_matches_its_adapter(capsys):
     # scripts/engine_mutants.py plants each bug by replacing one exact snippet: if an adapter changes so
     # that a snippet no longer occurs exactly once, the list must be updated (the script stops).
     _script("engine_mutants").main(["--list"])
-    assert len(capsys.readouterr().out.splitlines()) == 26
+    assert len(capsys.readouterr().out.splitlines()) == 30
 
 
 def test_a_holdout_text_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch):

@@ -82,7 +82,8 @@ def _streamed(text: str) -> tuple[str, list[str]]:
 
 
 def _answers(port: int) -> dict:
-    """A needle question (non-streaming and streaming), its second turn, and a plain completion."""
+    """A needle question (non-streaming and streaming), its second turn, the same with an edited first answer,
+    another second turn, and a plain completion."""
     first = [{"role": "user", "content": needle_prompt(300, 0.3)}]
     out = {}
     status, text = _post(port, "chat/completions", {"messages": first, "temperature": 0, "max_tokens": 12})
@@ -98,6 +99,14 @@ def _answers(port: int) -> dict:
     status, text = _post(port, "chat/completions", {"messages": second, "temperature": 0, "max_tokens": 12})
     assert status == 200, text
     out["second turn"] = json.loads(text)["choices"][0]["message"]["content"]
+    # a conversation whose earlier answer the client edited, and a branch from the first turn: a held cache
+    # is continued only when the request's ids start with exactly the ids it holds
+    for name, answer, question in (("edited", "The magic number is 2024.", "Say it again, digit by digit."),
+                                   ("branch", out["chat"], "Is it odd or even?")):
+        messages = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+        status, text = _post(port, "chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 12})
+        assert status == 200, text
+        out[name] = json.loads(text)["choices"][0]["message"]["content"]
     status, text = _post(port, "completions", {"prompt": "The capital of France is", "temperature": 0, "max_tokens": 6})
     assert status == 200, text
     out["completion"] = json.loads(text)["choices"][0]["text"]
@@ -118,6 +127,8 @@ def _plans(caplog) -> list[tuple[int, float, float, float]]:
 
 
 def test_prompt_caches_continue_the_longest_conversation_a_request_extends():
+    import copy
+
     import torch
 
     from refreekv.adapters.transformers import ReFreeKVCache
@@ -127,16 +138,20 @@ def test_prompt_caches_continue_the_longest_conversation_a_request_extends():
     model, _ = load_torch()
     held = PromptCaches(2)
     a, b, c = (ReFreeKVCache(model) for _ in range(3))
-    held.put(torch.tensor([1, 2, 3]), a)
-    held.put(torch.tensor([1, 2, 3, 4, 5]), b)
-    assert held.take(torch.tensor([1, 2, 3, 4, 5])) == (a, 3)  # a proper prefix only: b holds all of it
-    assert held.take(torch.tensor([9, 2, 3, 4])) == (None, 0)
-    held.put(torch.tensor([1, 2, 3]), a)
-    held.put(torch.tensor([7]), c)                               # the least recently used (b) is dropped
+    held.put(torch.tensor([1, 2, 3]), a, model)
+    held.put(torch.tensor([1, 2, 3, 4, 5]), b, model)
+    assert held.take(torch.tensor([1, 2, 3, 4, 5]), model) == (a, 3)  # a proper prefix only: b holds all of it
+    assert held.take(torch.tensor([9, 2, 3, 4]), model) == (None, 0)
+    held.put(torch.tensor([1, 2, 3]), a, model)
+    held.put(torch.tensor([7]), c, model)                           # the least recently used (b) is dropped
     assert [k.tolist() for k, _ in held.entries] == [[1, 2, 3], [7]]
-    assert held.take(torch.tensor([1, 2, 3, 4, 5, 6])) == (a, 3) and held.take(torch.tensor([1, 2, 3, 4])) == (None, 0)
+    assert held.take(torch.tensor([1, 2, 3, 4, 5, 6]), model) == (a, 3)
+    assert held.take(torch.tensor([1, 2, 3, 4]), model) == (None, 0)  # a was taken out: one request per cache
+    # the same checkpoint loaded again (a server unloads an idle model): the old object's caches are dropped
+    again = copy.deepcopy(model)
+    assert held.take(torch.tensor([7, 8]), again) == (None, 0) and held.entries == []
     none = PromptCaches(0)
-    none.put(torch.tensor([1, 2]), a)
+    none.put(torch.tensor([1, 2]), a, model)
     assert none.entries == [] and none.nbytes == 0
 
 
@@ -155,20 +170,21 @@ def test_transformers_serve_answers_as_the_plain_server_at_T0_and_compresses_eac
         exact = _answers(port)
     assert exact == plain
     plans = _plans(caplog)
-    assert len(plans) == 4 and all(b == 100.0 and before == after for _, b, before, after in plans)
+    assert len(plans) == 6 and all(b == 100.0 and before == after for _, b, before, after in plans)
     assert plans[0][0] == plans[1][0] < plans[2][0]
-    reused = [r.getMessage() for r in caplog.records if "from the prompt cache" in r.getMessage()]
-    assert len(reused) == 1 and f"at {plans[2][0]} tokens" in reused[0]  # the second turn continued the first's cache
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refreekv: planned")]
+    # the second turn and the branch continued a first turn's cache; the edited conversation did not
+    assert ["from the prompt cache" in x for x in lines] == [False, False, True, False, True, False], lines
     caplog.clear()
     with serve_caches(ReFreeKVConfig(threshold=0), prompt_cache_size=0), running() as port:
         assert _answers(port) == plain  # a fresh cache for each request
-    assert len(_plans(caplog)) == 4 and not any("from the prompt cache" in r.getMessage() for r in caplog.records)
+    assert len(_plans(caplog)) == 6 and not any("from the prompt cache" in r.getMessage() for r in caplog.records)
     caplog.clear()
     with serve_caches() as serving, running() as port:
         default = _answers(port)
     assert serving.config == ReFreeKVConfig() and serving.prompt_cache_size == 4 and serving.held_bytes > 0
     plans = _plans(caplog)
-    assert len(plans) == 4 and all(b < 100 and after < before for _, b, before, after in plans[:3]), plans
+    assert len(plans) == 6 and all(b < 100 and after < before for _, b, before, after in plans[:5]), plans
     assert default["chat"] == default["stream"]  # the same plan, whichever way the answer is sent
     assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own  # switched off cleanly
 
@@ -184,7 +200,8 @@ def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name()
     for option, message in (("continuous_batching", "continuous_batching: received True; expected False"),
                             ("compile", "compile: received True; expected False")):
         with serve_caches(), pytest.raises(ReFreeKVError, match=message):
-            Serve(force_model=MODEL, port=_free_port(), non_blocking=True, device="cpu", **{option: True})
+            server = Serve(force_model=MODEL, port=_free_port(), non_blocking=True, device="cpu", **{option: True})
+            server.kill_server()  # reached only when not refused: stop it, or its thread would keep pytest alive
         assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
     with pytest.raises(ReFreeKVError, match="replan: received 'history'; expected .* with prompt_cache_size=0"):
         with serve_caches(ReFreeKVConfig(replan="history"), prompt_cache_size=0):
