@@ -231,6 +231,8 @@ def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name()
             assert status == 400 and name in json.loads(text)["detail"], text
             status, text = _post(port, "chat/completions", {**body, "stream": True})
             assert status == 200 and any(name in e for e in _streamed(text)[1]), text
+        status, text = _post(port, "completions", {"prompt": "", "max_tokens": 4})  # the plain server: a bare 500
+        assert status == 400 and "input_ids: received Tensor of shape (1, 0)" in json.loads(text)["detail"], text
         status, text = _post(port, "chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0})
         assert status == 200, text  # the server still serves after refusing
 
