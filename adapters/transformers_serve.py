@@ -24,12 +24,12 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
+
 from refreekv.config import ReFreeKVConfig
 from refreekv.errors import ReFreeKVError, bad_input
 from refreekv.rules import REPLANS
 from refreekv.validate import config_value
-
-import torch
 
 from . import engine
 from .transformers import ReFreeKVCache, continue_generate
@@ -103,8 +103,9 @@ class _Generating:
         out = continue_generate(self._model, cache, **kwargs)
         if len(cache.history.plans) > plans:
             rep = cache.history.report
+            n = ids.shape[-1] if isinstance(ids, torch.Tensor) else cache.get_seq_length()
             log.info("refreekv: planned %d layers at %d tokens%s: budget %.1f%%, KV %.2f -> %.2f MB",
-                     len(rep.layers), ids.shape[1], f" ({reused} from the prompt cache)" if reused else "",
+                     len(rep.layers), n, f" ({reused} from the prompt cache)" if reused else "",
                      100 * rep.budget[0], rep.bytes_before / 2**20, rep.bytes_after / 2**20)
         if reusable and out.shape[0] == 1 and cache.get_seq_length() == out.shape[1] - 1:
             self._caches.put(out[0, :-1], cache, self._model)
@@ -144,8 +145,7 @@ def serve_caches(config: ReFreeKVConfig | None = None, prompt_cache_size: int = 
         raise bad_input("replan", repr(cfg.replan), '"turns", "chat" or "once" with prompt_cache_size=0 (every request '
                         f'is then one prompt on a fresh cache, and {cfg.replan!r} keeps the newest prompt whole, i.e. '
                         'all of it)')
-    from transformers.cli.serving import utils
-
+    utils = _serving_module()
     own, own_cb, own_state = utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState
     if getattr(own, "refreekv_config", None) is not None:
         raise bad_input("transformers serve", "ReFreeKV caches already on", "one serve_caches block at a time")
@@ -163,7 +163,8 @@ def serve_caches(config: ReFreeKVConfig | None = None, prompt_cache_size: int = 
             super().__init__(continuous_batching, compile, *args, **kwargs)
 
     class ReFreeKVGenerateManager(own):
-        """transformers' sequential ``GenerateManager``, generating with a fresh ReFreeKV cache per request."""
+        """transformers' sequential ``GenerateManager``, generating on ReFreeKV caches (a held conversation's
+        when the request extends one, else a fresh one)."""
 
         refreekv_config = cfg
 
@@ -200,6 +201,26 @@ def serve_caches(config: ReFreeKVConfig | None = None, prompt_cache_size: int = 
         yield serving
     finally:
         utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState = saved
+
+
+_PATCHED = ("GenerateManager", "CBGenerateManager", "GenerationState")
+
+
+def _serving_module():
+    """transformers serve's ``serving.utils`` module, which has the classes ``serve_caches`` replaces."""
+    import transformers
+
+    try:
+        from transformers.cli.serving import utils
+    except ImportError as err:
+        utils, missing = None, str(err)
+    else:
+        missing = ", ".join(n for n in _PATCHED if not isinstance(getattr(utils, n, None), type))
+    if utils is None or missing:
+        raise bad_input("transformers", f"version {transformers.__version__} (its transformers.cli.serving.utils "
+                        f"lacks {missing})", "a transformers whose `transformers serve` has the sequential "
+                        "GenerateManager, CBGenerateManager and GenerationState (5.24 was tested)")
+    return utils
 
 
 def _serve_command():

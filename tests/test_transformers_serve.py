@@ -217,6 +217,16 @@ def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name()
         with serve_caches():
             pass
     assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
+    # a transformers whose server lacks a class serve_caches replaces: one error at switch-on, nothing patched
+    saved = utils.GenerationState
+    try:
+        del utils.GenerationState
+        with pytest.raises(ReFreeKVError, match=r"transformers: received version .* lacks GenerationState\)"):
+            with serve_caches():
+                pass
+    finally:
+        utils.GenerationState = saved
+    assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
     with pytest.raises(ReFreeKVError, match=r"transformers serve options: received '--port x'; expected its own "
                        r"options \(Invalid value for '--port'"):
         server_options(["--port", "x"])
