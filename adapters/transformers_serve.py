@@ -109,6 +109,9 @@ class _Generating:
                      100 * rep.budget[0], rep.bytes_before / 2**20, rep.bytes_after / 2**20)
         if reusable and out.shape[0] == 1 and cache.get_seq_length() == out.shape[1] - 1:
             self._caches.put(out[0, :-1], cache, self._model)
+        if self._caches.size:
+            log.info("refreekv: holding %d conversation(s) for a next turn, KV %.2f MB",
+                     len(self._caches.entries), self._caches.nbytes / 2**20)
         return out
 
     def __getattr__(self, name):

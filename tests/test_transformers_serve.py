@@ -295,6 +295,8 @@ def test_a_chat_through_transformers_serve_is_one_cache_that_follows_the_convers
         history = chat(port)
     held = serving.held_bytes
     assert len(serving.prompt_caches) == 1 and len(serving.prompt_caches[0].entries) == 1  # one conversation
+    holding = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refreekv: holding")]
+    assert len(holding) == 3 and holding[-1] == f"refreekv: holding 1 conversation(s) for a next turn, KV {held / 2**20:.2f} MB"
     plans = _plans(caplog)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refreekv: planned")]
     assert len(plans) == 3 and plans[0][1] == 100.0 and all(b < 100 for _, b, _, _ in plans[1:]), lines
