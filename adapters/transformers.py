@@ -502,6 +502,11 @@ class ReFreeKVCache(DynamicCache):
 CPU_JOINT_BYTES = 8 << 20
 
 
+def cache_bytes(cache) -> int:
+    """K/V bytes a transformers cache (a ``ReFreeKVCache`` or any ``DynamicCache``) holds now, measured."""
+    return engine.kv_bytes(*(x for layer in cache.layers for x in (layer.keys, layer.values)))
+
+
 def plan_group(keys: torch.Tensor, q: torch.Tensor) -> tuple:
     """Which layers may be planned in one ``compress_layers`` call: same shapes, dtype and device
     (a model split over devices, ``device_map="auto"``, holds each layer's cache on its layer's device,

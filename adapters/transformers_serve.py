@@ -31,10 +31,22 @@ from refreekv.errors import ReFreeKVError, bad_input
 from refreekv.rules import REPLANS
 from refreekv.validate import config_value
 
-from . import engine
-from .transformers import ReFreeKVCache, continue_generate
+from .transformers import ReFreeKVCache, cache_bytes, continue_generate
 
 log = logging.getLogger("refreekv")
+
+#: transformers serve's settings that serve with a cache ReFreeKV cannot be: refused, never served uncompressed
+REFUSED_SETTINGS = {"continuous_batching": "continuous batching keeps its own paged cache, which ReFreeKV does "
+                                           "not compress",
+                    "compile": "--compile serves with a static cache, which ReFreeKV does not compress"}
+
+
+def refuse_settings(settings: dict) -> None:
+    """One ``ReFreeKVError`` naming the first setting of ``REFUSED_SETTINGS`` that ``settings`` (transformers
+    serve's parameters, by name) switches on."""
+    for name, why in REFUSED_SETTINGS.items():
+        if settings.get(name):
+            raise bad_input(name, repr(settings[name]), f"False with ReFreeKV caches ({why})")
 
 
 class PromptCaches:
@@ -81,8 +93,7 @@ class PromptCaches:
     @property
     def nbytes(self) -> int:
         """KV bytes the held conversations keep between requests."""
-        return sum(engine.kv_bytes(*(x for layer in c.layers for x in (layer.keys, layer.values)))
-                   for _, c in self.entries)
+        return sum(cache_bytes(c) for _, c in self.entries)
 
 
 class _Generating:
@@ -157,12 +168,7 @@ def serve_caches(config: ReFreeKVConfig | None = None, prompt_cache_size: int = 
         """transformers serve's generation state, refusing the settings whose caches ReFreeKV cannot be."""
 
         def __init__(self, continuous_batching: bool = False, compile: bool = False, *args, **kwargs):
-            if continuous_batching:
-                raise bad_input("continuous_batching", "True", "False with ReFreeKV caches (continuous batching "
-                                "keeps its own paged cache, which ReFreeKV does not compress)")
-            if compile:
-                raise bad_input("compile", "True", "False with ReFreeKV caches (--compile serves with a static "
-                                "cache, which ReFreeKV does not compress)")
+            refuse_settings({"continuous_batching": continuous_batching, "compile": compile})
             super().__init__(continuous_batching, compile, *args, **kwargs)
 
     class ReFreeKVGenerateManager(own):
@@ -193,8 +199,7 @@ def serve_caches(config: ReFreeKVConfig | None = None, prompt_cache_size: int = 
         request, never served uncompressed."""
 
         def __init__(self, *args, **kwargs):
-            raise bad_input("continuous_batching", "True", "False with ReFreeKV caches (continuous batching keeps "
-                            "its own paged cache, which ReFreeKV does not compress)")
+            refuse_settings({"continuous_batching": True})
 
     serving = Serving(cfg, prompt_cache_size)
     saved = utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState

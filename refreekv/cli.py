@@ -220,17 +220,15 @@ def _mlx_lm_args(p: argparse.ArgumentParser, command: str, args: list[str]) -> l
 
 
 def _transformers_serve_args(p: argparse.ArgumentParser, args: list[str]) -> list[str]:
-    """The arguments after ``--`` for transformers serve, read by its own parser (a usage error of it is
-    ours); the model defaults to the packaged SmolLM2 (exported on first use); the settings that serve
-    without a ReFreeKV cache (continuous batching, --compile's static cache) are refused."""
-    from .adapters.transformers_serve import server_options
+    """The arguments after ``--`` for transformers serve, read by its own parser; the model defaults to the
+    packaged SmolLM2 (exported on first use). What the parser refuses, and the settings that serve without
+    a ReFreeKV cache (continuous batching, --compile's static cache), are ReFreeKVErrors: main's usage
+    errors, before the server starts."""
+    from .adapters.transformers_serve import refuse_settings, server_options
 
     args = args[1:] if args[:1] == ["--"] else list(args)
-    opts = server_options(args)  # a ReFreeKVError: main's usage error
-    for flag, why in (("continuous_batching", "its paged cache, which ReFreeKV does not compress"),
-                      ("compile", "a static cache, which ReFreeKV does not compress")):
-        if opts[flag]:
-            p.error(f"--{flag.replace('_', '-')}: received on; expected off (it serves with {why})")
+    opts = server_options(args)
+    refuse_settings(opts)
     if opts["force_model"] is None:
         from .commands.models import exported_model_dir
 
@@ -308,12 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "serve" and engine == "transformers":
             from .adapters.transformers_serve import serve as serve_transformers
 
-            size = 4 if a.prompt_cache_size is None else a.prompt_cache_size
-            if size < 0:
-                p.error(f"--prompt-cache-size: received {size}; expected an int >= 0")
             args = _transformers_serve_args(p, a.mlx_lm_args)
+            size = {} if a.prompt_cache_size is None else {"prompt_cache_size": a.prompt_cache_size}
             with _plans_on_stderr():
-                serve_transformers(args, config, size)
+                serve_transformers(args, config, **size)  # serve_caches checks the size before the server starts
             return 0
         if a.command == "serve" and a.prompt_cache_size is not None:
             p.error(f"--prompt-cache-size: received {a.prompt_cache_size} with --engine mlx-lm; expected it after -- "

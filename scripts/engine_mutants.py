@@ -97,7 +97,8 @@ MUTANTS = [
     ("serve", "a continued cache left in the prompt cache under its old ids", S,
      "held, cache = self.entries.pop(best)", "held, cache = self.entries[best]"),
     ("serve", "continuous batching served (uncompressed) instead of refused", S,
-     "            if continuous_batching:\n", "            if False:\n"),
+     'refuse_settings({"continuous_batching": continuous_batching, "compile": compile})',
+     'refuse_settings({"compile": compile})'),
 ]
 TESTS = {"transformers": "tests/test_transformers.py", "mlx": "tests/test_mlx_lm.py",
          "serve": "tests/test_transformers_serve.py"}

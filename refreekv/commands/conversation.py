@@ -57,8 +57,9 @@ def conversations(tok, split: str, count: int) -> list[list[tuple[str, str]]]:
 
 
 def _held(cache) -> int:
-    return sum(x.numel() * x.element_size() for layer in cache.layers for x in (layer.keys, layer.values)
-               if x is not None)
+    from refreekv.adapters.transformers import cache_bytes
+
+    return cache_bytes(cache)
 
 
 @torch.no_grad()
