@@ -179,7 +179,8 @@ def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", st
     ``kept[h, j] = sum_{first j ranked p} a[h, p]`` (the attention mass). ``full[h] = kept[h, n_b]``.
     ``heads="mean"`` (the paper's Uni-Metric): ``ratio[j] = 1 - mean_h kept[h, j] / mean_h full[h]``
     (0 when the full norm is 0). ``heads="max"``: ``ratio[j] = max_h (1 - kept[h, j] / full[h])``,
-    a head with ``full[h] = 0`` counting 0.
+    a head with ``full[h] = 0`` counting 0. ``heads="each"``: ``ratio[j] = (1/H) sum_h (1 - kept[h, j] / full[h])``,
+    every head's own ratio weighted equally, a head with ``full[h] = 0`` counting 0.
     With ``norm_scope="candidates"`` the sinks contribute 0 to both norms (research code);
     with ``"all"`` every position counts (paper text).
     a: (B, H, n), order: (B, Hkv, n) -> ratio (B, n) where ``ratio[b, j-1]`` is prefix length j
@@ -202,9 +203,10 @@ def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", st
                 if in_scope:
                     total += a[b, h, p] ** 2 if norm == "l2" else a[b, h, p]
                 kept[h, j] = math.sqrt(total) if norm == "l2" else total
-        if heads == "max":
+        if heads in ("max", "each"):
             for j in range(n_b):
-                ratio[b, j] = max(1.0 - kept[h, j] / kept[h, -1] if kept[h, -1] > 0 else 0.0 for h in range(H))
+                per_head = [1.0 - kept[h, j] / kept[h, -1] if kept[h, -1] > 0 else 0.0 for h in range(H)]
+                ratio[b, j] = max(per_head) if heads == "max" else sum(per_head) / H
             continue
         mean_kept = [sum(kept[h, j] for h in range(H)) / H for j in range(n_b)]
         full = mean_kept[-1]  # mean_h full[h], with full[h] = kept[h, n_b]

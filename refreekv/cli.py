@@ -138,12 +138,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--conversations", type=int, default=3, help="--task conversation: how many 10-turn chats")
     e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
-    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "holdout",
+    e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "heads", "holdout",
                                          "ablations", "quick"],
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
                    "threshold-free design space; candidates: the second-round variants (around T = 0.1 %%); "
                    "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
-                   "fixed-budget front; options: the three rules round three chose among; holdout: the default, the "
+                   "fixed-budget front; options: the three rules round three chose among; heads: round four (every head's own ratio counted equally); holdout: the default, the "
                    "default before round three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")
     e.add_argument("--split", choices=["dev", "test", "holdout"], default="holdout",
                    help="dev and test: choose on them; holdout: report on it")

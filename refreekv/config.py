@@ -57,8 +57,9 @@ class ReFreeKVConfig:
             prompt length.
         combine: how those rows combine into a: "mean" (Eq. 2) or "max" (``rules.COMBINES``).
         norm: the halting quantity: "l2" (the paper's norm) or "l1" (attention mass).
-        heads: how a layer's heads share one cut: "mean" (the paper's Uni-Metric) or "max" (the
-            most demanding head decides).
+        heads: how a layer's heads share one cut: "mean" (the paper's Uni-Metric: the ratio of
+            the mean per-head norms), "max" (the most demanding head decides) or "each" (the mean of
+            the per-head ratios: every head counts equally).
         ranking: a rule of ``refreekv.rules.RANKINGS``: "position" (sinks, then newest to oldest:
             the paper), "h2o", "snapkv" (the baselines' attention rankings) or "pooled".
         window: for the attention rankings, the newest tokens kept first (and SnapKV's

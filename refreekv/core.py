@@ -224,7 +224,8 @@ def norm_ratio_curve(be: Backend, a: Array, order: Array, sinks: int, norm_scope
     ``"l1"``: the attention mass ``sum of a[h, p]``. ``heads="mean"`` (the paper's Uni-Metric):
     ``ratio = 1 - mean_h kept[h, j] / mean_h full[h]``; ``"max"``: ``max_h (1 - kept[h, j] /
     full[h])``, so the layer's cut is that of its most demanding head (a head whose row is all 0
-    counts 0).
+    counts 0); ``"each"``: ``mean_h (1 - kept[h, j] / full[h])``, every head's own ratio weighted
+    equally, however concentrated its attention (a head whose row is all 0 counts 0).
     """
     B, H, n = be.shape(a)
     Hkv = be.shape(order)[1]
@@ -245,9 +246,10 @@ def norm_ratio_curve(be: Backend, a: Array, order: Array, sinks: int, norm_scope
         ranked = ranked / be.where(top > 0, top, 1.0)
         kept = be.sqrt(be.cumsum(ranked * ranked, axis=-1))
     full = kept[..., n - 1:]  # padding ranks last with score 0, so the last prefix is the full norm
-    if heads == "max":
+    if heads in ("max", "each"):
         safe = be.where(full > 0, full, 1.0)
-        return be.amax(be.where(full > 0, 1.0 - kept / safe, 0.0), axis=1)
+        per_head = be.where(full > 0, 1.0 - kept / safe, 0.0)
+        return be.amax(per_head, axis=1) if heads == "max" else be.mean(per_head, axis=1)
     kept, full = be.mean(kept, axis=1), be.mean(full, axis=1)
     safe = be.where(full > 0, full, 1.0)
     return be.where(full > 0, 1.0 - kept / safe, 0.0)

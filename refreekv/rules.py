@@ -102,7 +102,8 @@ NORMS = {"l2": "the L2 norm of the kept scores (the paper's Frobenius norm)",
          "l1": "the attention mass of the kept scores"}
 #: How heads share one cut (``ReFreeKVConfig.heads``).
 HEADS = {"mean": "ratio of the mean per-head norms (the paper's Uni-Metric)",
-         "max": "the most demanding head decides (the largest per-head ratio)"}
+         "max": "the most demanding head decides (the largest per-head ratio)",
+         "each": "the mean of the per-head ratios: every head counts equally, however concentrated its attention"}
 #: Halting rules (``ReFreeKVConfig.halting``).
 HALTINGS = {"threshold": "the shortest prefix whose norm ratio is <= T (threshold-free ReFreeKV)",
             "ratio": "a fixed fraction `budget` of the prompt (the fixed-budget baselines)",

@@ -97,6 +97,14 @@ def options() -> dict[str, ReFreeKVConfig]:
             "l2 T=0.1% mass 3%": D(threshold=0.001, mass_threshold=0.03)}
 
 
+def heads() -> dict[str, ReFreeKVConfig]:
+    """Round four of issue 10: every head's own ratio counted equally (``heads="each"``) instead of
+    the ratio of the mean per-head norms, where heads with concentrated attention (large norms)
+    outweigh heads that read far back. Chosen among on dev and test, reported on the holdout."""
+    D = ReFreeKVConfig
+    return {"each T=0.1%": D(heads="each", threshold=0.001), "each T=0.2%": D(heads="each", threshold=0.002)}
+
+
 def holdout() -> dict[str, ReFreeKVConfig]:
     """What the holdout split reports beside the full cache, the default and the paper: the default
     of rounds one and two (T = 0.1 %) and the fixed budgets around the default's own (SnapKV and
@@ -124,6 +132,7 @@ def methods(group: str, default: ReFreeKVConfig | None = None) -> dict[str, ReFr
     ``thresholds``: full, the default, ``thresholds()`` and the fixed-budget front.
     ``options``: full, the default and the rules round three chose among (``options()``).
     ``holdout``: full, the default, the paper and ``holdout()``.
+    ``heads``: full, the default and round four's rules (``heads()``).
     ``ablations``: the paper's ablations. ``quick``: full, default, paper, StreamingLLM 20 %.
     A name whose settings an earlier name has is left out (e.g. variants' "k=32 T=0.1%" is the default)."""
     return _distinct(_methods(group, default))
@@ -142,6 +151,8 @@ def _methods(group: str, default: ReFreeKVConfig | None) -> dict[str, ReFreeKVCo
         return {"full": None, "refreekv (default)": default} | candidates()
     if group == "options":
         return {"full": None, "refreekv (default)": default} | options()
+    if group == "heads":
+        return {"full": None, "refreekv (default)": default} | heads()
     if group == "thresholds":
         return ({"full": None, "refreekv (default)": default} | thresholds()
                 | {f"{name} {b:.0%}": fixed(name, b) for name in FIXED for b in FRONT_BUDGETS})
