@@ -353,6 +353,21 @@ class HeadsAlwaysMean(NumpyBackend):
              core.norm_ratio_curve(be, a, order, sinks, scope, start, norm, "mean")}
 
 
+def _each_per_kv_group(be, a, order, sinks, scope, start, norm="l2", heads="mean"):
+    # heads="each" averaged over KV groups (each group's Uni-Metric ratio) instead of over query heads.
+    if heads != "each":
+        return core.norm_ratio_curve(be, a, order, sinks, scope, start, norm, heads)
+    Hkv = order.shape[1]
+    g = a.shape[1] // Hkv
+    return np.mean([core.norm_ratio_curve(be, a[:, j * g:(j + 1) * g], order[:, j:j + 1], sinks, scope, start,
+                                          norm, "mean") for j in range(Hkv)], axis=0)
+
+
+class EachPerKVGroup(NumpyBackend):
+    name = "broken-each-per-kv-group"
+    steps = {"norm_ratio_curve": _each_per_kv_group}
+
+
 def _scale_ignored(be, q_rows, keys, scale=None):
     # The engine's scale (Gemma's query_pre_attn_scalar, a tuned softmax temperature) dropped for 1/sqrt(d).
     return core.attention_scores(be, q_rows, keys, None)
@@ -442,6 +457,7 @@ PLANTED = [
     (MassFloorIgnored, "test_plan_matches_reference"),
     (NormAlwaysL2, "test_ratio_and_cut"),
     (HeadsAlwaysMean, "test_ratio_and_cut"),
+    (EachPerKVGroup, "test_ratio_and_cut"),
     (ScaleIgnored, "test_plan_matches_reference"),
     (EvictFirstHeadIndex, "test_kept_positions_and_evict"),
     (CausalOffByOne, "test_attention_row"),

@@ -77,6 +77,26 @@ def test_hand_worked_max_over_heads():
     np.testing.assert_allclose(most[0], [1.0, 1.0, 1.0, 0.0])
 
 
+def test_hand_worked_each_head_counts_equally():
+    # Ranking [3, 2, 1, 0], no sinks. Head 0 puts 0.9 on the newest token (a large norm), head 1 spreads
+    # 0.25 over all four (a small norm). The Uni-Metric ("mean") lets head 0 decide: after the newest
+    # token the mean kept norm is (0.9 + 0.25) / (0.9 + 0.5) of the mean full norm. "each" weighs head 1's
+    # own ratio, 1 - sqrt(j) / 2, as much as head 0's.
+    a = np.array([[[0.0, 0.0, 0.0, 0.9], [0.25, 0.25, 0.25, 0.25]]])
+    order = R.position_ranking(1, 1, 4, sinks=0)
+    mean = R.norm_ratio_curve(a, order, sinks=0)
+    each = R.norm_ratio_curve(a, order, sinks=0, heads="each")
+    kept1 = [0.25 * math.sqrt(j) for j in range(1, 5)]
+    np.testing.assert_allclose(mean[0], [1 - (0.9 + k) / 1.4 for k in kept1], atol=1e-12)
+    np.testing.assert_allclose(each[0], [(1 - k / 0.5) / 2 for k in kept1], atol=1e-12)
+    # At T = 20 %: "mean" stops after the newest token (ratio 0.179), "each" needs two (0.25, then 0.146).
+    assert R.threshold_cut(mean, threshold=0.2, sinks=0).tolist() == [1]
+    assert R.threshold_cut(each, threshold=0.2, sinks=0).tolist() == [2]
+    # A head whose row is all 0 counts 0 in the mean of ratios (it needs nothing).
+    dead = R.norm_ratio_curve(np.array([[[0.0, 0.0, 0.0, 0.9], [0.0, 0.0, 0.0, 0.0]]]), order, sinks=0, heads="each")
+    np.testing.assert_allclose(dead[0], [0.0, 0.0, 0.0, 0.0], atol=1e-12)
+
+
 def test_pooled_scores_average_the_group_then_pool():
     a = np.array([[[0.0, 0.0, 0.9, 0.0, 0.0], [0.0, 0.3, 0.0, 0.0, 0.0]]])  # two query heads, one KV head
     np.testing.assert_allclose(R.pooled_scores(a, 1, pool_kernel=3)[0, 0], [0.15, 0.45, 0.45, 0.45, 0.0])
