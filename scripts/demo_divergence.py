@@ -5,7 +5,9 @@
 
 Each demo prompt is prefilled once. The full cache decodes greedily; its answer is then teacher-forced
 to get the full cache's top-1 / top-2 log-probability margin at every answer token. For the default
-(T = 0.05 %), T = 0.1 % (the default before round three), the 3 % mass floor and the smaller thresholds
+(``heads="each"``, T = 0.125 %, since round four), the default before round four (``heads="mean"``,
+T = 0.05 %), T = 0.1 % (the default before round three), the 3 % mass floor and the smaller thresholds
+(all with ``heads="mean"``, as measured before round four)
 of ``--thresholds`` (where does a free-text answer meet the full cache's, and at what budget?), from copies of the same prefill: the compressed answer, the first
 token where it differs from the full cache's and the full cache's margin there (a margin near 0 would
 be a near-tie that any rounding flips; a large one means the compression moved the distribution). Two
@@ -23,6 +25,7 @@ full cache's answer is their reference too). Writes demo_divergence.md and .json
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import itertools
 import time
 
@@ -66,10 +69,12 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     torch.set_grad_enabled(False)
     model, tok = load_torch()
-    configs = {"default (T = 0.05 %)": ReFreeKVConfig(), "T = 0.1 % (default before round three)":
-               ReFreeKVConfig(threshold=0.001), "mass floor 3 % (T = 0.1 %)": ReFreeKVConfig(threshold=0.001,
-                                                                                          mass_threshold=0.03)}
-    configs |= {f"T = {T:.3%}": ReFreeKVConfig(threshold=T) for T in Ts}
+    M = partial(ReFreeKVConfig, heads="mean")  # the rules measured before round four
+    configs = {"default (heads each, T = 0.125 %)": ReFreeKVConfig(),
+               "T = 0.05 % (default before round four)": M(threshold=0.0005),
+               "T = 0.1 % (default before round three)": M(threshold=0.001),
+               "mass floor 3 % (T = 0.1 %)": M(threshold=0.001, mass_threshold=0.03)}
+    configs |= {f"T = {T:.3%}": M(threshold=T) for T in Ts}
     rows, records, study = [], [], []
     if a.prompts == "demo":
         prompts = [(name, prompt) for name, prompt, _ in demo_prompts(tok)]

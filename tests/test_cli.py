@@ -189,7 +189,7 @@ def test_every_command_takes_the_configuration_and_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["eval", "--help"])
     text = capsys.readouterr().out
-    assert "(default 0.0005)" in text and "(default: holdout)" in text and "--replan-every" in text
+    assert "(default 0.00125)" in text and "(default: holdout)" in text and "--replan-every" in text
 
 
 @pytest.mark.model
