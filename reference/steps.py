@@ -195,13 +195,22 @@ def norm_ratio_curve(a, order, *, sinks: int, norm_scope: str = "candidates", st
         n_b = n - s
         m = min(sinks, n_b)
         kept = np.zeros((H, n_b))
+        # The L2 norm is computed as ||x|| = c * ||x / c|| with c the largest in-scope score, so that
+        # scores below ~1e-154 (a softmax tail) do not square to 0. The ratio does not depend on c as long
+        # as the heads it compares share it: one c per sample for "mean" (a mean over heads' norms), one
+        # per head for "max" and "each" (each head's own ratio).
+        in_scope_scores = [[a[b, h, order[b, h // g, j]] for j in range(n_b) if norm_scope == "all" or j >= m]
+                           for h in range(H)]
+        per_head_c = [max(x, default=0.0) for x in in_scope_scores]
         for h in range(H):
+            c = per_head_c[h] if heads in ("max", "each") else max(per_head_c, default=0.0)
+            c = c if c > 0 else 1.0
             total = 0.0
             for j in range(n_b):
                 p = order[b, h // g, j]
                 in_scope = norm_scope == "all" or j >= m  # sinks are the first m ranked positions
                 if in_scope:
-                    total += a[b, h, p] ** 2 if norm == "l2" else a[b, h, p]
+                    total += (a[b, h, p] / c) ** 2 if norm == "l2" else a[b, h, p]
                 kept[h, j] = math.sqrt(total) if norm == "l2" else total
         if heads in ("max", "each"):
             for j in range(n_b):

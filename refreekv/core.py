@@ -240,9 +240,12 @@ def norm_ratio_curve(be: Backend, a: Array, order: Array, sinks: int, norm_scope
     if norm == "l1":
         kept = be.cumsum(ranked, axis=-1)  # (B, H, n)
     else:
-        # The ratio is unchanged by one scale factor shared by all heads of a sample; dividing by the
-        # sample's largest score keeps tiny scores (< 1e-19) from squaring to 0 in float32.
-        top = be.amax(be.amax(ranked, axis=-1, keepdims=True), axis=1, keepdims=True)  # (B, 1, 1)
+        # The ratio is unchanged by one scale factor shared by the heads it compares (all heads of a
+        # sample for "mean", each head alone for "max" and "each"); dividing by that largest score keeps
+        # tiny scores (< 1e-19) from squaring to 0 in float32.
+        top = be.amax(ranked, axis=-1, keepdims=True)  # (B, H, 1)
+        if heads == "mean":
+            top = be.amax(top, axis=1, keepdims=True)  # (B, 1, 1)
         ranked = ranked / be.where(top > 0, top, 1.0)
         kept = be.sqrt(be.cumsum(ranked * ranked, axis=-1))
     full = kept[..., n - 1:]  # padding ranks last with score 0, so the last prefix is the full norm

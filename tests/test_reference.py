@@ -97,6 +97,23 @@ def test_hand_worked_each_head_counts_equally():
     np.testing.assert_allclose(dead[0], [0.0, 0.0, 0.0, 0.0], atol=1e-12)
 
 
+def test_norms_of_softmax_tails_do_not_underflow():
+    # Scores of 1e-200 square to 0 in float64; the norms are computed as c * ||a / c||, so a head whose
+    # only candidate holds 1e-200 still needs it (ratio 1 without it), and with "each" and "max" a head
+    # whose scores are 1e-200 of another head's counts by its own ratio (found by the conformance suite:
+    # the core scaled, the reference underflowed, on a "large_logits" case).
+    order = R.position_ranking(1, 1, 2, sinks=1)
+    tail = np.array([[[1.0, 1e-200]]])
+    for heads in ("mean", "max", "each"):
+        np.testing.assert_allclose(R.norm_ratio_curve(tail, order, sinks=1, heads=heads)[0], [1.0, 0.0])
+    two = np.array([[[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1e-200, 1e-200]]])  # head 1 needs both its tokens
+    order = R.position_ranking(1, 1, 4, sinks=0)
+    each = R.norm_ratio_curve(two, order, sinks=0, heads="each")[0]
+    np.testing.assert_allclose(each, [(1 - 1 / math.sqrt(2)) / 2, 0.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(R.norm_ratio_curve(two, order, sinks=0, heads="max")[0], [1 - 1 / math.sqrt(2), 0, 0, 0],
+                               atol=1e-12)
+
+
 def test_pooled_scores_average_the_group_then_pool():
     a = np.array([[[0.0, 0.0, 0.9, 0.0, 0.0], [0.0, 0.3, 0.0, 0.0, 0.0]]])  # two query heads, one KV head
     np.testing.assert_allclose(R.pooled_scores(a, 1, pool_kernel=3)[0, 0], [0.15, 0.45, 0.45, 0.45, 0.0])
