@@ -144,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
                    "threshold-free design space; candidates: the second-round variants (around T = 0.1 %%); "
                    "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
                    "fixed-budget front; options: the three rules round three chose among; heads: round four (every head's own ratio counted equally); holdout: the default, the "
-                   "default before round three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")
+                   "defaults before rounds four and three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")
     e.add_argument("--split", choices=["dev", "test", "holdout"], default="holdout",
                    help="dev and test: choose on them; holdout: report on it")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",
