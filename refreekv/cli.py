@@ -143,7 +143,8 @@ def parser() -> argparse.ArgumentParser:
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
                    "threshold-free design space; candidates: the second-round variants (around T = 0.1 %%); "
                    "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
-                   "fixed-budget front; options: the three rules round three chose among; heads: round four (every head's own ratio counted equally); holdout: the default, the "
+                   "fixed-budget front; options: the three rules round three chose among; heads: round four (every "
+                   "head's own ratio counted equally); holdout: the default, the "
                    "defaults before rounds four and three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")
     e.add_argument("--split", choices=["dev", "test", "holdout"], default="holdout",
                    help="dev and test: choose on them; holdout: report on it")

@@ -25,9 +25,9 @@ full cache's answer is their reference too). Writes demo_divergence.md and .json
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import itertools
 import time
+from functools import partial
 
 
 def main(argv=None) -> None:

@@ -10,7 +10,8 @@ within T (newest first, sinks aside), averaged over heads; ``last32``, the same 
 ``answer_row``, the answer's rows (each, and their mean); ``exp32`` / ``expall``, an expected-attention row
 (kvpress ExpectedAttention's idea: softmax of ``s mu.k + s^2 k^T C k / 2`` for queries ~ N(mu, C)) from the
 newest 32 post-RoPE query rows, or from every prompt row's pre-RoPE query placed at the last position;
-``_mu``: the mean term only. Prints the layers the rule keeps at under 50 % and the means; writes
+``_mu``: the mean term only; ``kept_now``: the share the current default (round four's
+``heads="each"``, T = 0.125 %) keeps. Prints the layers the rule keeps at under 50 % and the means; writes
 head_reach_SPLIT.json in the working folder.
 """
 import sys, time, json
@@ -20,9 +21,9 @@ import torch
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from answer_reach import needed  # noqa: E402
+from answer_reach import eager_forward, needed  # noqa: E402
 from refreekv import ReFreeKVConfig
-from refreekv.adapters.transformers import ReFreeKVCache, attention_modules, capture_prefill, _queries
+from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill, _queries
 from refreekv.commands.models import load_torch
 from refreekv.commands.runner import _fork, greedy
 
@@ -51,9 +52,10 @@ for name, text in prompts:
     n = ids.shape[1]
     if n < 200:
         continue
-    pre = capture_prefill(model, ids, configs=[cfg])
+    pre = capture_prefill(model, ids, configs=[cfg, ReFreeKVConfig()])
     answer = greedy(model, tok, _fork(pre.cache), pre.logits, n, 24).tokens
     kept = {r.layer: r.kept[0] / r.prompt_lengths[0] for r in ReFreeKVCache.from_prefill(pre, cfg).report.layers}
+    kept_now = {r.layer: r.kept[0] / r.prompt_lengths[0] for r in ReFreeKVCache.from_prefill(pre).report.layers}
     out = {}
 
     def hook(layer):
@@ -91,28 +93,24 @@ for name, text in prompts:
             return (output[0], None)
         return reduce
 
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    hs = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(attention_modules(model))]
-    try:
-        model(input_ids=torch.cat([ids, torch.tensor([answer])], 1), use_cache=False)
-    finally:
-        for h in hs:
-            h.remove()
-        model.set_attn_implementation(before)
+    eager_forward(model, torch.cat([ids, torch.tensor([answer])], 1), hook)
     for layer in sorted(out):
-        rows_out.append({"prompt": name, "n": n, "layer": layer, "kept": kept.get(layer, 1.0), **out[layer]})
+        rows_out.append({"prompt": name, "n": n, "layer": layer, "kept": kept.get(layer, 1.0),
+                         "kept_now": kept_now.get(layer, 1.0), **out[layer]})
     print(name, n, f"{time.time() - t0:.0f}s", flush=True)
 
 json.dump(rows_out, open(f"head_reach_{split}.json", "w"))
-keys = ["kept", "rule_row", "last32", "answer", "answer_row", "exp32", "exp32_mu", "expall", "expall_mu"]
+keys = ["kept", "kept_now", "rule_row", "last32", "answer", "answer_row", "exp32", "exp32_mu", "expall", "expall_mu"]
 print("prompt layer " + " ".join(keys))
 for r in rows_out:
     if r["kept"] < 0.5:
         print(r["prompt"][:20], r["layer"], " ".join(f"{r[k]:.2f}" for k in keys))
-import statistics
+for prompt in dict.fromkeys(r["prompt"] for r in rows_out):
+    print(prompt[:28], "kept per layer (round three / now):",
+          " ".join(f"{r['kept']:.0%}/{r['kept_now']:.0%}" for r in rows_out if r["prompt"] == prompt))
+import statistics  # noqa: E402
 loc = [r for r in rows_out if r["kept"] < 0.5]
 print("mean over local layers:", {k: round(statistics.mean(r[k] for r in loc), 3) for k in keys})
 print("mean over all layers:", {k: round(statistics.mean(r[k] for r in rows_out), 3) for k in keys})
-for k in keys[1:]:
+for k in keys[2:]:
     print(k, "corr with answer_row:", round(float(np.corrcoef([r[k] for r in rows_out], [r["answer_row"] for r in rows_out])[0, 1]), 3))

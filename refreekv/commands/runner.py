@@ -9,8 +9,6 @@ file, so a re-run computes only what changed.
 
 from __future__ import annotations
 
-from functools import partial
-
 import copy
 import difflib
 import hashlib
@@ -18,6 +16,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -92,8 +91,9 @@ def thresholds() -> dict[str, ReFreeKVConfig]:
 
 def options() -> dict[str, ReFreeKVConfig]:
     """The three rules measured on every task of dev and test (round three of issue 10 chose among
-    them): T = 0.1 % (the default of rounds one and two), T = 0.05 % (the default since round three)
-    and T = 0.1 % with a 3 % mass floor. Whichever is the default is reported as the default."""
+    them, all with heads="mean"): T = 0.1 % (the default of rounds one and two), T = 0.05 % (the
+    default of round three) and T = 0.1 % with a 3 % mass floor. One equal to the default passed to
+    ``methods`` is reported as the default."""
     D = partial(ReFreeKVConfig, heads="mean")  # the rules of their round (the default was heads="mean")
     return {"l2 T=0.1%": D(threshold=0.001), "l2 T=0.05%": D(threshold=0.0005),
             "l2 T=0.1% mass 3%": D(threshold=0.001, mass_threshold=0.03)}
@@ -103,17 +103,17 @@ def heads() -> dict[str, ReFreeKVConfig]:
     """Round four of issue 10: every head's own ratio counted equally (``heads="each"``) instead of
     the ratio of the mean per-head norms, where heads with concentrated attention (large norms)
     outweigh heads that read far back. Chosen among on dev and test, reported on the holdout."""
-    D = partial(ReFreeKVConfig, heads="mean")  # the rules of their round (the default was heads="mean")
-    return {"each T=0.1%": D(heads="each", threshold=0.001), "each T=0.2%": D(heads="each", threshold=0.002),
+    E = partial(ReFreeKVConfig, heads="each")
+    return {"each T=0.1%": E(threshold=0.001), "each T=0.2%": E(threshold=0.002),
             # added after the two above had run: the threshold between them at which "each" keeps about
-            # the default's budget on dev and test (log-interpolated from their budgets)
-            "each T=0.125%": D(heads="each", threshold=0.00125)}
+            # the round-three default's budget on dev and test (log-interpolated from their budgets)
+            "each T=0.125%": E(threshold=0.00125)}
 
 
 def holdout() -> dict[str, ReFreeKVConfig]:
     """What the holdout split reports beside the full cache, the default and the paper: the default
-    of round three (T = 0.05 %, heads "mean"), that of rounds one and two (T = 0.1 %) and the fixed budgets around the default's own (SnapKV and
-    StreamingLLM at 70 and 80 %)."""
+    of round three (T = 0.05 %, heads "mean"), that of rounds one and two (T = 0.1 %) and the fixed
+    budgets around the default's own (SnapKV and StreamingLLM at 70 and 80 %)."""
     return ({"l2 T=0.05% (default before round four)": ReFreeKVConfig(heads="mean", threshold=0.0005),
              "l2 T=0.1% (default before round three)": ReFreeKVConfig(heads="mean", threshold=0.001)}
             | {f"{name} {b:.0%}": fixed(name, b) for name in ("snapkv", "streamingllm") for b in (0.7, 0.8)})
