@@ -375,3 +375,21 @@ def test_the_mlx_chat_transcript_parser_reads_each_turns_answer():
     out = ("\x1b[34m╭─\x1b[0m mlx_lm.chat\n" + prompt + "The code is 4417.\n" + speed(6)
            + prompt + "First line\nsecond line\n" + speed(4) + prompt + "\x1b[38;5;244mbye\x1b[0m\n")
     assert _script("mlx_chat_turns").answers(out) == ["The code is 4417.", "First line second line"]
+
+
+@pytest.mark.model
+def test_two_processes_exporting_the_model_at_once_both_get_it(tmp_path):
+    """On a fresh machine a test run and a script may export the packaged model at the same time
+    (it happened: the second rename failed with "Directory not empty", and both had written into one
+    ``.tmp`` folder). Each now writes its own folder; the loser of the rename uses the winner's."""
+    import os
+
+    code = ("from refreekv.commands.models import exported_model_dir as e; p = e(); "
+            "assert (p / 'model.safetensors').exists(); print(p)")
+    env = {**os.environ, "REFREEKV_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outs = [r.communicate(timeout=600) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(tmp_path / "SmolLM2-135M-Instruct")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SmolLM2-135M-Instruct"]  # no folder left behind

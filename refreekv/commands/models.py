@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -57,7 +59,11 @@ def exported_model_dir() -> Path:
                                   if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
-    tmp = folder.with_name(folder.name + ".tmp")
+    # A folder of this process's own, renamed into place at the end: two processes exporting at once
+    # (a test run and a script, on a fresh machine) never write into one folder, and the loser of the
+    # rename keeps the winner's copy (the same bytes: the export is deterministic).
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{NAME}.tmp-", dir=folder.parent))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     # mlx-lm reads a top-level rope_theta and silently falls back to 10000 without it.
@@ -65,7 +71,12 @@ def exported_model_dir() -> Path:
     theta = (conf.get("rope_parameters") or {}).get("rope_theta") or conf.get("rope_theta")
     conf["rope_theta"] = theta
     (tmp / "config.json").write_text(json.dumps(conf, indent=2))
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "model.safetensors").exists():
+            raise
     return folder
 
 
