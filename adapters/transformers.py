@@ -31,7 +31,9 @@ Nothing is patched at import; the hooks act only on calls whose cache is a ``ReF
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import sys
 import time
 import weakref
@@ -45,7 +47,7 @@ import refreekv
 from refreekv.config import ReFreeKVConfig
 from refreekv.errors import bad_input
 from refreekv.planner import ORDER_FIELDS
-from refreekv.report import BudgetReport
+from refreekv.report import BudgetReport, LayerReport
 from refreekv.rules import REPLANS
 
 from . import engine
@@ -266,6 +268,7 @@ class ReFreeKVCache(DynamicCache):
         self.module_ids = frozenset(id(m) for m in attention_modules(model))  # ids: a deepcopy copies no module
         self.layers = [ReFreeKVLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         self.refreekv_config = cfg
+        self.fingerprint = _fingerprint(model)  # which model this cache belongs to (checked by load_cache)
         self.additive_mask = model.config._attn_implementation == "eager"
         self.last_layer = attention_modules(model)[-1].layer_idx
         self._fresh()
@@ -841,3 +844,193 @@ def capture_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     start = _left_padding(full[0], n, B) if attention_mask is not None and full else [0] * B
     lengths = n - torch.tensor(start)
     return Prefill(model, cache, logits, captured, start, lengths, R)
+
+
+# -- save and load ------------------------------------------------------------------------------
+#: The file layout ``save_cache`` writes (safetensors arrays plus one JSON header).
+FORMAT = "refreekv-transformers-cache/1"
+#: What a cache carries between calls, besides its layers (``_pending``, ``_mask_start`` and
+#: ``_candidates`` belong to one call and must be empty then).
+_CACHE_FIELDS = ("_turn", "_segments", "_since_plan", "_start")
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _fingerprint(model) -> dict:
+    """What identifies the model a cache belongs to: its type, layer count, key-projection shape and
+    dtype, and digests of two rows of key-projection weights (the first layer's first, the last
+    layer's last: cheap at every cache, and another checkpoint of the same shapes differs there)."""
+    mods = attention_modules(model)
+    cfg = _text_config(model)
+    w0, w1 = mods[0].k_proj.weight, mods[-1].k_proj.weight
+    return {"model_type": str(getattr(cfg, "model_type", "")), "layers": len(mods), "k_proj": list(w0.shape),
+            "dtype": str(w0.dtype).removeprefix("torch."),
+            "weights": _digest(torch.cat([w0[0].detach().cpu(), w1[-1].detach().cpu()]))[:16]}
+
+
+def _encode_layer(i: int, layer, arrays: dict) -> dict:
+    """A layer's ``__dict__``: tensors go to ``arrays`` under ``i.<name>``, the rest to JSON."""
+    entry = {"class": type(layer).__name__, "attrs": {}}
+    for name, value in layer.__dict__.items():
+        if isinstance(value, torch.Tensor):
+            arrays[f"{i}.{name}"] = value.detach().cpu().contiguous()
+            entry["attrs"][name] = {"tensor": f"{i}.{name}"}
+        elif isinstance(value, (torch.dtype, torch.device)):
+            entry["attrs"][name] = {type(value).__name__: str(value)}
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            entry["attrs"][name] = {"value": value}
+        else:
+            raise bad_input("cache", f"layer {i} with a {type(value).__name__} in {name!r}",
+                            "layers of tensors, numbers and strings (a ReFreeKVCache's own layers, or transformers' "
+                            "dynamic ones)")
+    return entry
+
+
+def save_cache(file_name, cache: ReFreeKVCache, metadata: dict | None = None) -> None:
+    """Save a ``ReFreeKVCache`` between calls (a chat between turns, a compressed context to reuse) to
+    one safetensors file, no pickle: every layer's tensors, and a JSON header with the configuration,
+    every plan's report, each layer's bookkeeping, the model's fingerprint and the SHA-256 of every
+    tensor. ``load_cache`` checks all of it before it builds anything. ``metadata``: str to str."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    if not isinstance(cache, ReFreeKVCache):
+        raise bad_input("cache", f"type {type(cache).__name__}", "a refreekv.adapters.transformers.ReFreeKVCache")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise bad_input("metadata", repr(metadata), "None or a dict of str to str")
+    if cache._pending or cache._candidates or cache._mask_start is not None or cache._skips:
+        raise bad_input("cache", "a cache in the middle of a call (its last forward pass did not finish)",
+                        "a cache between calls: after a generate, or reset()")
+    lengths = {i: layer.get_seq_length() for i, layer in enumerate(cache.layers) if isinstance(layer, ReFreeKVLayer)}
+    if len(set(lengths.values())) > 1:
+        raise bad_input("cache", f"layers of different lengths {sorted(set(lengths.values()))} (a call failed part-way)",
+                        "a cache whose every layer holds the same positions")
+    if not getattr(cache, "fingerprint", None):
+        raise bad_input("cache", "a cache without its model's fingerprint", "a ReFreeKVCache made with "
+                        "ReFreeKVCache(model, ...) or load_cache")
+    arrays: dict[str, torch.Tensor] = {}
+    layers = [_encode_layer(i, layer, arrays) for i, layer in enumerate(cache.layers)]
+    generated = {}
+    for idx, rows in cache._generated.items():  # replan_every: generated tokens' rows not planned yet
+        for part, j in (("hidden", 1), ("cos", 2), ("sin", 3)):
+            arrays[f"generated.{idx}.{part}"] = torch.cat([r[j] for r in rows], dim=1).detach().cpu().contiguous()
+        generated[str(idx)] = len(rows)
+    header = {"format": FORMAT, "config": cache.refreekv_config.to_dict(), "model": cache.fingerprint,
+              "state": {k: getattr(cache, k) for k in _CACHE_FIELDS}, "planned_layers": sorted(cache.planned_layers),
+              "plans": [[dataclasses.asdict(r) for r in p.layers] for p in cache.history.plans],
+              "layers": layers, "generated": generated, "metadata": metadata or {},
+              "digests": {k: _digest(v) for k, v in arrays.items()}}
+    try:
+        save_file(arrays, str(file_name), metadata={"refreekv": json.dumps(header)})
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        raise bad_input("file_name", f"{file_name!r}: unwritable ({type(err).__name__}: {err})",
+                        "a path in an existing, writable folder") from err
+
+
+def load_cache(file_name, model, return_metadata: bool = False):
+    """Load a cache saved by ``save_cache`` for ``model`` (the model it was saved from: same
+    architecture, shapes and weights, else ``ReFreeKVError``). The whole file is checked first: a
+    missing, truncated or tampered file raises ``ReFreeKVError`` and nothing is built. Each layer's
+    tensors go to that layer's device and dtype; continue with ``model.generate(..., cache=cache)``
+    inside ``refreekv_hooks(model)``, as with the cache that was saved."""
+    from safetensors import safe_open
+
+    def corrupt(what: str) -> Exception:
+        return bad_input("file_name", f"{file_name!r}: {what}", "a cache written by refreekv.adapters.transformers."
+                         "save_cache, intact (nothing was loaded)")
+
+    try:
+        with safe_open(str(file_name), framework="pt") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types and OSError
+        raise corrupt(f"unreadable ({type(err).__name__}: {err})") from err
+    try:
+        header = json.loads(meta["refreekv"])
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}")
+        if set(header["digests"]) != set(arrays):
+            raise ValueError("the tensors are not the ones listed")
+        for k, d in header["digests"].items():
+            if _digest(arrays[k]) != d:
+                raise ValueError(f"tensor {k} does not match its checksum")
+        config = ReFreeKVConfig.from_dict(header["config"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError, refreekv.ReFreeKVError) as err:
+        raise corrupt(f"{type(err).__name__}: {err}") from err
+    mine = _fingerprint(model)
+    if header["model"] != mine:
+        diff = ", ".join(f"{k} {header['model'].get(k)!r} (this model: {mine[k]!r})" for k in mine
+                         if header["model"].get(k) != mine[k])
+        raise bad_input("model", f"a model other than the one the cache was saved from: {diff}",
+                        "the model (architecture, layers and weights) the cache was saved from")
+    cache = ReFreeKVCache(model, config)
+    try:
+        _fill(cache, header, arrays, model)
+    except (KeyError, TypeError, ValueError) as err:
+        raise corrupt(f"{type(err).__name__}: {err}") from err
+    return (cache, header["metadata"]) if return_metadata else cache
+
+
+def _fill(cache: ReFreeKVCache, header: dict, arrays: dict, model) -> None:
+    """Rebuild a fresh ``cache`` from a checked file's header and tensors (ValueError on anything
+    that does not fit the model)."""
+    mods = {m.layer_idx: m for m in attention_modules(model)}
+    if len(header["layers"]) != len(cache.layers):
+        raise ValueError(f"{len(header['layers'])} layers saved, the model's cache has {len(cache.layers)}")
+    for i, (entry, layer) in enumerate(zip(header["layers"], cache.layers)):
+        if entry["class"] != type(layer).__name__:
+            raise ValueError(f"layer {i} is a {entry['class']}, the model's is a {type(layer).__name__}")
+        weight = mods[i].k_proj.weight if i in mods else None
+        keys, values = (entry["attrs"].get(k, {}).get("tensor") for k in ("keys", "values"))
+        if keys is not None and values is not None:  # transformers' own first-use setup (device, dtype, ...)
+            dev = weight.device if weight is not None else torch.device("cpu")
+            layer.lazy_initialization(arrays[keys].to(dev), arrays[values].to(dev))
+        for name, leaf in entry["attrs"].items():
+            if name not in layer.__dict__:
+                raise ValueError(f"layer {i} has no attribute {name!r}")
+            if "tensor" in leaf:
+                t = arrays[leaf["tensor"]]
+                if t.is_floating_point() and weight is not None:
+                    if t.dtype != weight.dtype:
+                        raise ValueError(f"layer {i}'s {name} is {t.dtype}, the model's weights {weight.dtype}")
+                value = t.to(weight.device) if weight is not None else t
+            elif "dtype" in leaf:
+                value = getattr(torch, leaf["dtype"].removeprefix("torch."))
+                if not isinstance(value, torch.dtype):
+                    raise ValueError(f"layer {i}: not a dtype {leaf['dtype']!r}")
+            elif "device" in leaf:
+                value = weight.device if weight is not None else torch.device(leaf["device"])
+            else:
+                value = leaf["value"]
+            old = layer.__dict__[name]
+            if old is not None and value is not None and not isinstance(value, type(old)) and not (
+                    isinstance(old, float) and isinstance(value, int)):
+                raise ValueError(f"layer {i}'s {name} is a {type(value).__name__}, expected a {type(old).__name__}")
+            setattr(layer, name, value)
+        if isinstance(layer, ReFreeKVLayer):
+            layer.hooked = False
+            if layer.keys is not None and layer.keys.dim() == 4:
+                J = layer.kept_slots
+                if layer.keys.shape != layer.values.shape or J > layer.keys.shape[-2] or (
+                        layer.compressed and tuple(layer.slot_valid.shape) != (layer.keys.shape[0], J)):
+                    raise ValueError(f"layer {i}'s keys {tuple(layer.keys.shape)}, values {tuple(layer.values.shape)} "
+                                     f"and {J} kept slots do not fit together")
+                if layer.evicted != (layer.compressed_at - J if layer.compressed else 0):
+                    raise ValueError(f"layer {i}: {layer.evicted} evicted does not fit {J} slots kept of "
+                                     f"{layer.compressed_at}")
+    for k in _CACHE_FIELDS:
+        setattr(cache, k, header["state"][k])
+    if not all(isinstance(header["state"][k], int) and header["state"][k] >= 0 for k in _CACHE_FIELDS[:3]):
+        raise ValueError(f"cache state {header['state']!r}: not counts")
+    cache.planned_layers = {int(i) for i in header["planned_layers"]}
+    cache.history = engine.History([BudgetReport([LayerReport(**r) for r in p]) for p in header["plans"]])
+    for idx, count in header["generated"].items():
+        module = mods[int(idx)]
+        dev = module.k_proj.weight.device
+        h, c, s = (arrays[f"generated.{idx}.{p}"].to(dev) for p in ("hidden", "cos", "sin"))
+        if not h.shape[1] == c.shape[1] == s.shape[1] == count:
+            raise ValueError(f"layer {idx}: {count} generated rows listed, {h.shape[1]} saved")
+        cache._generated[int(idx)] = [(module, h[:, j:j + 1], c[:, j:j + 1], s[:, j:j + 1]) for j in range(count)]
