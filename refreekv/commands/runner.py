@@ -412,20 +412,24 @@ def forced_many(model, caches: list, first_logits: torch.Tensor, n: int, targets
     return out
 
 
+def prompt_ids(tok, prompt: Prompt) -> tuple[torch.Tensor, list[int]]:
+    """A prompt's input ids (1, n) and, for a continuation, its target tokens (else [])."""
+    if prompt.kind != "continuation":
+        return tok([prompt.text], return_tensors="pt")["input_ids"], []
+    ids = tok([prompt.text], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    targets = tok(prompt.target, add_special_tokens=False)["input_ids"]
+    if len(targets) < 2:  # forced() would compare the prefill's own logits only: a KL of 0, silently
+        raise ValueError(f"prompt {prompt.id!r}: its target tokenizes to {len(targets)} tokens; expected a "
+                         "continuation of at least 2 tokens")
+    return ids, targets
+
+
 def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None]) -> dict[str, dict]:
     """Every method in ``todo`` on one prompt, from one prefill; the methods decode together in
     batches (``greedy_many``). Returns name -> record."""
     from refreekv.adapters.transformers import ReFreeKVCache, capture_prefill
 
-    if prompt.kind == "continuation":
-        ids = tok([prompt.text], return_tensors="pt", add_special_tokens=False)["input_ids"]
-        targets = tok(prompt.target, add_special_tokens=False)["input_ids"]
-        if len(targets) < 2:  # forced() would compare the prefill's own logits only: a KL of 0, silently
-            raise ValueError(f"prompt {prompt.id!r}: its target tokenizes to {len(targets)} tokens; expected a "
-                             "continuation of at least 2 tokens")
-    else:
-        ids = tok([prompt.text], return_tensors="pt")["input_ids"]
-        targets = []
+    ids, targets = prompt_ids(tok, prompt)
     n = ids.shape[1]
     configs = [c for c in todo.values() if c is not None]
     t = time.perf_counter()
@@ -449,6 +453,15 @@ def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None
                          "compress_s": compress_s, "prefill_s": prefill_s,
                          "config": None if cfg is None else cfg.to_dict(), "kept_per_layer": kept,
                          "seconds": time.perf_counter() - t}
+    score(model, tok, prompt, pre, n, targets, names, caches, records)
+    return {name: records[name] for name in todo}
+
+
+def score(model, tok, prompt: Prompt, pre, n: int, targets: list[int], names: list[str], caches: list,
+          records: dict[str, dict]) -> None:
+    """Decode or teacher-force every cache of one prompt (``names[0]`` is the full cache's) and add
+    each task's measures to ``records[name]``. A cache is anything ``merge`` reads: a ReFreeKVCache,
+    a fork of the full cache, or layers of full length (no slot masks)."""
     if prompt.kind in ("continuation", "open"):
         if prompt.kind == "open":
             answers = greedy_many(model, tok, caches, pre.logits, n, ANSWER_TOKENS["open"])
@@ -470,4 +483,3 @@ def run_prompt(model, tok, prompt: Prompt, todo: dict[str, ReFreeKVConfig | None
             records[name] |= {"answer": answers[i].text, "expect": prompt.expect, "ok": prompt.expect in answers[i].text,
                               "full_answer": answers[0].text, "full_ok": prompt.expect in answers[0].text,
                               "seconds": records[name]["seconds"] + answers[i].seconds}
-    return {name: records[name] for name in todo}
