@@ -22,8 +22,8 @@ every row is built from that prefill and all rows decode together (``runner.scor
     python scripts/tail_precision.py --split dev --max-length 4096 --out docs/measured
     python scripts/tail_precision.py --split demo          # refreekv demo's five prompts
 
-Results are cached per (prompt, row) in ``<out>/tail_precision_cache.jsonl``, so a re-run computes
-only what is missing; a progress bar shows the prompts.
+Results are cached per (prompt, row) in ``results/tail_precision_cache.jsonl`` (``--cache``), so a re-run
+computes only what is missing; a progress bar shows the prompts.
 """
 
 from __future__ import annotations
@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds", default="needle,multikey,continuation,open")
     ap.add_argument("--rows", default=";".join(ROWS), help="rows of ROWS, separated by semicolons")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--cache", default="results/tail_precision_cache.jsonl",
+                    help="results cache (JSON lines, one per prompt and row)")
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(";")]
     unknown = [r for r in rows if r not in ROWS]
@@ -215,31 +217,33 @@ def main(argv: list[str] | None = None) -> None:
         [p for p in build(tok, args.split) if args.min_length <= p.length <= args.max_length
          and p.kind in args.kinds.split(",")]
     out = Path(args.out)
-    cache_file = out / "tail_precision_cache.jsonl"
+    cache_file = Path(args.cache)
     done = {}
     if cache_file.exists():
         for line in cache_file.read_text().splitlines():
             try:
                 r = json.loads(line)
-                done[(r["prompt"], r["row"], r["text_digest"])] = r
+                done[(r["prompt"], r["row"], r["text_digest"], r["fingerprint"])] = r
             except (json.JSONDecodeError, KeyError):
                 continue
     import hashlib
 
+    # What the rows depend on besides the prompt: the boundaries' configurations, the group and the rows' bits.
+    fingerprint = hashlib.sha256(repr((BOUNDARIES, GROUP, ROWS)).encode()).hexdigest()[:16]
     records = defaultdict(list)
     t0 = time.perf_counter()
     for p in track(prompts, description=f"tail precision, {args.split}", console=console):
         digest = hashlib.sha256((p.text + p.target).encode()).hexdigest()[:16]
-        todo = [r for r in rows if (p.id, r, digest) not in done]
+        todo = [r for r in rows if (p.id, r, digest, fingerprint) not in done]
         if todo:
             for name, rec in run_prompt(model, tok, p, todo).items():
-                rec["text_digest"] = digest
-                done[(p.id, name, digest)] = rec
-                out.mkdir(parents=True, exist_ok=True)
+                rec["text_digest"], rec["fingerprint"] = digest, fingerprint
+                done[(p.id, name, digest, fingerprint)] = rec
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
                 with cache_file.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
         for r in rows:
-            records[r].append(done[(p.id, r, digest)])
+            records[r].append(done[(p.id, r, digest, fingerprint)])
     summary = {r: summarise(records[r]) for r in rows}
     suffix = f"_{args.split}" + (f"_upto{args.max_length}" if args.max_length < 7500 else "") + \
         (f"_from{args.min_length}" if args.min_length else "")
