@@ -396,3 +396,105 @@ def plan_layer(q_rows, keys, config, *, start=None, scale=None, keep_newest=None
     cut = newest_floor_cut(cut, keep_newest, sinks=config.sinks, n=n, start=start)
     idx, valid = kept_positions(order, cut)
     return {"a": a, "order": order, "ratio": ratio, "cut": cut, "idx": idx, "valid": valid}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evicted tail kept at low precision (issue 10, round five): what the rule evicts, quantized
+# ---------------------------------------------------------------------------------------------
+
+def quant_group(d: int) -> int:
+    """The group size along the head dimension: 64 values when ``d`` is a multiple of 64 (the
+    group of mlx-lm's ``mx.quantize`` and of transformers' quantized caches), else the whole vector."""
+    return 64 if d % 64 == 0 else d
+
+
+def tail_positions(order, cut, *, start=None):
+    """The tail: what the rule evicts, i.e. the ranked positions ``cut[b] .. n_b - 1`` of each
+    sample (its prompt's positions outside the kept set), sorted ascending.
+
+    Padded to ``T = max(n_b - cut)`` (at least 1): slots past ``n_b - cut[b]`` hold position
+    ``n - 1`` and are False in ``valid``. order: (B, Hkv, n), cut: (B,) ->
+    (idx (B, Hkv, T) int64, valid (B, T) bool).
+    """
+    order = np.asarray(order)
+    B, Hkv, n = order.shape
+    starts = _starts(start, B)
+    counts = [n - s - int(c) for s, c in zip(starts, cut)]
+    T = max(1, max(counts))
+    idx = np.full((B, Hkv, T), n - 1, dtype=np.int64)
+    valid = np.zeros((B, T), dtype=bool)
+    for b, s in enumerate(starts):
+        c, n_b = int(cut[b]), n - s
+        valid[b, :n_b - c] = True
+        for j in range(Hkv):
+            idx[b, j, :n_b - c] = sorted(order[b, j, c:n_b])
+    return idx, valid
+
+
+def quantize(x, bits: int, group: int):
+    """Affine quantization per group of ``group`` consecutive values along the last axis.
+
+    For a group g with ``lo = min(g)`` and ``hi = max(g)``: the scale ``s = (hi - lo) / (2^bits - 1)``,
+    the bias ``lo``, and each value's code ``q = round((x - lo) / s)`` (half to even), clipped to
+    ``[0, 2^bits - 1]``; ``q = 0`` where ``s = 0`` (a constant group). Dequantized: ``x' = q s + lo``,
+    so ``|x - x'| <= s / 2``.
+
+    x: (..., d) -> (codes (..., d) int64, scales (..., d / group), biases (..., d / group)) float64.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    d = x.shape[-1]
+    top = 2 ** bits - 1
+    flat = x.reshape(-1, d)
+    codes = np.zeros(flat.shape, dtype=np.int64)
+    scales = np.zeros((flat.shape[0], d // group))
+    biases = np.zeros((flat.shape[0], d // group))
+    for r in range(flat.shape[0]):
+        for g in range(d // group):
+            vals = flat[r, g * group:(g + 1) * group]
+            lo, hi = vals.min(), vals.max()
+            s = (hi - lo) / top
+            scales[r, g], biases[r, g] = s, lo
+            for i, value in enumerate(vals):
+                codes[r, g * group + i] = 0 if s == 0 else min(top, max(0, int(np.round((value - lo) / s))))
+    lead = x.shape[:-1]
+    return codes.reshape(*lead, d), scales.reshape(*lead, d // group), biases.reshape(*lead, d // group)
+
+
+def pack(codes, bits: int):
+    """Codes as stored: one byte per code at 8 bits; at 4 bits two codes per byte, the even
+    position in the low nibble: ``byte = q[2i] + 16 q[2i + 1]``. (..., d) -> (..., d * bits / 8) uint8."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if bits == 8:
+        return codes.astype(np.uint8)
+    d = codes.shape[-1]
+    out = np.zeros((*codes.shape[:-1], d // 2), dtype=np.uint8)
+    for i in range(d // 2):
+        out[..., i] = codes[..., 2 * i] + 16 * codes[..., 2 * i + 1]
+    return out
+
+
+def dequantize(packed, scales, biases, bits: int, group: int):
+    """``x' = q s + lo`` for the codes ``packed`` holds (``pack``'s layout), per group.
+    -> (..., d) float64."""
+    packed = np.asarray(packed, dtype=np.int64)
+    if bits == 8:
+        codes = packed
+    else:
+        codes = np.zeros((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=np.int64)
+        for i in range(packed.shape[-1]):
+            codes[..., 2 * i] = packed[..., i] % 16
+            codes[..., 2 * i + 1] = packed[..., i] // 16
+    d = codes.shape[-1]
+    out = np.zeros(codes.shape)
+    for g in range(d // group):
+        sl = slice(g * group, (g + 1) * group)
+        out[..., sl] = codes[..., sl] * np.asarray(scales, np.float64)[..., g:g + 1] \
+            + np.asarray(biases, np.float64)[..., g:g + 1]
+    return out
+
+
+def tail_bytes(batch: int, num_kv_heads: int, length: int, head_dim: int, bits: int, scale_itemsize: int) -> int:
+    """Bytes of one layer's quantized tail, K plus V: the packed codes, and a scale and a bias per
+    group, in the scales' dtype."""
+    groups = head_dim // quant_group(head_dim)
+    return 2 * batch * num_kv_heads * length * (head_dim * bits // 8 + 2 * groups * scale_itemsize)

@@ -12,11 +12,14 @@ from pathlib import Path as _Path
 from .api import (
     CompressedLayer,
     LayerPlan,
+    Quantized,
+    QuantizedTail,
     attention_ranking,
     attention_row,
     attention_rows,
     compress_layer,
     compress_layers,
+    dequantize,
     evict,
     evict_plan,
     fixed_budget_cut,
@@ -26,7 +29,10 @@ from .api import (
     plan_layer,
     plan_layers,
     position_ranking,
+    quantize,
+    quantize_tail,
     snapkv_scores,
+    tail_positions,
     threshold_cut,
 )
 from .backend import ArrayAPIBackend, Backend, builtin_backend, get_backend, register_backend
@@ -47,9 +53,11 @@ if (_root / "reference" / "steps.py").is_file() and (_root / "adapters" / "backe
     _install_finder(__name__, _root)
 
 __all__ = [
-    "ArrayAPIBackend", "Backend", "BudgetReport", "CompressedLayer", "LayerPlan", "LayerReport", "RANKINGS",
+    "ArrayAPIBackend", "Backend", "BudgetReport", "CompressedLayer", "LayerPlan", "LayerReport", "Quantized",
+    "QuantizedTail", "RANKINGS",
     "Ranking", "ReFreeKVConfig", "ReFreeKVError", "attention_ranking", "attention_row", "attention_rows",
-    "builtin_backend", "compress_layer", "compress_layers", "evict", "evict_plan", "fixed_budget_cut",
+    "builtin_backend", "compress_layer", "compress_layers", "dequantize", "evict", "evict_plan", "fixed_budget_cut",
     "get_backend", "h2o_scores", "kept_positions", "norm_ratio_curve", "plan_layer", "plan_layers",
-    "position_ranking", "register_backend", "snapkv_scores", "threshold_cut",
+    "position_ranking", "quantize", "quantize_tail", "register_backend", "snapkv_scores", "tail_positions",
+    "threshold_cut",
 ]

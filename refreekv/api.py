@@ -12,15 +12,17 @@ import numpy as np
 
 from . import planner
 from . import validate as v
-from .backend import Array, Backend, find_backend
-from .config import ReFreeKVConfig
+from .backend import FLOAT_DTYPES, Array, Backend, find_backend
+from .config import ReFreeKVConfig, _int
 from .errors import bad_input
 from .planner import CompressedLayer, LayerPlan, step
+from .quantized import TAIL_BITS, Quantized, QuantizedTail, quant_group
 from .rules import COMBINES, NORM_SCOPES, NORMS, HEADS
 
-__all__ = ["CompressedLayer", "LayerPlan", "attention_ranking", "attention_row", "attention_rows", "compress_layer",
+__all__ = ["CompressedLayer", "LayerPlan", "Quantized", "QuantizedTail", "attention_ranking", "attention_row", "attention_rows", "compress_layer",
            "compress_layers", "evict", "evict_plan", "fixed_budget_cut", "h2o_scores", "kept_positions",
-           "norm_ratio_curve", "plan_layer", "plan_layers", "position_ranking", "snapkv_scores", "threshold_cut"]
+           "norm_ratio_curve", "plan_layer", "plan_layers", "position_ranking", "snapkv_scores", "threshold_cut",
+           "dequantize", "quantize", "quantize_tail", "tail_positions"]
 
 
 #: How far below 0 a ratio curve may round (kept / full can exceed 1 by a few ulps).
@@ -273,3 +275,112 @@ def compress_layers(q_rows: list, keys: list, values: list, config: ReFreeKVConf
     req = v.request(q_rows, keys, values, config, start=start, scale=scale, layers=layers, need_values=True,
                     keep_newest=keep_newest)
     return planner.compress(req, planner.check_reuse(req, reuse))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tail: what the rule evicts, kept at low precision (refreekv.quantized)
+# ---------------------------------------------------------------------------------------------
+
+def _bits(bits: object) -> int:
+    if not _int(bits) or int(bits) not in TAIL_BITS:
+        raise bad_input("bits", repr(bits), " or ".join(str(b) for b in TAIL_BITS) + " (bits per stored code)")
+    return int(bits)
+
+
+def _finite(be: Backend, x: Array, argument: str) -> None:
+    if not int(be.to_numpy(be.all_finite(x))[0]):
+        raise bad_input(argument, "values with NaN or infinity", "finite values (a scale computed from them "
+                        "would be NaN and every code of the group wrong)")
+
+
+def tail_positions(order: Array, cut, *, start=None) -> tuple[Array, Array]:
+    """What the rule evicts: the ranked positions ``cut[b] .. n_b - 1`` of each sample, ascending,
+    padded to T = max(n_b - cut) (at least 1) with n - 1.
+    order (B, Hkv, n), cut (B,) -> (idx (B, Hkv, T) int64, valid (B, T) bool)."""
+    be = v.backend_of(order, "order")
+    o = be.shape(order)
+    if len(o) != 3 or 0 in o or be.dtype_name(order) not in ("int64", "int32"):
+        raise bad_input("order", f"shape {o} dtype {be.dtype_name(order)}", "(B, Hkv, n) int64 positions")
+    B, _, n = o
+    st = v.start_host(be, start, B, n)
+    v.ranking_order(be, order, "order", B, n)
+    host = v.host_ints(be, cut, "cut", B)
+    n_b = n - st
+    if (host < 1).any() or (host > n_b).any():
+        raise bad_input("cut", host.tolist(), f"({B},) counts in [1, n_b] = [1, {n_b.tolist()}]")
+    T = max(1, int((n_b - host).max()))
+    return step(be, "tail_positions")(be.astype(order, "int64"), be.from_numpy(host, "int64", like=order),
+                                      be.from_numpy(n_b, "int64", like=order), T)
+
+
+def quantize(x: Array, *, bits: int, group: int | None = None) -> Quantized:
+    """Affine quantization of ``x`` (..., d) per ``group`` values along the last axis (default
+    ``quant_group(d)``): codes at ``bits`` (8 or 4) bits, a scale and a bias per group (the math:
+    ``refreekv.reference.quantize``; dequantized values are within half a scale of ``x``)."""
+    be = v.backend_of(x, "x")
+    shape = be.shape(x)
+    if len(shape) < 1:
+        raise bad_input("x", f"shape {shape}", "an array (..., d) with at least one axis")
+    v.float_array(be, x, "x", len(shape), "(..., d)")
+    b, d = _bits(bits), shape[-1]
+    g = quant_group(d) if group is None else group
+    if not _int(g) or g < 1 or d % g:
+        raise bad_input("group", repr(group), f"None or an int >= 1 that divides d = {d}")
+    if b == 4 and (d % 2 or g % 2):
+        raise bad_input("x", f"shape {shape} with group {g}", "an even d and group at 4 bits (two codes per byte)")
+    _finite(be, x, "x")
+    codes, scales, biases = step(be, "quantize")(x, b, int(g))
+    return Quantized(codes, scales, biases, b, int(g), be.dtype_name(x))
+
+
+def dequantize(q: Quantized) -> Array:
+    """The array ``q`` stands for, as ``q.dtype``: ``code * scale + bias`` per group. (..., d)."""
+    if not isinstance(q, Quantized):
+        raise bad_input("q", f"type {type(q).__name__}", "a refreekv.Quantized from refreekv.quantize")
+    be = v.backend_of(q.codes, "q.codes")
+    for name in ("scales", "biases"):
+        v.same_backend(be, getattr(q, name), f"q.{name}", "q.codes")
+    b = _bits(q.bits)
+    cs, ss, bs = be.shape(q.codes), be.shape(q.scales), be.shape(q.biases)
+    d = cs[-1] * 8 // b if cs else 0
+    ok = (be.dtype_name(q.codes) == "uint8" and len(cs) >= 1 and _int(q.group) and q.group >= 1 and d % q.group == 0
+          and ss == bs == (*cs[:-1], d // q.group) and be.dtype_name(q.scales) == be.dtype_name(q.biases)
+          and be.dtype_name(q.scales) in ("float32", "float64") and q.dtype in FLOAT_DTYPES)
+    if not ok:
+        raise bad_input("q", f"codes {cs} {be.dtype_name(q.codes)}, scales {ss}, biases {bs}, bits {q.bits}, "
+                        f"group {q.group!r}, dtype {q.dtype!r}", "a Quantized as refreekv.quantize made it (edit no field)")
+    return step(be, "dequantize")(q.codes, q.scales, q.biases, b, q.group, q.dtype)
+
+
+def quantize_tail(keys: Array, values: Array, plan: LayerPlan, *, bits: int) -> QuantizedTail:
+    """What ``plan`` evicts from ``keys``/``values`` (B, Hkv, n, d), kept at ``bits`` bits instead of
+    dropped: ``tail_positions`` of the plan's order and cut, gathered and ``quantize``-d. Stored beside
+    ``evict_plan``'s kept slots, the two hold every position of the prompt."""
+    if not isinstance(plan, LayerPlan):
+        raise bad_input("plan", f"type {type(plan).__name__}", "a refreekv.LayerPlan from plan_layer(s)")
+    b = _bits(bits)
+    be = v.backend_of(keys, "keys")
+    shape = v.float_array(be, keys, "keys", 4, "(B, Hkv, n, d)")
+    v.same_backend(be, values, "values")
+    v.same_device(be, keys, "keys", values, "values")
+    vshape = v.float_array(be, values, "values", 4, "(B, Hkv, n, d_v)")
+    if find_backend(plan.order) is not be or len(be.shape(plan.order)) != 3:
+        raise bad_input("plan", f"order of type {type(plan.order).__name__}",
+                        f"a LayerPlan whose order is a (B, Hkv, n) {be.name} array, as plan_layer made it")
+    v.same_device(be, keys, "keys", plan.order, "plan")
+    want = tuple(be.shape(plan.order))
+    planner.check_plan_fields(plan, be, *want)
+    if shape[:3] != want or vshape[:3] != want:
+        raise bad_input("keys", f"shape {shape} (values {vshape})", f"(B, Hkv, n) = {want}, the shapes the plan was made for")
+    for name, s in (("keys", shape), ("values", vshape)):
+        if b == 4 and (s[-1] % 2):
+            raise bad_input(name, f"shape {s}", "an even head dimension at 4 bits (two codes per byte)")
+    _finite(be, keys, "keys")
+    _finite(be, values, "values")
+    T = max(1, int((plan.prompt_lengths - plan.cut).max()))
+    idx, valid = step(be, "tail_positions")(plan.order, be.from_numpy(plan.cut.astype(np.int64), "int64", like=plan.order),
+                                            be.from_numpy(plan.prompt_lengths.astype(np.int64), "int64", like=plan.order), T)
+    tk, tv = step(be, "evict")(keys, values, idx)
+    parts = [Quantized(*step(be, "quantize")(x, b, quant_group(s[-1])), b, quant_group(s[-1]), be.dtype_name(x))
+             for x, s in ((tk, shape), (tv, vshape))]
+    return QuantizedTail(idx, valid, *parts)

@@ -38,7 +38,8 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 STEPS = ("attention_scores", "attention_rows", "attention_row", "position_ranking", "h2o_scores",
          "snapkv_scores", "window_scores", "attention_ranking", "norm_ratio_curve", "threshold_cut", "mass_floor_cut",
          "decide",
-         "kept_positions", "position_kept_positions", "evict", "evict_runs")
+         "kept_positions", "position_kept_positions", "evict", "evict_runs", "tail_positions", "quantize",
+         "dequantize")
 
 
 class Backend:
@@ -111,6 +112,7 @@ class Backend:
     def where(self, cond: Array, a, b) -> Array: raise NotImplementedError
     def exp(self, x: Array) -> Array: raise NotImplementedError
     def sqrt(self, x: Array) -> Array: raise NotImplementedError
+    def round(self, x: Array) -> Array: raise NotImplementedError  # half to even
     def maximum(self, a: Array, b: Array) -> Array: raise NotImplementedError
     def minimum(self, a: Array, b: Array) -> Array: raise NotImplementedError
     def amax(self, x: Array, axis: int, keepdims: bool = False) -> Array: raise NotImplementedError
@@ -191,6 +193,9 @@ class ArrayAPIBackend(Backend):
 
     def sqrt(self, x):
         return self.xp.sqrt(x)
+
+    def round(self, x):
+        return self.xp.round(x)
 
     def maximum(self, a, b):
         return self.xp.maximum(a, b)

@@ -342,3 +342,53 @@ def evict_runs(be: Backend, keys: Array, values: Array, start: int, sinks: int, 
         return be.concat([x[:, :, start:start + sinks, ...], x[:, :, n - recent:, ...]], axis=2)
 
     return runs(keys), runs(values)
+
+
+# -- the evicted tail at low precision (refreekv.reference.tail_positions / quantize / dequantize) --
+
+def tail_positions(be: Backend, order: Array, cut: Array, n_b: Array, T: int) -> tuple[Array, Array]:
+    """The ranked positions ``cut[b] .. n_b[b] - 1`` (what the rule evicts), sorted, padded to ``T`` with
+    ``n - 1``. order (B, Hkv, n), cut and n_b (B,) int64 -> (idx (B, Hkv, T) int64, valid (B, T) bool)."""
+    B, Hkv, n = be.shape(order)
+    rank = cut[:, None] + be.arange(T, like=cut)[None, :]                      # (B, T)
+    valid = rank < n_b[:, None]
+    rank = be.where(valid, rank, 0)
+    picked = be.take_along_axis(order, be.broadcast_to(rank[:, None, :], (B, Hkv, T)), axis=-1)
+    ordered = be.sort(be.where(valid[:, None, :], picked, n), axis=-1)         # padding sorts last
+    return be.where(valid[:, None, :], ordered, n - 1), valid
+
+
+def quantize(be: Backend, x: Array, bits: int, group: int) -> tuple[Array, Array, Array]:
+    """Affine quantization per ``group`` values along the last axis: scale ``s = (hi - lo) / (2^bits - 1)``,
+    bias ``lo``, codes ``round((x - lo) / s)`` clipped to ``[0, 2^bits - 1]`` (0 where ``s = 0``), packed two
+    per byte at 4 bits (even position in the low nibble). Computed in float32 (float64 stays float64).
+    x (..., d) -> (codes (..., d * bits / 8) uint8, scales (..., d / group), biases (..., d / group))."""
+    shape = tuple(be.shape(x))
+    lead, d = shape[:-1], shape[-1]
+    g = be.reshape(be.astype(x, compute_dtype(be, x)), (*lead, d // group, group))
+    hi = be.amax(g, axis=-1, keepdims=True)
+    lo = -be.amax(-g, axis=-1, keepdims=True)
+    top = 2 ** bits - 1
+    s = (hi - lo) / top
+    spread = s > 0
+    q = be.round((g - lo) / be.where(spread, s, 1.0))
+    q = be.where(spread, be.where(q > top, top, be.where(q < 0, 0, q)), 0)
+    codes = be.astype(be.reshape(q, shape), "uint8")
+    if bits == 4:
+        codes = codes[..., 0::2] + codes[..., 1::2] * 16
+    return codes, be.reshape(s, (*lead, d // group)), be.reshape(lo, (*lead, d // group))
+
+
+def dequantize(be: Backend, codes: Array, scales: Array, biases: Array, bits: int, group: int,
+               dtype: str) -> Array:
+    """``q s + lo`` per group, for ``quantize``'s outputs, as ``dtype``. -> (..., d)."""
+    shape = tuple(be.shape(codes))
+    lead = shape[:-1]
+    if bits == 4:
+        low, high = codes % 16, codes // 16
+        codes = be.reshape(be.concat([low[..., None], high[..., None]], axis=-1), (*lead, 2 * shape[-1]))
+    d = be.shape(codes)[-1]
+    work = be.dtype_name(scales)
+    g = be.reshape(be.astype(codes, work), (*lead, d // group, group))
+    x = g * scales[..., None] + biases[..., None]
+    return be.astype(be.reshape(x, (*lead, d)), dtype)

@@ -159,6 +159,30 @@ BAD = [
         [a.A(Q)], [a.A(K)], [a.A(V)], reuse=[dataclasses.replace(P(a.A(Q), a.A(K)), start=np.array([3]))])),
     ("a plan for other keys", "keys", lambda a: refreekv.evict_plan(a.A(K[:, :, :6]), a.A(V[:, :, :6]),
                                                                    P(a.A(Q), a.A(K)))),
+    ("quantize at 3 bits", "bits", lambda a: refreekv.quantize(a.A(K), bits=3)),
+    ("quantize at True bits", "bits", lambda a: refreekv.quantize(a.A(K), bits=True)),
+    ("quantize NaN values", "x", lambda a: refreekv.quantize(a.A(_with(K, (0, 1, 3, 2), np.nan)), bits=8)),
+    ("quantize integers", "x", lambda a: refreekv.quantize(a.A(np.ones((2, 8)), "int32"), bits=8)),
+    ("quantize an empty head dimension", "x", lambda a: refreekv.quantize(a.A(K[..., :0]), bits=8)),
+    ("quantize with a group that does not divide d", "group", lambda a: refreekv.quantize(a.A(K), bits=8, group=3)),
+    ("quantize an odd d at 4 bits", "x", lambda a: refreekv.quantize(a.A(K[..., :5]), bits=4)),
+    ("dequantize a tuple", "q", lambda a: refreekv.dequantize((a.A(K), a.A(K), a.A(K), 8, 8, "float32"))),
+    ("dequantize an edited group", "q", lambda a: refreekv.dequantize(
+        refreekv.quantize(a.A(K), bits=8)._replace(group=4))),
+    ("dequantize edited bits", "q", lambda a: refreekv.dequantize(refreekv.quantize(a.A(K), bits=8)._replace(bits=4))),
+    ("dequantize scales from another framework", "q.scales", lambda a: refreekv.dequantize(
+        refreekv.quantize(a.A(K), bits=8)._replace(scales=a.X(np.ones((1, 2, 12, 1)))))),
+    ("tail positions past the prompt", "cut", lambda a: refreekv.tail_positions(a.A(ORDER, "int64"), [13])),
+    ("tail positions with a cut past a padded prompt", "cut",
+     lambda a: refreekv.tail_positions(a.A(ORDER[:, :, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]], "int64"), [11], start=[2])),
+    ("quantize_tail of a dict", "plan", lambda a: refreekv.quantize_tail(a.A(K), a.A(V), {"cut": 3}, bits=8)),
+    ("quantize_tail at 2 bits", "bits", lambda a: refreekv.quantize_tail(a.A(K), a.A(V), P(a.A(Q), a.A(K)), bits=2)),
+    ("quantize_tail of other keys", "keys", lambda a: refreekv.quantize_tail(
+        a.A(K[:, :, :6]), a.A(V[:, :, :6]), P(a.A(Q), a.A(K)), bits=8)),
+    ("quantize_tail of NaN values", "values", lambda a: refreekv.quantize_tail(
+        a.A(K), a.A(_with(V, (0, 0, 5, 1), np.nan)), P(a.A(Q), a.A(K)), bits=8)),
+    ("quantize_tail values from another framework", "values", lambda a: refreekv.quantize_tail(
+        a.A(K), a.X(V), P(a.A(Q), a.A(K)), bits=8)),
     ("one layer index twice", "layers", lambda a: CL([a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V)] * 2, layers=[3, 3])),
     ("rows for a prompt of no tokens", "n", lambda a: ReFreeKVConfig().rows_needed(0)),
     ("rows for a prompt length that is a string", "n", lambda a: ReFreeKVConfig().rows_for("12")),
@@ -206,6 +230,13 @@ VALID = [
         [a.A(Q)] * 2, [a.A(K)] * 2, [a.A(V)] * 2, layers=[np.int64(0), np.int64(5)])),
     ("every ranking", lambda a: [P(a.A(rng.normal(size=(1, 4, 12, 8))), a.A(K), ReFreeKVConfig(ranking=r))
                                  for r in refreekv.RANKINGS]),
+    ("quantize a constant array (scale 0)", lambda a: refreekv.dequantize(refreekv.quantize(a.A(np.ones((2, 64))), bits=4))),
+    ("quantize float16 at 4 bits", lambda a: refreekv.dequantize(refreekv.quantize(a.A(K, "float16"), bits=4))),
+    ("a tail of a plan that keeps everything", lambda a: refreekv.quantize_tail(
+        a.A(K), a.A(V), P(a.A(Q), a.A(K), ReFreeKVConfig.paper(threshold=0)), bits=8)),
+    ("a tail of a padded batch", lambda a: refreekv.quantize_tail(
+        a.A(np.concatenate([K, K])), a.A(np.concatenate([V, V])),
+        P(a.A(np.concatenate([Q, Q])), a.A(np.concatenate([K, K])), start=[0, 7]), bits=4)),
     ("plans reused for a fixed-budget sweep", lambda a: CL(
         [a.A(Q)], [a.A(K)], [a.A(V)], ReFreeKVConfig.paper(halting="ratio", budget=0.5),
         reuse=PL([a.A(Q)], [a.A(K)]))),

@@ -420,6 +420,67 @@ class MaskAfterSoftmax(NumpyBackend):
     steps = {"attention_rows": _mask_after_softmax}
 
 
+def _quantize_floor(be, x, bits, group):
+    # codes truncated instead of rounded: every value one code low half the time
+    real_round = be.round
+    be.round = np.floor
+    try:
+        return core.quantize(be, x, bits, group)
+    finally:
+        be.round = real_round
+
+
+class QuantizeFloor(NumpyBackend):
+    name = "broken-quantize-floor"
+    steps = {"quantize": _quantize_floor}
+
+
+def _scale_over_levels(be, x, bits, group):
+    # s = (hi - lo) / 2^bits (the number of levels) instead of / (2^bits - 1): the top code is never reached
+    codes, scales, biases = core.quantize(be, x, bits, group)
+    return codes, scales * (2 ** bits - 1) / 2 ** bits, biases
+
+
+class ScaleOverLevels(NumpyBackend):
+    name = "broken-scale-over-levels"
+    steps = {"quantize": _scale_over_levels}
+
+
+def _nibbles_swapped(be, x, bits, group):
+    # at 4 bits the even position packed into the high nibble (another layout than the spec's)
+    codes, scales, biases = core.quantize(be, x, bits, group)
+    return (codes % 16 * 16 + codes // 16 if bits == 4 else codes), scales, biases
+
+
+class NibblesSwapped(NumpyBackend):
+    name = "broken-nibbles-swapped"
+    steps = {"quantize": _nibbles_swapped}
+
+
+def _tail_skips_first(be, order, cut, n_b, T):
+    # the tail starts one rank late: the first evicted position is neither kept nor in the tail
+    return core.tail_positions(be, order, cut + 1, n_b, T)
+
+
+class TailSkipsFirst(NumpyBackend):
+    name = "broken-tail-skips-first"
+    steps = {"tail_positions": _tail_skips_first}
+
+
+def _tail_unsorted(be, order, cut, n_b, T):
+    # the tail in rank order (newest first for the position ranking) instead of ascending positions
+    B, Hkv, n = order.shape
+    rank = np.minimum(cut[:, None] + np.arange(T)[None, :], n - 1)
+    valid = (cut[:, None] + np.arange(T)[None, :]) < n_b[:, None]
+    picked = np.take_along_axis(order, np.broadcast_to(rank[:, None, :], (B, Hkv, T)), axis=-1)
+    return np.where(valid[:, None, :], picked, n - 1), valid
+
+
+class TailUnsorted(NumpyBackend):
+    name = "broken-tail-unsorted"
+    steps = {"tail_positions": _tail_unsorted}
+
+
 #: bug -> the shipped suite test that must catch it (docs/conformance.md lists the same table)
 PLANTED = [
     (UnstableTies, "test_attention_ranking_ties"),
@@ -462,6 +523,11 @@ PLANTED = [
     (EvictFirstHeadIndex, "test_kept_positions_and_evict"),
     (CausalOffByOne, "test_attention_row"),
     (MaskAfterSoftmax, "test_attention_row"),
+    (QuantizeFloor, "test_tail_matches_reference"),
+    (ScaleOverLevels, "test_tail_matches_reference"),
+    (NibblesSwapped, "test_tail_matches_reference"),
+    (TailSkipsFirst, "test_tail_matches_reference"),
+    (TailUnsorted, "test_tail_matches_reference"),
 ]
 #: bugs that only a float16 target shows (every other bug is run on float32)
 HALF_ONLY = {FiniteCheckInHalf}

@@ -283,3 +283,46 @@ def test_mass_threshold_needs_the_threshold_rule_and_round_trips():
         ReFreeKVConfig(halting="ratio", budget=0.5, mass_threshold=0.05)
     assert ReFreeKVConfig(mass_threshold=np.float32(0.25)).mass_threshold == 0.25
     assert ReFreeKVConfig.from_dict(ReFreeKVConfig(mass_threshold=0.03).to_dict()).mass_threshold == 0.03
+
+
+def test_quantize_by_hand():
+    """refreekv.reference.quantize / pack / dequantize on values worked out by hand."""
+    from refreekv import reference as ref
+
+    x = np.array([[0.0, 1.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0]])
+    codes, s, b = ref.quantize(x, 4, 4)                   # s = (3 - 0) / 15 = 0.2; a constant group: s = 0
+    assert codes.tolist() == [[0, 5, 10, 15], [0, 0, 0, 0]] and s[:, 0].tolist() == [0.2, 0.0] and b[:, 0].tolist() == [0, 5]
+    assert ref.pack(codes, 4).tolist() == [[0 + 16 * 5, 10 + 16 * 15], [0, 0]]
+    assert np.allclose(ref.dequantize(ref.pack(codes, 4), s, b, 4, 4), x)
+    codes8, s8, _ = ref.quantize(x, 8, 4)                 # s = 3 / 255: codes 0, 85, 170, 255
+    assert codes8[0].tolist() == [0, 85, 170, 255] and ref.pack(codes8, 8).dtype == np.uint8
+    assert ref.quantize(np.array([0.0, 0.25, 0.5, 1.5]), 1, 4)[0].tolist() == [0, 0, 0, 1]  # 1/6 and 1/3 round to 0
+    assert ref.quant_group(128) == 64 and ref.quant_group(80) == 80
+    # kept 4 of sample 0 (2 sinks + 8, 9) and 3 of padded sample 1 (3, 4 + 9): the tail is the rest, ascending
+    order = ref.position_ranking(2, 1, 10, sinks=2, start=[0, 3])
+    idx, valid = ref.tail_positions(order, [4, 3], start=[0, 3])
+    assert idx[0, 0].tolist() == [2, 3, 4, 5, 6, 7] and idx[1, 0].tolist() == [5, 6, 7, 8, 9, 9]
+    assert valid.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    assert ref.tail_bytes(1, 3, 10, 64, 8, 4) == 2 * 3 * 10 * (64 + 2 * 4)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "mlx"])
+def test_a_tail_and_the_kept_slots_hold_every_position(backend):
+    """quantize_tail beside evict_plan: every position of every sample once, the tail within half a scale."""
+    import refreekv
+    from refreekv import builtin_backend
+
+    be = builtin_backend(backend)
+    rng = np.random.default_rng(3)
+    q, K, V = (be.from_numpy(rng.normal(size=s), "float32") for s in ((2, 6, 1, 64), (2, 2, 40, 64), (2, 2, 40, 64)))
+    plan = refreekv.plan_layer(q, K, ReFreeKVConfig.paper(), values=V, start=[0, 9])
+    tail = refreekv.quantize_tail(K, V, plan, bits=8)
+    kept, kv, tv = be.to_numpy(plan.idx), be.to_numpy(plan.valid), be.to_numpy(tail.valid)
+    ti = be.to_numpy(tail.idx)
+    for b, s in enumerate([0, 9]):
+        for h in range(2):
+            both = sorted(kept[b, h][kv[b]].tolist() + ti[b, h][tv[b]].tolist())
+            assert both == list(range(s, 40))
+    back = be.to_numpy(refreekv.dequantize(tail.values))
+    want = np.take_along_axis(be.to_numpy(V), ti[..., None], axis=2)
+    assert np.abs(back - want).max() <= be.to_numpy(tail.values.scales).max() / 2 * (1 + 1e-5)

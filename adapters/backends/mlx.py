@@ -14,7 +14,7 @@ import numpy as np
 from refreekv.backend import ArrayAPIBackend
 
 _DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32,
-           "float64": mx.float64, "int64": mx.int64, "int32": mx.int32, "bool": mx.bool_}
+           "float64": mx.float64, "int64": mx.int64, "int32": mx.int32, "uint8": mx.uint8, "bool": mx.bool_}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 

@@ -17,7 +17,7 @@ from refreekv import core
 from refreekv.backend import ArrayAPIBackend
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 

@@ -508,3 +508,81 @@ def check_keep_newest(target: Target, case: LayerCase, dtype: str) -> None:
                       sorted(kept), f"sample {b}, KV head {h}; {detail}")
     _compressed_vs_reference(target, dtype, dataclasses.replace(case, config=c), held, out, Kn, Vn, want_idx,
                              "compress_layer with keep_newest")
+
+
+def _unpack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes from their stored bytes (``reference.pack``'s layout), int64."""
+    codes = np.asarray(codes).astype(np.int64)
+    if bits == 8:
+        return codes
+    return np.stack([codes % 16, codes // 16], axis=-1).reshape(*codes.shape[:-1], 2 * codes.shape[-1])
+
+
+def _quantized_vs_reference(target: Target, dtype: str, case, x: np.ndarray, q, bits: int, what: str) -> None:
+    """A ``Quantized`` of the float64 read-back ``x`` against ``reference.quantize``: biases exact (a
+    group's minimum), scales to float32 rounding, every code equal to the reference's except within
+    ``code_margin`` of a rounding tie (then one off at most), and ``dequantize`` equal to the reference's
+    dequantization of the backend's own codes, and within half a scale of ``x``."""
+    tol = tolerance(dtype)
+    group = ref.quant_group(x.shape[-1])
+    want_codes, want_s, want_b = ref.quantize(x, bits, group)
+    if q.bits != bits or q.group != group or q.dtype != dtype:
+        _fail(f"{what} fields", target, dtype, case, f"bits {bits}, group {group}, dtype {dtype}",
+              f"bits {q.bits}, group {q.group}, dtype {q.dtype}")
+    if target.backend.dtype_name(q.codes) != "uint8":
+        _fail(f"{what} codes dtype", target, dtype, case, "uint8", target.backend.dtype_name(q.codes))
+    _equal(f"{what} biases", target, dtype, case, want_b, target.numpy(q.biases))
+    rel = 1e-15 if dtype == "float64" else 2.4e-7
+    _close(f"{what} scales", target, dtype, case, want_s, target.numpy(q.scales), atol=0, rtol=4 * rel)
+    got = _unpack(target.numpy(q.codes), bits)
+    if got.shape != want_codes.shape:
+        _fail(f"{what} codes", target, dtype, case, f"shape {want_codes.shape}", f"shape {got.shape}")
+    s = np.repeat(want_s, group, axis=-1)
+    raw = np.where(s > 0, (x - np.repeat(want_b, group, axis=-1)) / np.where(s > 0, s, 1), 0)
+    tie = np.abs(raw - np.floor(raw) - 0.5) <= tol.code_margin
+    off = np.abs(got - want_codes)
+    bad = (off > 1) | ((off == 1) & ~tie)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        _fail(f"{what} codes", target, dtype, case, f"{want_codes[at]} at index {at}", f"{got[at]}",
+              f"(x - bias) / scale = {raw[at]!r} (a code may be one off only within {tol.code_margin:g} of a tie)")
+    with target.active():
+        back = target.numpy(refreekv.dequantize(q))
+    want = ref.dequantize(target.numpy(q.codes), target.numpy(q.scales), target.numpy(q.biases), bits, group)
+    _close(f"{what} dequantize", target, dtype, case, want, back, atol=tol.cast_rtol * float(np.abs(want).max(initial=0)),
+           rtol=tol.cast_rtol)
+    slack = s * (0.5 + 2 * tol.code_margin) + tol.cast_rtol * np.abs(x) + 4 * rel * np.abs(x)
+    if (np.abs(back - x) > slack).any():
+        at = tuple(int(i) for i in np.argwhere(np.abs(back - x) > slack)[0])
+        _fail(f"{what} round trip", target, dtype, case, f"within half a scale ({s[at] / 2!r}) of {x[at]!r}",
+              f"{back[at]!r} at index {at}")
+
+
+def check_tail(target: Target, case: LayerCase, dtype: str, bits: int) -> None:
+    """The tail (what a plan evicts, kept at ``bits`` bits): ``tail_positions`` of a given order and
+    cut and of a real plan, exact; ``quantize_tail``'s K and V, and ``quantize`` over two groups of 64,
+    against the reference (``_quantized_vs_reference``)."""
+    (q, K, V), (qn, Kn, Vn) = inputs(target, case, dtype)
+    c = case.config
+    order = ref.position_ranking(case.batch, case.kv_heads, case.n, sinks=c.sinks, start=case.start)
+    if RANKINGS[c.ranking].scores is not None:
+        order = ref.attention_ranking(np.abs(Kn).sum(-1), sinks=c.sinks, window=c.window, start=case.start)
+    cut = np.array([1 + (case.seed + 7 * b) % (case.n - s) for b, s in enumerate(case.start)])
+    want_idx, want_valid = ref.tail_positions(order, cut, start=case.start)
+    st = list(case.start)
+    with target.active():
+        idx, valid = refreekv.tail_positions(target.array(order, "int64"), cut, start=st)
+        plan = refreekv.plan_layer(q, K, c, values=V, start=st)
+        tail = refreekv.quantize_tail(K, V, plan, bits=bits)
+        wide = np.concatenate([Kn[..., :1] * 0 + Kn.sum(-1, keepdims=True)] * 64 + [Vn] * (64 // case.d), axis=-1)
+        wide_t = target.array(wide, dtype)
+        wide_q = refreekv.quantize(wide_t, bits=bits)
+    _equal("tail_positions idx", target, dtype, case, want_idx, target.numpy(idx))
+    _equal("tail_positions valid", target, dtype, case, want_valid, target.numpy(valid))
+    p_idx, p_valid = ref.tail_positions(target.numpy(plan.order), plan.cut, start=case.start)
+    _equal("quantize_tail idx", target, dtype, case, p_idx, target.numpy(tail.idx))
+    _equal("quantize_tail valid", target, dtype, case, p_valid, target.numpy(tail.valid))
+    tk, tv = ref.evict(Kn, Vn, p_idx)
+    _quantized_vs_reference(target, dtype, case, tk, tail.keys, bits, "quantize_tail keys")
+    _quantized_vs_reference(target, dtype, case, tv, tail.values, bits, "quantize_tail values")
+    _quantized_vs_reference(target, dtype, case, target.numpy(wide_t), wide_q, bits, "quantize (two groups of 64)")

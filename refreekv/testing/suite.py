@@ -89,6 +89,13 @@ class ConformanceSuite:
         case = data.draw(layer_cases(max_n=300, ranking="position", mass=True), label="case")
         checks.check_keep_newest(refreekv_target, case, data.draw(st.sampled_from(refreekv_target.dtypes)))
 
+    @_fixture_ok
+    @given(data=st.data())
+    def test_tail_matches_reference(self, refreekv_target, data):
+        case = data.draw(layer_cases(max_n=256), label="case")
+        checks.check_tail(refreekv_target, case, data.draw(st.sampled_from(refreekv_target.dtypes)),
+                          data.draw(st.sampled_from([8, 4]), label="bits"))
+
     def test_errors(self, refreekv_target):
         for dtype in refreekv_target.dtypes:
             checks.check_errors(refreekv_target, dtype)
