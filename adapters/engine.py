@@ -20,16 +20,29 @@ from refreekv.report import BudgetReport, LayerReport
 SLIDING = "sliding-window layer (left alone)"
 
 
-def checked_config(config: object, num_layers: int, context: int | None = None) -> ReFreeKVConfig:
+def checked_config(config: object, num_layers: int, context: int | None = None,
+                   without_tail: str | None = None) -> ReFreeKVConfig:
     """The configuration an engine will use (the library's default for None), checked against
-    the model: retained layers must exist, sinks must fit the context."""
+    the model: retained layers must exist, sinks must fit the context. ``without_tail``: the name of an
+    engine that stores no quantized tail, which then refuses ``tail_bits`` by name (never drops the tail
+    silently)."""
     cfg = ReFreeKVConfig() if config is None else config
     if not isinstance(cfg, ReFreeKVConfig):
         raise bad_input("config", f"type {type(cfg).__name__}", "a refreekv.ReFreeKVConfig (or None for the default)")
+    if without_tail:
+        refuse_tail(cfg, without_tail)
     cfg.check_layers(num_layers)
     if context is not None and cfg.sinks >= context:
         raise bad_input("sinks", cfg.sinks, f"fewer sinks than the model's context ({context})")
     return cfg
+
+
+def refuse_tail(config: ReFreeKVConfig, engine_name: str) -> None:
+    """``engine_name`` stores no quantized tail: a configuration with ``tail_bits`` is refused by name,
+    never run with the tail dropped."""
+    if isinstance(config, ReFreeKVConfig) and config.tail_bits is not None:
+        raise bad_input("tail_bits", repr(config.tail_bits), f"None with {engine_name}, which stores no quantized "
+                        "tail (the transformers cache does: refreekv.adapters.transformers)")
 
 
 def copy_sharing(obj, memo: dict, names: Sequence[str] = (), objects: Sequence[object] = ()):

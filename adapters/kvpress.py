@@ -129,6 +129,7 @@ class ReFreeKVPress(BasePress):
     def __post_init__(self):
         if not isinstance(self.config, ReFreeKVConfig):
             raise bad_input("config", f"type {type(self.config).__name__}", "a refreekv.ReFreeKVConfig")
+        engine.refuse_tail(self.config, "the kvpress press (kvpress's cache holds what a press returns)")
         if REPLANS[self.config.replan].keeps_turn(1):  # it would keep every prompt whole; a press compresses the prompt it gets
             raise bad_input("replan", repr(self.config.replan), '"turns", "chat" or "once" in a kvpress press (it compresses '
                             f'each prompt once, after prefill; {self.config.replan!r} keeps the newest segment whole, i.e. the prompt)')
@@ -148,7 +149,8 @@ class ReFreeKVPress(BasePress):
     def post_init_from_model(self, model):
         self._modules = attention_modules(model)
         text = model.config.get_text_config(decoder=True)
-        engine.checked_config(self.config, text.num_hidden_layers, getattr(text, "max_position_embeddings", None))
+        engine.checked_config(self.config, text.num_hidden_layers, getattr(text, "max_position_embeddings", None),
+                              without_tail="the kvpress press (kvpress's cache holds what a press returns)")
         self._impl = getattr(model.config, "_attn_implementation", None)
         self._additive = self._impl == "eager"
         if self._impl in ("sdpa", "eager"):

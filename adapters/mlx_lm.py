@@ -226,6 +226,7 @@ class ReFreeKVCache:
 
     def __init__(self, config: ReFreeKVConfig | None = None, layer: int = 0, probe: QueryProbe | None = None):
         self.config = config if config is not None else ReFreeKVConfig()
+        engine.refuse_tail(self.config, "the mlx-lm cache")
         self.layer = layer
         self.probe = probe
         self.planner: Planner | None = None
@@ -488,7 +489,7 @@ def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
     (``config.replan`` says when). Attaches the probes."""
     _attention_modules(model)  # the model is one we can plan for, before mlx-lm reads it
     base = mlx_cache.make_prompt_cache(model)
-    cfg = engine.checked_config(config, len(base))
+    cfg = engine.checked_config(config, len(base), without_tail="the mlx-lm cache")
     probes = attach(model)
     cache = [ReFreeKVCache(cfg, i, probes[i]) if type(c) is mlx_cache.KVCache else c
              for i, c in enumerate(base)]

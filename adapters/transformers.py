@@ -125,12 +125,18 @@ def _assisted_step() -> tuple[int, bool] | None:
     return None
 
 
+#: A layer's quantized tail (``config.tail_bits``): codes, scales and biases of K and V, each (B, Hkv, T, ...)
+TAIL_FIELDS = ("tail_k", "tail_k_scales", "tail_k_biases", "tail_v", "tail_v_scales", "tail_v_biases")
+
+
 class ReFreeKVLayer(DynamicLayer):
     """A full-attention cache layer that can be compressed once, after prefill.
 
     Stores ``(B, Hkv, J + D, d)``: J kept slots (padded to the batch's largest cut; ``slot_valid``
     (B, J) marks the real ones) then D tokens added since the last plan. ``get_seq_length`` returns
-    the uncompressed (virtual) length, so positions never drift.
+    the uncompressed (virtual) length, so positions never drift. With ``config.tail_bits`` it also
+    holds what its plans evicted, quantized (``TAIL_FIELDS``, T slots, ``tail_valid`` (B, T)):
+    attention sees those T positions dequantized, before the kept slots.
     """
 
     #: Calls must come through the hooks (``refreekv_hooks`` marks each one): a prompt prefilled
@@ -151,6 +157,10 @@ class ReFreeKVLayer(DynamicLayer):
         self.kept_slots = 0           # J
         self.slot_valid: torch.Tensor | None = None
         self.all_slots_valid = True   # read once at compression: no host sync while decoding
+        self.tail_bits = 0            # bits of the quantized tail's codes (0: no tail)
+        self.tail_valid: torch.Tensor | None = None
+        for name in TAIL_FIELDS:
+            setattr(self, name, None)
 
     def reset(self) -> None:
         """Empty, as new: the next call is a new prompt (``Cache.reset``)."""
@@ -169,6 +179,41 @@ class ReFreeKVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return super().get_seq_length() + self.evicted
 
+    @property
+    def tail_slots(self) -> int:
+        """T, the quantized tail's slots (0 without one)."""
+        return 0 if self.tail_valid is None else self.tail_valid.shape[1]
+
+    def tail_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tail's K and V (B, Hkv, T, d), dequantized to the cache's dtype."""
+        be = refreekv.builtin_backend("torch")
+        out = []
+        for p in ("k", "v"):
+            codes, scales, biases = (getattr(self, f"tail_{p}{x}") for x in ("", "_scales", "_biases"))
+            d = codes.shape[-1] * 8 // self.tail_bits
+            out.append(refreekv.core.step(be, "dequantize")(codes, scales, biases, self.tail_bits, d // scales.shape[-1],
+                                                            be.dtype_name(self.keys)))
+        return out[0], out[1]
+
+    def attended(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything attention sees: K and V (B, Hkv, T + J + D, d), the tail dequantized first, and
+        which of those slots are real (B, T + J + D) bool."""
+        B, D = self.keys.shape[0], self.added
+        parts = [torch.ones(B, self.keys.shape[-2], dtype=torch.bool, device=self.keys.device)] \
+            if self.slot_valid is None else \
+            [self.slot_valid, torch.ones(B, D, dtype=torch.bool, device=self.slot_valid.device)]
+        if self.tail_valid is None:
+            return self.keys, self.values, torch.cat(parts, dim=1)
+        tk, tv = self.tail_kv()
+        return (torch.cat([tk, self.keys], dim=-2), torch.cat([tv, self.values], dim=-2),
+                torch.cat([self.tail_valid, *parts], dim=1))
+
+    def _tail_map(self, fn) -> None:
+        """Apply ``fn`` to every tensor of the tail (batch first), e.g. a beam reorder."""
+        if self.tail_valid is not None:
+            for name in (*TAIL_FIELDS, "tail_valid"):
+                setattr(self, name, fn(getattr(self, name)))
+
     def update(self, key_states, value_states, *args, **kwargs):
         if self.is_initialized and self.keys is not None and key_states.shape[0] != self.keys.shape[0]:
             raise bad_input("input_ids", f"a batch of {key_states.shape[0]} on a cache that holds {self.keys.shape[0]}",
@@ -179,7 +224,11 @@ class ReFreeKVLayer(DynamicLayer):
                             "refreekv.adapters.transformers.generate): without the hooks a prompt is not compressed "
                             "and a compressed layer gets no mask of its own")
         self.hooked = False
-        return super().update(key_states, value_states, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.tail_valid is None:
+            return keys, values
+        tk, tv = self.tail_kv()  # dequantized for this call only: the cache keeps the codes
+        return torch.cat([tk, keys], dim=-2), torch.cat([tv, values], dim=-2)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens (``-count``, transformers 5.x; an absolute length >= 0 in older
@@ -196,24 +245,40 @@ class ReFreeKVLayer(DynamicLayer):
         super().batch_repeat_interleave(repeats)
         if self.compressed:
             self.slot_valid = self.slot_valid.repeat_interleave(repeats, dim=0)
+        self._tail_map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.compressed:
             self.slot_valid = self.slot_valid[indices]
+        self._tail_map(lambda t: t[indices])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.compressed:
             self.slot_valid = self.slot_valid.index_select(0, beam_idx.to(self.slot_valid.device))
+        self._tail_map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-    def store_compressed(self, keys, values, valid, virtual_length: int) -> None:
-        """Keep ``keys``/``values`` (B, Hkv, J, d) for the first ``virtual_length`` positions."""
+    def store_compressed(self, keys, values, valid, virtual_length: int, tail=None) -> None:
+        """Keep ``keys``/``values`` (B, Hkv, J, d) for the first ``virtual_length`` positions, and with
+        ``tail`` (a ``refreekv.QuantizedTail``) what the plan evicted, quantized, after the tail earlier
+        plans left (evicted tokens stay evicted: a re-plan only adds to the tail)."""
         self.keys, self.values = keys, values
         self.compressed_at, self.kept_slots = virtual_length, keys.shape[-2]
         self.evicted = virtual_length - self.kept_slots
         self.slot_valid = valid
-        self.all_slots_valid = bool(valid.all())
+        if tail is not None:
+            new = dict(zip(TAIL_FIELDS, (tail.keys.codes, tail.keys.scales, tail.keys.biases,
+                                         tail.values.codes, tail.values.scales, tail.values.biases)))
+            if self.tail_valid is None:
+                self.tail_bits, self.tail_valid = tail.keys.bits, tail.valid
+                for name, t in new.items():
+                    setattr(self, name, t)
+            else:
+                self.tail_valid = torch.cat([self.tail_valid, tail.valid], dim=1)
+                for name, t in new.items():
+                    setattr(self, name, torch.cat([getattr(self, name), t], dim=2))
+        self.all_slots_valid = bool(valid.all()) and (self.tail_valid is None or bool(self.tail_valid.all()))
 
     def layer_mask(self, shared: torch.Tensor | None, q_len: int, dtype: torch.dtype, additive: bool):
         """This layer's mask (B, 1, q, J + D) for a call adding ``q_len`` tokens.
@@ -221,9 +286,10 @@ class ReFreeKVLayer(DynamicLayer):
         Kept slots: visible where valid. Added tokens: the shared mask's columns past the last
         plan (they carry causality and any user padding), or plain causality without one.
         """
-        B, J = self.slot_valid.shape
+        slots = self.slot_valid if self.tail_valid is None else torch.cat([self.tail_valid, self.slot_valid], dim=1)
+        B, J = slots.shape
         D = self.added + q_len  # tokens added after the last plan, this call's included
-        kept = self.slot_valid[:, None, None, :].expand(B, 1, q_len, J)
+        kept = slots[:, None, None, :].expand(B, 1, q_len, J)
         if shared is None:
             t = torch.arange(q_len, device=kept.device)[:, None]
             u = torch.arange(D, device=kept.device)[None, :]
@@ -491,7 +557,7 @@ class ReFreeKVCache(DynamicCache):
                 for cap, layer, out in zip(chunk, layers, outs):
                     if out.valid is not None:
                         layer.additive_mask = self.additive_mask
-                        layer.store_compressed(out.keys, out.values, out.valid, layer.get_seq_length())
+                        layer.store_compressed(out.keys, out.values, out.valid, layer.get_seq_length(), out.tail)
                     out.report.seconds += cap.seconds + q_s
                     reports.append(out.report)
         self.history.add(reports)
@@ -506,8 +572,10 @@ CPU_JOINT_BYTES = 8 << 20
 
 
 def cache_bytes(cache) -> int:
-    """K/V bytes a transformers cache (a ``ReFreeKVCache`` or any ``DynamicCache``) holds now, measured."""
-    return engine.kv_bytes(*(x for layer in cache.layers for x in (layer.keys, layer.values)))
+    """K/V bytes a transformers cache (a ``ReFreeKVCache`` or any ``DynamicCache``) holds now, measured
+    (a quantized tail's codes, scales and biases included)."""
+    return engine.kv_bytes(*(x for layer in cache.layers for x in (layer.keys, layer.values,
+                                                                   *(getattr(layer, n, None) for n in TAIL_FIELDS))))
 
 
 def plan_group(keys: torch.Tensor, q: torch.Tensor) -> tuple:
@@ -974,6 +1042,29 @@ def load_cache(file_name, model, return_metadata: bool = False):
     return (cache, header["metadata"]) if return_metadata else cache
 
 
+def _check_tail(i: int, layer) -> None:
+    """A loaded layer's tail fits together: all of it or none, codes of ``tail_bits`` bits, one scale and bias
+    per group, T slots everywhere, at most the positions the layer evicted (ValueError otherwise)."""
+    parts = [getattr(layer, n) for n in (*TAIL_FIELDS, "tail_valid")]
+    if all(p is None for p in parts) and layer.tail_bits == 0:
+        return
+    if any(p is None for p in parts) or layer.tail_bits not in refreekv.rules.TAIL_BITS or not layer.compressed:
+        raise ValueError(f"layer {i}: a partial tail ({layer.tail_bits} bits)")
+    B, T = layer.tail_valid.shape
+    d = layer.keys.shape[-1]
+    for p in ("k", "v"):
+        codes, scales, biases = (getattr(layer, f"tail_{p}{x}") for x in ("", "_scales", "_biases"))
+        groups = scales.shape[-1]
+        ok = (codes.dtype == torch.uint8 and codes.shape == (B, layer.keys.shape[1], T, d * layer.tail_bits // 8)
+              and groups >= 1 and d % groups == 0 and scales.shape == biases.shape == (*codes.shape[:-1], groups)
+              and scales.dtype == biases.dtype and scales.dtype in (torch.float32, torch.float64))
+        if not ok:
+            raise ValueError(f"layer {i}: tail {p} codes {tuple(codes.shape)} {codes.dtype}, scales {tuple(scales.shape)} "
+                             f"do not fit {T} slots of d = {d} at {layer.tail_bits} bits")
+    if layer.tail_valid.dtype != torch.bool or int(layer.tail_valid.sum(1).max()) > layer.evicted:
+        raise ValueError(f"layer {i}: a tail of more positions than the {layer.evicted} evicted")
+
+
 def _fill(cache: ReFreeKVCache, header: dict, arrays: dict, model) -> None:
     """Rebuild a fresh ``cache`` from a checked file's header and tensors (ValueError on anything
     that does not fit the model)."""
@@ -993,7 +1084,7 @@ def _fill(cache: ReFreeKVCache, header: dict, arrays: dict, model) -> None:
                 raise ValueError(f"layer {i} has no attribute {name!r}")
             if "tensor" in leaf:
                 t = arrays[leaf["tensor"]]
-                if t.is_floating_point() and weight is not None:
+                if t.is_floating_point() and weight is not None and name not in TAIL_FIELDS:
                     if t.dtype != weight.dtype:
                         raise ValueError(f"layer {i}'s {name} is {t.dtype}, the model's weights {weight.dtype}")
                 value = t.to(weight.device) if weight is not None else t
@@ -1021,6 +1112,7 @@ def _fill(cache: ReFreeKVCache, header: dict, arrays: dict, model) -> None:
                 if layer.evicted != (layer.compressed_at - J if layer.compressed else 0):
                     raise ValueError(f"layer {i}: {layer.evicted} evicted does not fit {J} slots kept of "
                                      f"{layer.compressed_at}")
+            _check_tail(i, layer)
     for k in _CACHE_FIELDS:
         setattr(cache, k, header["state"][k])
     if not all(isinstance(header["state"][k], int) and header["state"][k] >= 0 for k in _CACHE_FIELDS[:3]):

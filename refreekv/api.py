@@ -377,10 +377,4 @@ def quantize_tail(keys: Array, values: Array, plan: LayerPlan, *, bits: int) -> 
             raise bad_input(name, f"shape {s}", "an even head dimension at 4 bits (two codes per byte)")
     _finite(be, keys, "keys")
     _finite(be, values, "values")
-    T = max(1, int((plan.prompt_lengths - plan.cut).max()))
-    idx, valid = step(be, "tail_positions")(plan.order, be.from_numpy(plan.cut.astype(np.int64), "int64", like=plan.order),
-                                            be.from_numpy(plan.prompt_lengths.astype(np.int64), "int64", like=plan.order), T)
-    tk, tv = step(be, "evict")(keys, values, idx)
-    parts = [Quantized(*step(be, "quantize")(x, b, quant_group(s[-1])), b, quant_group(s[-1]), be.dtype_name(x))
-             for x, s in ((tk, shape), (tv, vshape))]
-    return QuantizedTail(idx, valid, *parts)
+    return planner.quantized_tail(plan, keys, values, be, b)

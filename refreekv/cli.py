@@ -77,10 +77,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replan-every", type=int, help="also re-plan every N generated tokens (default 0: never)")
     g.add_argument("--mass-threshold", type=float, help="Tm: also keep until the evicted attention mass is <= Tm, "
                    "a floor under the threshold rule's cut (default: off)")
+    g.add_argument("--tail-bits", type=int, choices=list(rules.TAIL_BITS),
+                   help="keep what the rule evicts quantized to this many bits instead of dropping it (default: drop; "
+                   "the transformers engine only)")
 
 
 _FIELDS = ("threshold", "sinks", "retained_layers", "query_rows", "combine", "norm", "heads", "norm_scope",
-           "ranking", "window", "pool_kernel", "halting", "budget", "replan", "replan_every", "mass_threshold")
+           "ranking", "window", "pool_kernel", "halting", "budget", "replan", "replan_every", "mass_threshold",
+           "tail_bits")
 
 
 def config_from(a: argparse.Namespace) -> ReFreeKVConfig:
@@ -139,12 +143,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--gen-tokens", type=int, default=1024, help="--task generation: tokens generated")
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
     e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "heads", "holdout",
-                                         "ablations", "quick"],
+                                         "tail", "ablations", "quick"],
                    default="main", help="main: default, paper and the fixed-budget front; variants: the "
                    "threshold-free design space; candidates: the second-round variants (around T = 0.1 %%); "
                    "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
                    "fixed-budget front; options: the three rules round three chose among; heads: round four (every "
-                   "head's own ratio counted equally); holdout: the default, the "
+                   "head's own ratio counted equally); tail: the default and the paper with what they evict kept at 8 or "
+                   "4 bits (round five, through the transformers cache); holdout: the default, the "
                    "defaults before rounds four and three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")
     e.add_argument("--split", choices=["dev", "test", "holdout"], default="holdout",
                    help="dev and test: choose on them; holdout: report on it")

@@ -88,6 +88,12 @@ class ReFreeKVConfig:
             evicted attention mass (``norm="l1"``'s ratio, same scope and heads) is <= Tm, so a
             layer whose L2 norm hardly moves while its score rows' mass goes (attention on a few
             recent tokens, thousands of tiny entries evicted) keeps more. Halting "threshold" only.
+        tail_bits: None (the default: what the rule evicts is dropped), or 8 or 4: keep it instead,
+            quantized to that many bits per value (``refreekv.quantize_tail``; round five of issue 10:
+            with the paper's boundary an 8-bit tail kept every answer of the full cache at ~60 % of the
+            float32 bytes, docs/results.md). ``compress_layer(s)`` then return the tail beside the kept
+            slots, and the transformers cache stores it and attends to it, dequantized; the kept count
+            and budget still count full-precision positions, the bytes count both.
     """
 
     threshold: float = 0.00125
@@ -106,6 +112,7 @@ class ReFreeKVConfig:
     replan: str = "turns"
     replan_every: int = 0
     mass_threshold: float | None = None
+    tail_bits: int | None = None
 
     @classmethod
     def paper(cls, **changes) -> ReFreeKVConfig:
@@ -115,7 +122,7 @@ class ReFreeKVConfig:
         return cls(**{**dict(threshold=0.01, sinks=4, retained_layers=(0, 1), norm_scope="candidates",
                              query_rows=1, combine="mean", norm="l2", heads="mean", ranking="position",
                              halting="threshold", budget=None, replan="once", replan_every=0,
-                             mass_threshold=None), **changes})
+                             mass_threshold=None, tail_bits=None), **changes})
 
     def __post_init__(self) -> None:
         t = self.threshold
@@ -166,6 +173,12 @@ class ReFreeKVConfig:
                 raise bad_input("mass_threshold", repr(mt), f'None with halting="{self.halting}" (a floor under the '
                                 'threshold rule\'s cut: set halting="threshold")')
             object.__setattr__(self, "mass_threshold", float(mt))
+        tb = self.tail_bits
+        if tb is not None:
+            if not _int(tb) or int(tb) not in rules.TAIL_BITS:
+                raise bad_input("tail_bits", repr(tb), "None (drop what the rule evicts) or " + " or ".join(
+                    str(b) for b in rules.TAIL_BITS) + " (keep it quantized to that many bits)")
+            object.__setattr__(self, "tail_bits", int(tb))
         b = self.budget
         if self.halting == "threshold":
             if b is not None:

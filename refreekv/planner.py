@@ -28,6 +28,7 @@ from .backend import Array, Backend
 from .core import step
 from .config import ReFreeKVConfig
 from .errors import bad_input
+from .quantized import Quantized, QuantizedTail, quant_group
 from .report import LayerReport
 from .rules import RANKINGS, Scoring
 from .validate import Request
@@ -52,12 +53,29 @@ class LayerPlan:
 
 class CompressedLayer(NamedTuple):
     """What ``compress_layer`` returns: keys/values (B, Hkv, J, d), ``valid`` (B, J) bool saying
-    which slots hold a kept token (None when nothing was evicted), and the report."""
+    which slots hold a kept token (None when nothing was evicted), the report, and ``tail``: with
+    ``config.tail_bits``, what was evicted, quantized (a ``QuantizedTail``; else None)."""
 
     keys: Array
     values: Array
     valid: Array | None
     report: LayerReport
+    tail: QuantizedTail | None = None
+
+
+def quantized_tail(plan_: LayerPlan, keys: Array, values: Array, be: Backend, bits: int) -> QuantizedTail:
+    """What the plan evicts from keys/values (B, Hkv, n, d), kept at ``bits`` bits: the tail's positions,
+    gathered, quantized per ``quant_group(d)``."""
+    n_b = plan_.prompt_lengths.astype(np.int64)
+    T = max(1, int((n_b - plan_.cut).max()))
+    idx, valid = step(be, "tail_positions")(plan_.order, be.from_numpy(plan_.cut.astype(np.int64), "int64", like=plan_.order),
+                                            be.from_numpy(n_b, "int64", like=plan_.order), T)
+    tk, tv = step(be, "evict")(keys, values, idx)
+    parts = []
+    for x in (tk, tv):
+        g = quant_group(be.shape(x)[-1])
+        parts.append(Quantized(*step(be, "quantize")(x, bits, g), bits, g, be.dtype_name(x)))
+    return QuantizedTail(idx, valid, *parts)
 
 
 def fixed_budget_cut(start: np.ndarray, n: int, halting: str, budget, sinks: int) -> np.ndarray:
@@ -277,7 +295,9 @@ def compress(req: Request, reuse: list[LayerPlan] | None = None) -> list[Compres
                 out[i] = unchanged(i, "the cut keeps every token", share)
                 continue
             k2, v2 = evict(p, req.keys[i], req.values[i], be)
+            tail = None if cfg.tail_bits is None else quantized_tail(p, req.keys[i], req.values[i], be, cfg.tail_bits)
             out[i] = CompressedLayer(k2, v2, p.valid, LayerReport(
                 index[i], True, "", n_b, p.cut.tolist(), be.nbytes(req.keys[i]) + be.nbytes(req.values[i]),
-                be.nbytes(k2) + be.nbytes(v2), share + time.perf_counter() - t1))
+                be.nbytes(k2) + be.nbytes(v2) + (0 if tail is None else tail.nbytes), share + time.perf_counter() - t1),
+                tail)
     return out

@@ -18,9 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .backend import Array
-
-#: Code widths a tail can be stored at.
-TAIL_BITS = (8, 4)
+from .rules import TAIL_BITS  # noqa: F401  (the code widths a tail can be stored at)
 
 
 def quant_group(d: int) -> int:

@@ -104,6 +104,8 @@ NORMS = {"l2": "the L2 norm of the kept scores (the paper's Frobenius norm)",
 HEADS = {"mean": "ratio of the mean per-head norms (the paper's Uni-Metric)",
          "max": "the most demanding head decides (the largest per-head ratio)",
          "each": "the mean of the per-head ratios: every head counts equally, however concentrated its attention"}
+#: Code widths the evicted tail may be kept at (``ReFreeKVConfig.tail_bits``; None drops it).
+TAIL_BITS = (8, 4)
 #: Halting rules (``ReFreeKVConfig.halting``).
 HALTINGS = {"threshold": "the shortest prefix whose norm ratio is <= T (threshold-free ReFreeKV)",
             "ratio": "a fixed fraction `budget` of the prompt (the fixed-budget baselines)",

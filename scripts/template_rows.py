@@ -63,7 +63,7 @@ def skipped(pre, cfg, m: int) -> tuple[list, list[int]]:
         k = cfg.rows_for(n - m)
         sl = slice(-(k + m), -m)
         rows = _queries(c.module, c.hidden[:, sl], c.cos[:, sl], c.sin[:, sl])
-        k2, v2, _, report = refreekv.compress_layer(rows, K[:, :, :n - m], V[:, :, :n - m], cfg, layer=i,
+        k2, v2, _, report, _ = refreekv.compress_layer(rows, K[:, :, :n - m], V[:, :, :n - m], cfg, layer=i,
                                                     scale=c.module.scaling)
         layers.append(KeptLayer(torch.cat([k2, K[:, :, n - m:]], 2), torch.cat([v2, V[:, :, n - m:]], 2)))
         kept.append(int(report.kept[0]) + m)

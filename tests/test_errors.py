@@ -69,11 +69,11 @@ def test_keep_newest_is_checked_at_the_entry_point():
 
 def test_short_prompts_are_returned_unchanged_with_a_reason():
     q, K, V = np.ones((1, 2, 1, 4)), np.ones((1, 1, 5, 4)), np.ones((1, 1, 5, 4))
-    k2, v2, valid, report = refreekv.compress_layer(q, K, V, ReFreeKVConfig(sinks=4), layer=3)
-    assert valid is None
+    k2, v2, valid, report, tail = refreekv.compress_layer(q, K, V, ReFreeKVConfig(sinks=4), layer=3)
+    assert valid is None and tail is None
     assert k2 is K and v2 is V
     assert not report.compressed and report.reason == "prompt too short (n <= sinks + 1 = 5)"
-    k2, _, _, report = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)  # no rows needed
+    k2, _, _, report, _ = refreekv.compress_layer(q, np.ones((1, 1, 50, 4)), np.ones((1, 1, 50, 4)), layer=1)  # no rows needed
     assert not report.compressed and report.reason == "retained layer"
 
 

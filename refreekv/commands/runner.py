@@ -119,6 +119,14 @@ def holdout() -> dict[str, ReFreeKVConfig]:
             | {f"{name} {b:.0%}": fixed(name, b) for name in ("snapkv", "streamingllm") for b in (0.7, 0.8)})
 
 
+def tail() -> dict[str, ReFreeKVConfig]:
+    """Round five of issue 10, through the engine: what the rule evicts kept quantized (``tail_bits``)
+    instead of dropped, at the paper's boundary (the row round five's study chose) and the default's."""
+    P = ReFreeKVConfig.paper
+    return {"paper, tail 8-bit": P(tail_bits=8), "paper, tail 4-bit": P(tail_bits=4),
+            "default, tail 8-bit": ReFreeKVConfig(tail_bits=8)}
+
+
 def _distinct(table: dict[str, ReFreeKVConfig | None]) -> dict[str, ReFreeKVConfig | None]:
     """``table`` without names whose settings (``ResultsCache.settings``) an earlier name already
     has: the same decisions would be computed twice and reported under two names."""
@@ -139,6 +147,7 @@ def methods(group: str, default: ReFreeKVConfig | None = None) -> dict[str, ReFr
     ``options``: full, the default and the rules round three chose among (``options()``).
     ``holdout``: full, the default, the paper and ``holdout()``.
     ``heads``: full, the default and round four's rules (``heads()``).
+    ``tail``: full, the default, the paper and round five's tails (``tail()``).
     ``ablations``: the paper's ablations. ``quick``: full, default, paper, StreamingLLM 20 %.
     A name whose settings an earlier name has is left out (e.g. variants' "k=32 T=0.1%" is the default)."""
     return _distinct(_methods(group, default))
@@ -164,6 +173,8 @@ def _methods(group: str, default: ReFreeKVConfig | None) -> dict[str, ReFreeKVCo
                 | {f"{name} {b:.0%}": fixed(name, b) for name in FIXED for b in FRONT_BUDGETS})
     if group == "holdout":
         return head | holdout()
+    if group == "tail":
+        return head | tail()
     if group == "ablations":
         P = ReFreeKVConfig.paper
         return head | {"k = 1% n": P(query_rows=0.01), "rank by H2O attention": P(ranking="h2o"),
@@ -215,11 +226,11 @@ class ResultsCache:
         """What decides an eval result: eval plans once, after the prompt, so "once", "turns", "chat" and
         replan_every cannot change one; a replan rule that keeps the first prompt whole ("history") can
         and is part of the key. A mass floor that is off is left out (records made before the field
-        existed keep their keys)."""
+        existed keep their keys); so is a tail that is off."""
         return None if config is None else {k: v for k, v in config.to_dict().items()
                                             if not (k == "replan" and not REPLANS[v].keeps_turn(1))
                                             and k != "replan_every"
-                                            and not (k == "mass_threshold" and v is None)}
+                                            and not (k in ("mass_threshold", "tail_bits") and v is None)}
 
     @staticmethod
     def key(prompt: Prompt, config: ReFreeKVConfig | None, fingerprint: str) -> str:
@@ -336,12 +347,11 @@ def merge(model, caches: list, n: int):
     out = ReFreeKVCache(model, ReFreeKVConfig(replan="once"))  # a container: it never plans
     out.planned_layers = set(range(len(out.layers)))
     for i, layer in enumerate(out.layers):
-        ks = [c.layers[i].keys for c in caches]
-        vs = [c.layers[i].values for c in caches]
-        valid = [getattr(c.layers[i], "slot_valid", None) for c in caches]
-        J = max(k.shape[-2] for k in ks)
+        seen = [c.layers[i].attended() if isinstance(c.layers[i], ReFreeKVLayer) else
+                (c.layers[i].keys, c.layers[i].values, None) for c in caches]  # a quantized tail dequantized
+        J = max(k.shape[-2] for k, _, _ in seen)
         keys, values, masks = [], [], []
-        for k, v, m in zip(ks, vs, valid):
+        for k, v, m in seen:
             pad = J - k.shape[-2]
             m = torch.ones(1, k.shape[-2], dtype=torch.bool) if m is None else m
             keys.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))

@@ -321,20 +321,35 @@ def _compressed_vs_reference(target: Target, dtype: str, case: LayerCase, plan, 
                              what: str = "compress_layer") -> None:
     """What compress_layer(s) returned for a layer, against the reference eviction of ``plan``."""
     c = case.config
-    k2, v2, valid, report = out
+    k2, v2, valid, report, tail = out
     _equal(f"{what} kept", target, dtype, case, plan.cut, np.asarray(report.kept))
     n_b = [case.n - s for s in case.start]
+    size = 0
     if report.compressed:
         wk, wv = ref.evict(Kn, Vn, want_idx)
         _equal(f"{what} valid slots", target, dtype, case, target.numpy(plan.valid), target.numpy(valid))
         _equal(f"{what} keys", target, dtype, case, wk, target.numpy(k2))
         _equal(f"{what} values", target, dtype, case, wv, target.numpy(v2))
         J = int(plan.cut.max())
+        if (tail is None) != (c.tail_bits is None):
+            _fail(f"{what} tail", target, dtype, case, f"a tail at {c.tail_bits} bits" if c.tail_bits else "no tail",
+                  "none" if tail is None else f"a tail at {tail.keys.bits} bits")
+        if tail is not None:  # what the plan evicts, kept quantized: the reference's positions and codes
+            t_idx, t_valid = ref.tail_positions(target.numpy(plan.order), plan.cut, start=case.start)
+            _equal(f"{what} tail idx", target, dtype, case, t_idx, target.numpy(tail.idx))
+            _equal(f"{what} tail valid", target, dtype, case, t_valid, target.numpy(tail.valid))
+            tk, tv = ref.evict(Kn, Vn, t_idx)
+            _quantized_vs_reference(target, dtype, case, tk, tail.keys, c.tail_bits, f"{what} tail keys")
+            _quantized_vs_reference(target, dtype, case, tv, tail.values, c.tail_bits, f"{what} tail values")
+            size = ref.tail_bytes(case.batch, case.kv_heads, t_idx.shape[-1], case.d, c.tail_bits,
+                                  8 if dtype == "float64" else 4)
     else:
         J = case.n
+        if tail is not None:
+            _fail(f"{what} tail", target, dtype, case, "no tail on a layer that was not compressed", "a tail")
         if not (max(n_b) <= c.sinks + 1 or (plan.cut == case.n).all()):
             _fail(f"{what} skipped", target, dtype, case, "compression", f"skipped: {report.reason}")
-    size = ref.kv_bytes(case.batch, case.kv_heads, J, case.d, ITEMSIZE[dtype])
+    size += ref.kv_bytes(case.batch, case.kv_heads, J, case.d, ITEMSIZE[dtype])
     _equal(f"{what} report bytes_after", target, dtype, case, size, report.bytes_after)
     _close(f"{what} report budget", target, dtype, case, np.asarray(plan.cut) / np.asarray(n_b), report.budget,
            atol=0, rtol=0)
