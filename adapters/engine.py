@@ -42,7 +42,7 @@ def refuse_tail(config: ReFreeKVConfig, engine_name: str) -> None:
     never run with the tail dropped."""
     if isinstance(config, ReFreeKVConfig) and config.tail_bits is not None:
         raise bad_input("tail_bits", repr(config.tail_bits), f"None with {engine_name}, which stores no quantized "
-                        "tail (the transformers cache does: refreekv.adapters.transformers)")
+                        "tail (the transformers and mlx-lm caches do)")
 
 
 def copy_sharing(obj, memo: dict, names: Sequence[str] = (), objects: Sequence[object] = ()):

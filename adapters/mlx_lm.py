@@ -221,12 +221,16 @@ def _joined(runs: list) -> list:
     return out
 
 
+#: The quantized tail's arrays (``config.tail_bits``): codes, scales and biases of K and V.
+TAIL_PARTS = ("k", "k_scales", "k_biases", "v", "v_scales", "v_biases")
+
+
 class ReFreeKVCache:
-    """One full-attention layer's cache (batch size 1), compressed after each planned segment."""
+    """One full-attention layer's cache (batch size 1), compressed after each planned segment. With
+    ``config.tail_bits`` what a plan evicts is kept quantized and attended to (``tail``)."""
 
     def __init__(self, config: ReFreeKVConfig | None = None, layer: int = 0, probe: QueryProbe | None = None):
         self.config = config if config is not None else ReFreeKVConfig()
-        engine.refuse_tail(self.config, "the mlx-lm cache")
         self.layer = layer
         self.probe = probe
         self.planner: Planner | None = None
@@ -246,6 +250,10 @@ class ReFreeKVCache:
         # The position of every stored slot, as runs [first position, count] in slot order; None once
         # a plan kept a set this cache cannot follow (rankings other than sinks + newest run).
         self.runs: list | None = []
+        # config.tail_bits: what plans evicted, quantized (TAIL_PARTS -> (1, Hkv, T, ...) arrays), attended to
+        # dequantized before the stored slots; tail_runs are its positions (ascending), as runs are the slots'.
+        self.tail: dict | None = None
+        self.tail_runs: list | None = []
 
     def __deepcopy__(self, memo):
         """A copy that continues on its own (fork a chat; mlx-lm's ``LRUPromptCache`` copies the caches it
@@ -260,6 +268,26 @@ class ReFreeKVCache:
     @property
     def report(self) -> LayerReport | None:
         return self.reports[-1] if self.reports else None
+
+    @property
+    def tail_slots(self) -> int:
+        """T, the quantized tail's slots (0 without one)."""
+        return 0 if self.tail is None else self.tail["k"].shape[2]
+
+    def _fetched(self) -> tuple[mx.array, mx.array]:
+        """What attention sees: the tail dequantized (if any), then the stored slots."""
+        k, v = self.keys[..., :self.stored, :], self.values[..., :self.stored, :]
+        if self.tail is None:
+            return k, v
+        be = refreekv.builtin_backend("mlx")
+        out = []
+        for p, x in (("k", k), ("v", v)):
+            codes, scales = self.tail[p], self.tail[f"{p}_scales"]
+            d = codes.shape[-1] * 8 // self.config.tail_bits
+            out.append(mx.concatenate([refreekv.core.step(be, "dequantize")(
+                codes, scales, self.tail[f"{p}_biases"], self.config.tail_bits, d // scales.shape[-1],
+                be.dtype_name(x)), x], axis=2))
+        return out[0], out[1]
 
     # -- the protocol -------------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -309,24 +337,25 @@ class ReFreeKVCache:
         self._calls_since_trim += 1
         if segment_end or generated:
             # This call attends to everything; only storage shrinks, once every layer has come.
-            full = self.keys[..., :self.stored, :], self.values[..., :self.stored, :]
+            full = self._fetched()
             if self.planner is None:
                 self.compress()
             else:
                 self.planner.submit(self)
             return full
-        return self.keys[..., :self.stored, :], self.values[..., :self.stored, :]
+        return self._fetched()
 
     def make_mask(self, N: int, window_size=None, return_array: bool = False):
-        # Kept slots are all real (batch 1), so a causal mask over stored + N keys is right.
-        return mlx_cache.create_attention_mask(N, self.stored, return_array, window_size)
+        # Kept slots and tail slots are all real (batch 1), so a causal mask over tail + stored + N keys is right.
+        return mlx_cache.create_attention_mask(N, self.stored + self.tail_slots, return_array, window_size)
 
     @property
     def state(self):
-        """The stored K and V (what ``mx.eval`` needs after each prefill chunk)."""
+        """The stored K and V and the tail's arrays (what ``mx.eval`` needs after each prefill chunk)."""
         if self.keys is None:
             return []
-        return [self.keys[..., :self.stored, :], self.values[..., :self.stored, :]]
+        return [self.keys[..., :self.stored, :], self.values[..., :self.stored, :],
+                *([] if self.tail is None else [self.tail[p] for p in TAIL_PARTS])]
 
     def is_trimmable(self) -> bool:
         return True
@@ -358,6 +387,10 @@ class ReFreeKVCache:
             self.runs = _joined([[p, max(0, min(c, self.offset - n - p))] for p, c in self.runs])
             self.stored = sum(c for _, c in self.runs)
             self.planned = min(self.planned, self.stored)
+            if self.tail is not None:  # tail positions at or past the new end go too (the tail is ascending)
+                self.tail_runs = _joined([[p, max(0, min(c, self.offset - n - p))] for p, c in self.tail_runs])
+                keep = sum(c for _, c in self.tail_runs)
+                self.tail = {p: a[:, :, :keep] for p, a in self.tail.items()} if keep else None
         self.offset -= n
         self._segment = max(0, self._segment - n)
         self._segment_prompt = max(0, self._segment_prompt - n)
@@ -399,7 +432,8 @@ class ReFreeKVCache:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        tail = 0 if self.tail is None else sum(a.nbytes for a in self.tail.values())
+        return tail + (0 if self.keys is None else self.keys.nbytes + self.values.nbytes)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         raise bad_input("kv_bits", bits, "None (quantizing a ReFreeKV cache is not supported)")
@@ -443,9 +477,17 @@ class ReFreeKVCache:
                 # the kept set is the sinks and a newest run (batch 1: no padded slots)
                 sinks = min(self.config.sinks, self.stored)
                 recent = out.keys.shape[2] - sinks
+                evicted = _slots(self.runs, sinks, self.stored - recent)
                 self.runs = _joined(_slots(self.runs, 0, sinks) + _slots(self.runs, self.stored - recent, self.stored))
             else:
-                self.runs = None
+                evicted = self.runs = None
+            if out.tail is not None:  # what this plan evicted joins the tail (its positions after the tail's)
+                new = dict(zip(TAIL_PARTS, (out.tail.keys.codes, out.tail.keys.scales, out.tail.keys.biases,
+                                            out.tail.values.codes, out.tail.values.scales, out.tail.values.biases)))
+                self.tail = new if self.tail is None else \
+                    {p: mx.concatenate([self.tail[p], new[p]], axis=2) for p in TAIL_PARTS}
+                mx.eval(list(self.tail.values()))
+                self.tail_runs = None if evicted is None or self.tail_runs is None else _joined(self.tail_runs + evicted)
             self.keys, self.values, self.stored = out.keys, out.values, out.keys.shape[2]
         self.reports.append(out.report)
         self.planned, self.plans = self.stored, self.plans + 1
@@ -489,7 +531,7 @@ def make_prompt_cache(model, config: ReFreeKVConfig | None = None) -> list:
     (``config.replan`` says when). Attaches the probes."""
     _attention_modules(model)  # the model is one we can plan for, before mlx-lm reads it
     base = mlx_cache.make_prompt_cache(model)
-    cfg = engine.checked_config(config, len(base), without_tail="the mlx-lm cache")
+    cfg = engine.checked_config(config, len(base))
     probes = attach(model)
     cache = [ReFreeKVCache(cfg, i, probes[i]) if type(c) is mlx_cache.KVCache else c
              for i, c in enumerate(base)]
@@ -668,7 +710,9 @@ def save_prompt_cache(file_name: str, prompt_cache: list, metadata: dict | None 
                      "plans": c.plans, "layer": c.layer, "config": c.config.to_dict(),
                      "reports": [r.__dict__ for r in c.reports], "segment": c._segment, "last_call": c._last_call,
                      "segment_prompt": c._segment_prompt, "turn": c._turn, "segments": c._segments,
-                     "runs": c.runs}
+                     "runs": c.runs, "tail_runs": c.tail_runs}
+            if c.tail is not None:
+                arrays.update({f"{i}.tail_{p}": a for p, a in c.tail.items()})
             if c.keys is not None:
                 arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys[..., :c.stored, :], c.values[..., :c.stored, :]
             if c._rows:  # query rows of a segment not planned yet (or of generated tokens, for replan_every)
@@ -729,6 +773,24 @@ def load_prompt_cache(file_name: str, model=None, return_metadata: bool = False)
     return (cache, header["metadata"]) if return_metadata else cache
 
 
+def _check_tail(i: int, c: ReFreeKVCache) -> None:
+    """A loaded layer's tail fits together (ValueError otherwise): a configuration with ``tail_bits``, codes
+    of that many bits for the stored slots' head dimension, one scale and bias per group, T slots each."""
+    bits = c.config.tail_bits
+    if bits is None or c.keys is None:
+        raise ValueError(f"layer {i}: a tail without tail_bits in its configuration or without stored slots")
+    T = c.tail["k"].shape[2]
+    for p, x in (("k", c.keys), ("v", c.values)):
+        codes, scales, biases = c.tail[p], c.tail[f"{p}_scales"], c.tail[f"{p}_biases"]
+        d, groups = x.shape[-1], scales.shape[-1]
+        ok = (codes.dtype == mx.uint8 and tuple(codes.shape) == (1, x.shape[1], T, d * bits // 8) and groups >= 1
+              and d % groups == 0 and tuple(scales.shape) == tuple(biases.shape) == (1, x.shape[1], T, groups)
+              and scales.dtype == biases.dtype == mx.float32)
+        if not ok:
+            raise ValueError(f"layer {i}: tail {p} codes {tuple(codes.shape)}, scales {tuple(scales.shape)} do not fit "
+                             f"{T} slots of d = {d} at {bits} bits")
+
+
 def _rebuild(i: int, entry: dict, arrays: dict):
     if entry["class"] == "ReFreeKVCache":
         c = ReFreeKVCache(ReFreeKVConfig.from_dict(entry["config"]), int(entry["layer"]), None)
@@ -759,6 +821,13 @@ def _rebuild(i: int, entry: dict, arrays: dict):
                                  f"and offset {c.offset}")
         else:
             c.runs = None if c.plans else []
+        if f"{i}.tail_k" in arrays:
+            c.tail = {p: arrays[f"{i}.tail_{p}"] for p in TAIL_PARTS}
+            _check_tail(i, c)
+        tail_runs = entry.get("tail_runs", [])
+        c.tail_runs = None if tail_runs is None else [[int(p), int(k)] for p, k in tail_runs]
+        if c.tail is not None and c.tail_runs is not None and sum(k for _, k in c.tail_runs) != c.tail_slots:
+            raise ValueError(f"layer {i}'s tail positions do not fit its {c.tail_slots} tail slots")
         return c
     cls = getattr(mlx_cache, entry["class"], None)
     if cls is None or not inspect.isclass(cls):

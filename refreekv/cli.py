@@ -79,7 +79,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    "a floor under the threshold rule's cut (default: off)")
     g.add_argument("--tail-bits", type=int, choices=list(rules.TAIL_BITS),
                    help="keep what the rule evicts quantized to this many bits instead of dropping it (default: drop; "
-                   "the transformers engine only)")
+                   "not in the kvpress press)")
 
 
 _FIELDS = ("threshold", "sinks", "retained_layers", "query_rows", "combine", "norm", "heads", "norm_scope",

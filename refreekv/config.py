@@ -92,8 +92,9 @@ class ReFreeKVConfig:
             quantized to that many bits per value (``refreekv.quantize_tail``; round five of issue 10:
             with the paper's boundary an 8-bit tail kept every answer of the full cache at ~60 % of the
             float32 bytes, docs/results.md). ``compress_layer(s)`` then return the tail beside the kept
-            slots, and the transformers cache stores it and attends to it, dequantized; the kept count
-            and budget still count full-precision positions, the bytes count both.
+            slots, and the transformers and mlx-lm caches store it and attend to it, dequantized (the
+            kvpress press refuses it); the kept count and budget still count full-precision positions,
+            the bytes count both.
     """
 
     threshold: float = 0.00125

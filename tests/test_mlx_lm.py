@@ -677,3 +677,58 @@ def test_mlx_lm_chat_follows_the_conversation_with_a_refreekv_cache():
         (n1, _), (n2, _), (n3, _) = plans[name]
         assert n1 < n2 and n3 < n2 - n1, plans  # the second turn extends the first; the reset starts over
     assert all(b == 100.0 for _, b in plans["T=0"]) and all(b < 100 for _, b in plans["default"])
+
+
+def _tail_positions(layer) -> list[int]:
+    return [p + j for p, c in layer.tail_runs for j in range(c)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_tail_cache_is_the_full_cache_with_its_evicted_positions_quantized(smol, ids, bits):
+    """``tail_bits``: every position a plan evicts is in the tail (with its true position), and the next
+    token's logits equal mlx-lm's full cache with exactly those positions quantize-dequantized."""
+    import refreekv
+
+    model, _ = smol
+    cfg = ReFreeKVConfig.paper(tail_bits=bits)
+    cache = make_prompt_cache(model, cfg)
+    model(mx.array(ids)[None], cache=cache)
+    compress_prompt_cache(cache)
+    plain = plain_prompt_cache(model)
+    model(mx.array(ids)[None], cache=plain)
+    assert any(c.tail_slots for c in cache)
+    for c, p in zip(cache, plain):
+        tail = _tail_positions(c) if c.tail is not None else []
+        assert c.tail_slots == len(tail) == c.offset - c.stored  # nothing evicted is dropped
+        assert sorted(tail + _positions(c)) == list(range(len(ids)))
+        if tail:
+            sel = mx.array(tail)
+            for name in ("keys", "values"):
+                x = getattr(p, name)
+                q = refreekv.dequantize(refreekv.quantize(x[:, :, sel], bits=bits))
+                x[:, :, sel] = q
+    nxt = mx.array([[ids[-1]]])
+    got, want = model(nxt, cache=cache), model(nxt, cache=plain)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-4, rtol=0)
+
+
+def test_a_tail_travels_through_save_load_and_trims_with_its_positions(smol, ids, tmp_path):
+    model, tok = smol
+    cfg = ReFreeKVConfig.paper(tail_bits=8)
+    cache = make_prompt_cache(model, cfg)
+    run(model, tok, ids, cache, max_tokens=3)
+    path = str(tmp_path / "tail.safetensors")
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path, model)
+    for a, b in zip(cache, loaded):
+        assert a.tail_runs == b.tail_runs and a.tail_slots == b.tail_slots
+        assert all(mx.array_equal(x, y) for x, y in zip(a.state, b.state))  # the tail's arrays included
+    turn = tok.encode(" And once more?")
+    assert run(model, tok, turn, cache, max_tokens=3) == run(model, tok, turn, loaded, max_tokens=3)
+    layer = next(c for c in loaded if c.tail_slots)
+    before = _tail_positions(layer)
+    cut = before[len(before) // 2]  # back into the middle of the tail
+    layer.trim(layer.offset - cut)
+    assert _tail_positions(layer) == [p for p in before if p < cut] and layer.offset == cut
+    assert layer.tail_slots == len(_tail_positions(layer)) and sorted(_tail_positions(layer) + _positions(layer)) == \
+        list(range(cut))

@@ -1,7 +1,7 @@
 """The quantized tail in the transformers cache (``ReFreeKVConfig(tail_bits=...)``): what the rule evicts is
 kept at 8 or 4 bits and attended to, so a compressed cache is the full cache with its evicted positions
-quantized; nothing is dropped, through batches, re-plans, beams and save/load; the engines that store no
-tail refuse it by name."""
+quantized; nothing is dropped, through batches, re-plans, beams and save/load; an engine that stores no
+tail (the kvpress press) refuses it by name. The mlx-lm cache's tail: tests/test_mlx_lm.py."""
 
 import copy
 
@@ -146,15 +146,17 @@ def test_beams_carry_the_tail(smol, prompt):
     assert all(layer.tail_valid.shape[0] == 2 for layer in cache.layers if layer.tail_slots)
 
 
-def test_engines_without_a_tail_refuse_it_by_name():
-    with pytest.raises(ReFreeKVError, match=r"^tail_bits: received 8; expected None with the mlx-lm cache"):
-        pytest.importorskip("mlx_lm")
-        from refreekv.adapters.mlx_lm import ReFreeKVCache as MLXCache
+def test_tail_bits_is_checked_and_an_engine_without_a_tail_refuses_it_by_name():
+    from refreekv.adapters import engine
 
-        MLXCache(ReFreeKVConfig(tail_bits=8))
     with pytest.raises(ReFreeKVError, match=r"^tail_bits: received 3; expected None \(drop what the rule evicts\) or 8 or 4"):
         ReFreeKVConfig(tail_bits=3)
+    with pytest.raises(ReFreeKVError, match=r"^tail_bits: received True"):
+        ReFreeKVConfig(tail_bits=True)
     assert ReFreeKVConfig.from_dict(ReFreeKVConfig(tail_bits=4).to_dict()).tail_bits == 4
+    with pytest.raises(ReFreeKVError, match=r"^tail_bits: received 8; expected None with the kvpress press"):
+        engine.refuse_tail(ReFreeKVConfig(tail_bits=8), "the kvpress press")
+    engine.refuse_tail(ReFreeKVConfig(), "the kvpress press")  # no tail: nothing to refuse
 
 
 def test_a_damaged_tail_loads_nothing(smol, prompt, tmp_path):

@@ -136,6 +136,8 @@ def test_a_configuration_kvpress_cannot_mask_is_refused(smol):
         ReFreeKVPress({"threshold": 0.1})
     with pytest.raises(ReFreeKVError, match="replan: received 'history'"):
         ReFreeKVPress(ReFreeKVConfig(replan="history"))  # it would keep the prompt whole: refused, not ignored
+    with pytest.raises(ReFreeKVError, match="tail_bits: received 8; expected None with the kvpress press"):
+        ReFreeKVPress(ReFreeKVConfig(tail_bits=8))  # kvpress's cache would drop the tail: refused, not ignored
     assert ReFreeKVPress(ReFreeKVConfig(replan="chat")).config.replan == "chat"  # compresses the prompt, as "turns"
 
 
