@@ -219,9 +219,9 @@ def plan_layers(q_rows: list, keys: list, config: ReFreeKVConfig | None = None, 
     return planner.plan(v.request(q_rows, keys, values, config, start=start, scale=scale, keep_newest=keep_newest))
 
 
-def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Array]:
-    """Evict what ``plan`` keeps, the fastest valid way: two slices when the kept set is the sinks
-    plus the newest run of one sample, else one gather. (B, Hkv, J, d) x2."""
+def _plan_inputs(keys: Array, values: Array, plan: LayerPlan) -> tuple[Backend, tuple, tuple]:
+    """``plan`` is a LayerPlan made for (B, Hkv, n) keys and values like these, of their backend and
+    device. Returns the backend and the shapes of keys and values."""
     if not isinstance(plan, LayerPlan):
         raise bad_input("plan", f"type {type(plan).__name__}", "a refreekv.LayerPlan from plan_layer(s)")
     be = v.backend_of(keys, "keys")
@@ -237,6 +237,13 @@ def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Arra
     planner.check_plan_fields(plan, be, *want)
     if shape[:3] != want or vshape[:3] != want:
         raise bad_input("keys", f"shape {shape} (values {vshape})", f"(B, Hkv, n) = {want}, the shapes the plan was made for")
+    return be, shape, vshape
+
+
+def evict_plan(keys: Array, values: Array, plan: LayerPlan) -> tuple[Array, Array]:
+    """Evict what ``plan`` keeps, the fastest valid way: two slices when the kept set is the sinks
+    plus the newest run of one sample, else one gather. (B, Hkv, J, d) x2."""
+    be, _, _ = _plan_inputs(keys, values, plan)
     return planner.evict(plan, keys, values, be)
 
 
@@ -356,22 +363,8 @@ def quantize_tail(keys: Array, values: Array, plan: LayerPlan, *, bits: int) -> 
     """What ``plan`` evicts from ``keys``/``values`` (B, Hkv, n, d), kept at ``bits`` bits instead of
     dropped: ``tail_positions`` of the plan's order and cut, gathered and ``quantize``-d. Stored beside
     ``evict_plan``'s kept slots, the two hold every position of the prompt."""
-    if not isinstance(plan, LayerPlan):
-        raise bad_input("plan", f"type {type(plan).__name__}", "a refreekv.LayerPlan from plan_layer(s)")
+    be, shape, vshape = _plan_inputs(keys, values, plan)
     b = _bits(bits)
-    be = v.backend_of(keys, "keys")
-    shape = v.float_array(be, keys, "keys", 4, "(B, Hkv, n, d)")
-    v.same_backend(be, values, "values")
-    v.same_device(be, keys, "keys", values, "values")
-    vshape = v.float_array(be, values, "values", 4, "(B, Hkv, n, d_v)")
-    if find_backend(plan.order) is not be or len(be.shape(plan.order)) != 3:
-        raise bad_input("plan", f"order of type {type(plan.order).__name__}",
-                        f"a LayerPlan whose order is a (B, Hkv, n) {be.name} array, as plan_layer made it")
-    v.same_device(be, keys, "keys", plan.order, "plan")
-    want = tuple(be.shape(plan.order))
-    planner.check_plan_fields(plan, be, *want)
-    if shape[:3] != want or vshape[:3] != want:
-        raise bad_input("keys", f"shape {shape} (values {vshape})", f"(B, Hkv, n) = {want}, the shapes the plan was made for")
     for name, s in (("keys", shape), ("values", vshape)):
         if b == 4 and (s[-1] % 2):
             raise bad_input(name, f"shape {s}", "an even head dimension at 4 bits (two codes per byte)")
