@@ -270,10 +270,10 @@ class ReFreeKVLayer(DynamicLayer):
         if tail is not None:
             new = dict(zip(TAIL_FIELDS, (tail.keys.codes, tail.keys.scales, tail.keys.biases,
                                          tail.values.codes, tail.values.scales, tail.values.biases)))
-            if self.tail_valid is None:
-                self.tail_bits, self.tail_valid = tail.keys.bits, tail.valid
+            if self.tail_valid is None:  # copies: the planner hands every layer's tail as views of one array
+                self.tail_bits, self.tail_valid = tail.keys.bits, tail.valid.clone()
                 for name, t in new.items():
-                    setattr(self, name, t)
+                    setattr(self, name, t.clone())
             else:
                 self.tail_valid = torch.cat([self.tail_valid, tail.valid], dim=1)
                 for name, t in new.items():

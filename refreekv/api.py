@@ -370,4 +370,4 @@ def quantize_tail(keys: Array, values: Array, plan: LayerPlan, *, bits: int) -> 
             raise bad_input(name, f"shape {s}", "an even head dimension at 4 bits (two codes per byte)")
     _finite(be, keys, "keys")
     _finite(be, values, "values")
-    return planner.quantized_tail(plan, keys, values, be, b)
+    return planner.quantized_tails([plan], [keys], [values], be, b)[0]

@@ -63,19 +63,52 @@ class CompressedLayer(NamedTuple):
     tail: QuantizedTail | None = None
 
 
-def quantized_tail(plan_: LayerPlan, keys: Array, values: Array, be: Backend, bits: int) -> QuantizedTail:
-    """What the plan evicts from keys/values (B, Hkv, n, d), kept at ``bits`` bits: the tail's positions,
-    gathered, quantized per ``quant_group(d)``."""
-    n_b = plan_.prompt_lengths.astype(np.int64)
+def _tail_rows(plan_: LayerPlan, keys: Array, values: Array, be: Backend, ar: Array,
+               yes: Array) -> tuple[Array, Array, Array, Array]:
+    """What the plan evicts, unquantized: (idx (B, Hkv, T), valid (B, T), K and V (B, Hkv, T, d)). For the
+    position ranking and one sample the tail is one run of positions, taken by slicing (no sort, no gather;
+    ``ar`` (n,) int64 and ``yes`` (1, n) bool, shared by the layers, give its positions and valid slots)."""
+    cfg, n_b = plan_.config, plan_.prompt_lengths.astype(np.int64)
+    B, Hkv, n = be.shape(plan_.order)
+    s = int(plan_.start[0])
+    m = min(cfg.sinks, int(n_b[0]))
+    lo, hi = s + m, n - (int(plan_.cut[0]) - m)
+    if RANKINGS[cfg.ranking].newest_run and B == 1 and hi > lo:  # (an empty tail is one padded slot, as below)
+        idx = be.broadcast_to(be.reshape(ar[lo:hi], (1, 1, hi - lo)), (1, Hkv, hi - lo))
+        return idx, yes[:, :hi - lo], keys[:, :, lo:hi, ...], values[:, :, lo:hi, ...]
     T = max(1, int((n_b - plan_.cut).max()))
     idx, valid = step(be, "tail_positions")(plan_.order, be.from_numpy(plan_.cut.astype(np.int64), "int64", like=plan_.order),
                                             be.from_numpy(n_b, "int64", like=plan_.order), T)
     tk, tv = step(be, "evict")(keys, values, idx)
-    parts = []
-    for x in (tk, tv):
-        g = quant_group(be.shape(x)[-1])
-        parts.append(Quantized(*step(be, "quantize")(x, bits, g), bits, g, be.dtype_name(x)))
-    return QuantizedTail(idx, valid, *parts)
+    return idx, valid, tk, tv
+
+
+def _quantized(be: Backend, xs: list[Array], bits: int) -> list[Quantized]:
+    """``quantize`` each of ``xs`` (B, Hkv, T_i, d), all in one call: the groups lie along d, so the arrays
+    are quantized joined along T and the codes split back (a constant number of operations for any number
+    of layers)."""
+    d = be.shape(xs[0])[-1]
+    g = quant_group(d)
+    joined = xs[0] if len(xs) == 1 else be.concat(xs, axis=2)
+    codes, scales, biases = step(be, "quantize")(joined, bits, g)
+    out, at = [], 0
+    for x in xs:
+        t = be.shape(x)[2]
+        out.append(Quantized(codes[:, :, at:at + t, ...], scales[:, :, at:at + t, ...], biases[:, :, at:at + t, ...],
+                             bits, g, be.dtype_name(x)))
+        at += t
+    return out
+
+
+def quantized_tails(plans: list[LayerPlan], keys: list, values: list, be: Backend, bits: int) -> list[QuantizedTail]:
+    """What each plan evicts from its layer's keys/values (B, Hkv, n, d), kept at ``bits`` bits: the tail's
+    positions, its K and V taken and quantized per ``quant_group(d)``, every layer's in one quantize call."""
+    ar = be.arange(be.shape(plans[0].order)[-1], like=plans[0].order)
+    yes = (ar >= 0)[None, :]
+    rows = [_tail_rows(p, k, v, be, ar, yes) for p, k, v in zip(plans, keys, values)]
+    qk = _quantized(be, [r[2] for r in rows], bits)
+    qv = _quantized(be, [r[3] for r in rows], bits)
+    return [QuantizedTail(r[0], r[1], a, b) for r, a, b in zip(rows, qk, qv)]
 
 
 def fixed_budget_cut(start: np.ndarray, n: int, halting: str, budget, sinks: int) -> np.ndarray:
@@ -288,6 +321,13 @@ def compress(req: Request, reuse: list[LayerPlan] | None = None) -> list[Compres
                       values=[req.values[i] for i in todo], scales=[req.scales[i] for i in todo],
                       layers=[index[i] for i in todo])
         plans = plan(sub, None if reuse is None else [reuse[i] for i in todo])
+        tails = {}
+        if cfg.tail_bits is not None:  # every compressed layer's tail, quantized together
+            cut = [(i, p) for i, p in zip(todo, plans) if not (p.cut == n).all()]
+            if cut:
+                made = quantized_tails([p for _, p in cut], [req.keys[i] for i, _ in cut],
+                                       [req.values[i] for i, _ in cut], be, cfg.tail_bits)
+                tails = {i: t for (i, _), t in zip(cut, made)}
         share = (time.perf_counter() - t0) / len(todo)
         for i, p in zip(todo, plans):
             t1 = time.perf_counter()
@@ -295,7 +335,7 @@ def compress(req: Request, reuse: list[LayerPlan] | None = None) -> list[Compres
                 out[i] = unchanged(i, "the cut keeps every token", share)
                 continue
             k2, v2 = evict(p, req.keys[i], req.values[i], be)
-            tail = None if cfg.tail_bits is None else quantized_tail(p, req.keys[i], req.values[i], be, cfg.tail_bits)
+            tail = tails.get(i)
             out[i] = CompressedLayer(k2, v2, p.valid, LayerReport(
                 index[i], True, "", n_b, p.cut.tolist(), be.nbytes(req.keys[i]) + be.nbytes(req.values[i]),
                 be.nbytes(k2) + be.nbytes(v2) + (0 if tail is None else tail.nbytes), share + time.perf_counter() - t1),
