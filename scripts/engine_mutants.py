@@ -28,8 +28,8 @@ T, M, S = "adapters/transformers.py", "adapters/mlx_lm.py", "adapters/transforme
 #: (engine, name, file, snippet, replacement)
 MUTANTS = [
     ("transformers", "kept slots' validity ignored in the layer mask", T,
-     "kept = self.slot_valid[:, None, None, :].expand(B, 1, q_len, J)",
-     "kept = torch.ones_like(self.slot_valid)[:, None, None, :].expand(B, 1, q_len, J)"),
+     "kept = slots[:, None, None, :].expand(B, 1, q_len, J)",
+     "kept = torch.ones_like(slots)[:, None, None, :].expand(B, 1, q_len, J)"),
     ("transformers", "new columns of the shared mask off by one", T,
      "new = shared[..., self.compressed_at:self.compressed_at + D]",
      "new = shared[..., self.compressed_at - 1:self.compressed_at + D - 1]"),
@@ -48,8 +48,8 @@ MUTANTS = [
      "rows = 1 if self.refreekv_config.is_retained(idx) else engine.capture_rows(self.refreekv_config, n)",
      "rows = 1"),
     ("transformers", "a re-plan stores the physical length as the virtual one", T,
-     "layer.store_compressed(out.keys, out.values, out.valid, layer.get_seq_length())",
-     "layer.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2])"),
+     "layer.store_compressed(out.keys, out.values, out.valid, layer.get_seq_length(), out.tail)",
+     "layer.store_compressed(out.keys, out.values, out.valid, layer.keys.shape[-2], out.tail)"),
     ("transformers", "without a mask, a new token does not see itself", T,
      "new = (u <= (D - q_len) + t)[None, None]", "new = (u < (D - q_len) + t)[None, None]"),
     ("transformers", "plans reused across configurations whatever their ranking", T,
