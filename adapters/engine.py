@@ -42,7 +42,8 @@ def refuse_tail(config: ReFreeKVConfig, engine_name: str) -> None:
     never run with the tail dropped."""
     if isinstance(config, ReFreeKVConfig) and config.tail_bits is not None:
         raise bad_input("tail_bits", repr(config.tail_bits), f"None with {engine_name}, which stores no quantized "
-                        "tail (the transformers and mlx-lm caches do)")
+                        "tail (the transformers and mlx-lm caches do): e.g. ReFreeKVConfig.evicting(), the eviction "
+                        "rule, or ReFreeKVConfig(tail_bits=None)")
 
 
 def copy_sharing(obj, memo: dict, names: Sequence[str] = (), objects: Sequence[object] = ()):

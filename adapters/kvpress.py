@@ -117,13 +117,15 @@ class ReFreeKVPress(BasePress):
     Parameters
     ----------
     config : ReFreeKVConfig
-        The refreekv configuration (default: ``ReFreeKVConfig()``, the library's default).
+        The refreekv configuration (default: ``ReFreeKVConfig.evicting()``, the eviction rule: kvpress's
+        cache holds only what a press returns, so the library's default, which keeps what it evicts as an
+        8-bit tail, is refused by name here).
 
     After a prefill, ``report`` is the per-layer ``BudgetReport`` (kept tokens, budget, bytes), and
     ``compression_ratio`` the fraction of prompt tokens evicted, as kvpress's evaluation reads it.
     """
 
-    config: ReFreeKVConfig = field(default_factory=ReFreeKVConfig)
+    config: ReFreeKVConfig = field(default_factory=ReFreeKVConfig.evicting)
     report: BudgetReport = field(default_factory=BudgetReport, init=False, repr=False)
 
     def __post_init__(self):

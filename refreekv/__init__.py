@@ -41,7 +41,7 @@ from .errors import ReFreeKVError
 from .report import BudgetReport, LayerReport
 from .rules import RANKINGS, Ranking
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # From a source checkout (no install), the top-level reference/ and adapters/ folders are this
 # package's refreekv.reference and refreekv.adapters, as an install maps them (pyproject's

@@ -46,6 +46,20 @@ def _number(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"received {text!r}; expected an int (a count) or a float in (0, 1)")
 
 
+def _tail_bits(text: str) -> int | str:
+    """--tail-bits: one of rules.TAIL_BITS, or "none" (what the rule evicts is dropped)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = None
+    if bits not in rules.TAIL_BITS:
+        raise argparse.ArgumentTypeError(f"received {text!r}; expected " + ", ".join(map(str, rules.TAIL_BITS))
+                                         + " or none")
+    return bits
+
+
 def _choices(table: dict) -> str:
     return "; ".join(f"{k}: {v}" for k, v in table.items())
 
@@ -53,8 +67,13 @@ def _choices(table: dict) -> str:
 def _config_args(p: argparse.ArgumentParser) -> None:
     d = ReFreeKVConfig()
     g = p.add_argument_group("ReFreeKV configuration (defaults: the library's default, ReFreeKVConfig())")
-    g.add_argument("--paper", action="store_true",
-                   help="start from the paper's exact configuration (ReFreeKVConfig.paper()) instead of the default")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--paper", action="store_true",
+                       help="start from the paper's exact configuration (ReFreeKVConfig.paper(): evicts, no tail) "
+                       "instead of the default")
+    start.add_argument("--evicting", action="store_true",
+                       help="start from the eviction rule (ReFreeKVConfig.evicting(): 32 score rows, every head "
+                       "counted, T = 0.125 %%, what it evicts dropped) instead of the default")
     g.add_argument("--threshold", type=float, help=f"T, the tolerated norm ratio (default {d.threshold})")
     g.add_argument("--sinks", type=int, help=f"attention-sink tokens always kept (default {d.sinks})")
     g.add_argument("--retained-layers", type=_ints,
@@ -77,9 +96,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replan-every", type=int, help="also re-plan every N generated tokens (default 0: never)")
     g.add_argument("--mass-threshold", type=float, help="Tm: also keep until the evicted attention mass is <= Tm, "
                    "a floor under the threshold rule's cut (default: off)")
-    g.add_argument("--tail-bits", type=int, choices=list(rules.TAIL_BITS),
-                   help="keep what the rule evicts quantized to this many bits instead of dropping it (default: drop; "
-                   "not in the kvpress press)")
+    g.add_argument("--tail-bits", type=_tail_bits, metavar="{" + ",".join(map(str, rules.TAIL_BITS)) + ",none}",
+                   help="keep what the rule evicts quantized to this many bits; none: drop it "
+                   f"(default {d.tail_bits}; --paper and --evicting: none; the kvpress press stores no tail)")
 
 
 _FIELDS = ("threshold", "sinks", "retained_layers", "query_rows", "combine", "norm", "heads", "norm_scope",
@@ -88,11 +107,16 @@ _FIELDS = ("threshold", "sinks", "retained_layers", "query_rows", "combine", "no
 
 
 def config_from(a: argparse.Namespace) -> ReFreeKVConfig:
-    """The configuration the options describe: the default (or the paper's) with the given changes."""
+    """The configuration the options describe: the default (or the paper's, or the eviction rule) with the
+    given changes."""
     changes = {f: getattr(a, f) for f in _FIELDS if getattr(a, f, None) is not None}
     if "retained_layers" in changes:
         changes["retained_layers"] = tuple(changes["retained_layers"])
-    return ReFreeKVConfig.paper(**changes) if a.paper else ReFreeKVConfig(**changes)
+    if changes.get("tail_bits") == "none":
+        changes["tail_bits"] = None
+    if a.paper:
+        return ReFreeKVConfig.paper(**changes)
+    return ReFreeKVConfig.evicting(**changes) if getattr(a, "evicting", False) else ReFreeKVConfig(**changes)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -144,13 +168,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--every", type=int, default=128, help="--task generation: re-plan every this many tokens")
     e.add_argument("--methods", choices=["main", "front", "variants", "candidates", "thresholds", "options", "heads", "holdout",
                                          "tail", "ablations", "quick"],
-                   default="main", help="main: default, paper and the fixed-budget front; variants: the "
-                   "threshold-free design space; candidates: the second-round variants (around T = 0.1 %%); "
-                   "thresholds: the default's rule at other thresholds, halting norms and mass floors, with the "
-                   "fixed-budget front; options: the three rules round three chose among; heads: round four (every "
-                   "head's own ratio counted equally); tail: the default and the paper with what they evict kept at 8 or "
-                   "4 bits (round five, through the transformers cache); holdout: the default, the "
-                   "defaults before rounds four and three, the paper and SnapKV/StreamingLLM at 70 and 80 %%")
+                   default="main", help="main: the default, the eviction rule (--evicting), the paper and the fixed-budget "
+                   "front; variants: the threshold-free design space; candidates: the second-round variants (around "
+                   "T = 0.1 %%); thresholds: the eviction rule at other thresholds, halting norms and mass floors, with "
+                   "the fixed-budget front; options: the three rules round three chose among; heads: round four (every "
+                   "head's own ratio counted equally); tail: the default, the eviction rule and the paper, and the "
+                   "paper's and eviction rule's boundaries with 4- and 8-bit tails (round five, through the "
+                   "transformers cache); holdout: the default, the eviction rule, the paper, the eviction defaults "
+                   "before rounds four and three and SnapKV/StreamingLLM at 70 and 80 %%")
     e.add_argument("--split", choices=["dev", "test", "holdout"], default="holdout",
                    help="dev and test: choose on them; holdout: report on it")
     e.add_argument("--size", choices=["full", "medium", "quick"], default="full",

@@ -61,8 +61,8 @@ def main(argv=None) -> None:
         prompts = [(q.id, q.kind, q.text, q.target) for q in build(tok, a.prompts)
                    if q.kind in ("open", "continuation") and q.length <= 4096]
     # the round-three default (heads="mean", T = 0.05 %), which docs/results.md's numbers of this study used
-    base, G = ReFreeKVConfig(heads="mean", threshold=0.0005), a.after
-    late = ReFreeKVConfig(heads="mean", threshold=0.0005, query_rows=G)
+    base, G = ReFreeKVConfig.evicting(heads="mean", threshold=0.0005), a.after
+    late = ReFreeKVConfig.evicting(heads="mean", threshold=0.0005, query_rows=G)
     rows, records, reach = [], [], []
     for name, kind, text, target in track(prompts, description="prompts", console=console):
         if kind == "continuation":

@@ -69,8 +69,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     torch.set_grad_enabled(False)
     model, tok = load_torch()
-    M = partial(ReFreeKVConfig, heads="mean")  # the rules measured before round four
-    configs = {"default (heads each, T = 0.125 %)": ReFreeKVConfig(),
+    M = partial(ReFreeKVConfig.evicting, heads="mean")  # the rules measured before round four
+    configs = {"default (heads each, T = 0.125 %)": ReFreeKVConfig.evicting(),
                "T = 0.05 % (default before round four)": M(threshold=0.0005),
                "T = 0.1 % (default before round three)": M(threshold=0.001),
                "mass floor 3 % (T = 0.1 %)": M(threshold=0.001, mass_threshold=0.03)}
@@ -108,8 +108,8 @@ def main(argv=None) -> None:
         for g in (g for g in delays if g < len(full.tokens)):  # plan after the full cache's first g answer
             # tokens (identical by construction); an answer of at most g tokens has nothing left to compare
             ids_g = torch.cat([ids, torch.tensor([full.tokens[:g]])], 1)
-            pre_g = capture_prefill(model, ids_g, configs=[ReFreeKVConfig()])
-            compressed = ReFreeKVCache.from_prefill(pre_g, ReFreeKVConfig())
+            pre_g = capture_prefill(model, ids_g, configs=[ReFreeKVConfig.evicting()])
+            compressed = ReFreeKVCache.from_prefill(pre_g, ReFreeKVConfig.evicting())
             tokens = full.tokens[:g] + greedy(model, tok, compressed, pre_g.logits, n + g, a.max_new_tokens - g).tokens
             at = diverges_at(tokens, full.tokens)
             m = margin[at] if at is not None and at < len(margin) else None
@@ -164,7 +164,7 @@ def layer_study(model, tok, pre, full, n: int, max_new: int, name: str) -> list[
     from refreekv.adapters.transformers import ReFreeKVCache
     from refreekv.commands.runner import diverges_at, greedy
 
-    base = ReFreeKVConfig()
+    base = ReFreeKVConfig.evicting()
     report = ReFreeKVCache.from_prefill(pre, base).report
     layers = len(report.layers)
     kept = {r.layer: r.kept[0] / r.prompt_lengths[0] for r in report.layers}
@@ -172,7 +172,7 @@ def layer_study(model, tok, pre, full, n: int, max_new: int, name: str) -> list[
     every = [k for k in range(layers) if not base.is_retained(k)]
 
     def run(compressed: list[int], label: str) -> dict:
-        cfg = ReFreeKVConfig(retained_layers=tuple(k for k in range(layers) if k not in compressed))
+        cfg = ReFreeKVConfig.evicting(retained_layers=tuple(k for k in range(layers) if k not in compressed))
         cache = ReFreeKVCache.from_prefill(pre, cfg)
         ours = greedy(model, tok, cache, pre.logits, n, max_new)
         at = diverges_at(ours.tokens, full.tokens)

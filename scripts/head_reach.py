@@ -36,7 +36,7 @@ if split == "demo":
 else:
     from refreekv.commands.tasks import build
     prompts = [(q.id, q.text) for q in build(tok, split) if q.kind == "open"]
-cfg = ReFreeKVConfig(heads="mean", threshold=0.0005)  # the round-three default this study was made on
+cfg = ReFreeKVConfig.evicting(heads="mean", threshold=0.0005)  # the round-three default this study was made on
 T, S = cfg.threshold, cfg.sinks
 rows_out = []
 t0 = time.time()
@@ -52,7 +52,7 @@ for name, text in prompts:
     n = ids.shape[1]
     if n < 200:
         continue
-    pre = capture_prefill(model, ids, configs=[cfg, ReFreeKVConfig()])
+    pre = capture_prefill(model, ids, configs=[cfg, ReFreeKVConfig.evicting()])
     answer = greedy(model, tok, _fork(pre.cache), pre.logits, n, 24).tokens
     kept = {r.layer: r.kept[0] / r.prompt_lengths[0] for r in ReFreeKVCache.from_prefill(pre, cfg).report.layers}
     kept_now = {r.layer: r.kept[0] / r.prompt_lengths[0] for r in ReFreeKVCache.from_prefill(pre).report.layers}

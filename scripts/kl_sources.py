@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - t0
     from refreekv import ReFreeKVConfig
 
-    described = "the default configuration" if config == ReFreeKVConfig() else f"configuration {config}"
+    described = "the default configuration" if config == ReFreeKVConfig.evicting() else f"configuration {config}"
     head = (f"# Where the continuation KL comes from ({a.split} split)\n\n`python scripts/kl_sources.py --split "
             f"{a.split}`, {described}; {len(rows)} continuations, {seconds:.0f} s.\n\nMean KL "
             f"{np.mean([r['kl'] for r in rows]):.4f}; the single-layer shares add up to {total_share:.2f} of it "

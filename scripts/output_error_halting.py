@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     from refreekv.commands.output import markdown_table, rich_table, write
 
     a, Ts = continuation_args(__doc__.split("\n")[0], "0.02,0.05,0.1,0.2", argv)
-    cfg = ReFreeKVConfig()
+    cfg = ReFreeKVConfig.evicting()
     t0 = time.perf_counter()
     model, tok = load_torch()
     prompts = continuations(tok, a.split, a.limit)

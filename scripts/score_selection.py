@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     a, Ts = continuation_args(__doc__.split("\n")[0], "0.001,0.0005", argv)
     t0 = time.perf_counter()
     model, tok = load_torch()
-    cfgs = [ReFreeKVConfig(threshold=T) for T in Ts]
+    cfgs = [ReFreeKVConfig.evicting(threshold=T) for T in Ts]
     rows, window, pool = cfgs[0].rows_for(2048), 32, 7
     prompts = continuations(tok, a.split, a.limit)
     records = []

@@ -63,7 +63,7 @@ ROWS = {
     "uniform 8-bit": ("uniform", 8, None),
     "uniform 4-bit": ("uniform", 4, None),
 }
-BOUNDARIES = {"default": ReFreeKVConfig(), "paper": ReFreeKVConfig.paper(),
+BOUNDARIES = {"default": ReFreeKVConfig.evicting(), "paper": ReFreeKVConfig.paper(),
               "streamingllm 50%": fixed("streamingllm", 0.5), "streamingllm 30%": fixed("streamingllm", 0.3)}
 
 

@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     model, tok = load_torch()
     m = template_tail(tok)
-    cfgs = [ReFreeKVConfig(threshold=T) for T in Ts]
+    cfgs = [ReFreeKVConfig.evicting(threshold=T) for T in Ts]
     prompts, seen = [], {}
     for q in build(tok, a.split):
         if q.length <= a.max_length and (a.limit is None or seen.get(q.kind, 0) < a.limit):

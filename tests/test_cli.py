@@ -157,7 +157,7 @@ def test_eval_quick_and_its_cache(capsys, tmp_path):
     out = run_json(capsys, "eval", "--methods", "quick", "--split", "dev", "--size", "quick", "--threshold", "0.02",
                    "--out", str(tmp_path))
     res = out["results"]
-    assert set(res) == {"full", "refreekv (default)", "refreekv (paper)", "streamingllm 20%"}
+    assert set(res) == {"full", "refreekv (default)", "refreekv (evicting)", "refreekv (paper)", "streamingllm 20%"}
     assert out["configs"]["refreekv (default)"]["threshold"] == 0.02  # the options configure the default
     assert res["full"]["budget"] == 1.0 and res["full"]["cont_kl"] == 0.0 and res["full"]["cont_top1"] == 1.0
     assert abs(res["streamingllm 20%"]["budget"] - 0.2) < 0.02
@@ -185,11 +185,18 @@ def test_every_command_takes_the_configuration_and_shows_defaults(capsys):
         a = parser().parse_args([*command, "--threshold", "0.02", "--query-rows", "8", "--replan", "turns"])
         cfg = config_from(a)
         assert (cfg.threshold, cfg.query_rows, cfg.replan) == (0.02, 8, "turns")
-    assert config_from(parser().parse_args(["demo", "--paper"])).query_rows == 1
+    assert config_from(parser().parse_args(["demo", "--paper"])) == ReFreeKVConfig.paper()
+    assert config_from(parser().parse_args(["demo", "--evicting"])) == ReFreeKVConfig.evicting()
+    assert config_from(parser().parse_args(["demo"])) == ReFreeKVConfig()
+    assert config_from(parser().parse_args(["demo", "--tail-bits", "none"])) == ReFreeKVConfig(tail_bits=None)
+    assert config_from(parser().parse_args(["demo", "--paper", "--tail-bits", "4"])) == ReFreeKVConfig.paper(tail_bits=4)
+    for bad in (["--tail-bits", "3"], ["--tail-bits", "eight"], ["--paper", "--evicting"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["demo", *bad])
     with pytest.raises(SystemExit):
         parser().parse_args(["eval", "--help"])
     text = capsys.readouterr().out
-    assert "(default 0.00125)" in text and "(default: holdout)" in text and "--replan-every" in text
+    assert "(default 0.01)" in text and "(default 8;" in text and "(default: holdout)" in text and "--replan-every" in text
 
 
 @pytest.mark.model
@@ -198,7 +205,9 @@ def test_bench_tiny(capsys, tmp_path):
                    "--decode-tokens", "2", "--repeat", "1", "--out", str(tmp_path))
     (row,) = out["model"]
     assert row["n"] == 256 and row["kv_bytes_refreekv"] < row["kv_bytes_full"]
-    assert abs(row["bytes_ratio"] - row["budget"]) < 1e-9  # bytes held = budget x full bytes
+    # the default keeps what it evicts as 8-bit codes: more bytes than the kept share, fewer than the full cache,
+    # exactly what the reference counts
+    assert row["budget"] < row["bytes_ratio"] < 1 and abs(row["bytes_ratio"] - row["bytes_expected_ratio"]) < 1e-9
     assert out["device"] == "cpu" and row["overhead_ms"] == row["hook_ms"] > 0  # on CPU the hooks' own time
     assert row["peak_mb_refreekv"] > 0 and row["peak_mb_full"] > 0
     assert {r["backend"] for r in out["planning_synthetic"]} >= {"numpy", "torch-cpu"}

@@ -46,7 +46,7 @@ def test_messages_say_what_was_received_and_expected():
     with pytest.raises(ReFreeKVError, match="keys: received NaN or infinite values"):
         refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.full((1, 2, 10, 8), np.nan), ReFreeKVConfig.paper())
     with pytest.raises(ReFreeKVError, match=r"q_rows: received 1 query rows; expected at least 10"):
-        refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.zeros((1, 2, 10, 8)))  # the default scores with 32 rows
+        refreekv.plan_layer(np.zeros((1, 2, 1, 8)), np.zeros((1, 2, 10, 8)), ReFreeKVConfig.evicting())  # 32 rows
     with pytest.raises(ReFreeKVError, match="array: received an object of type builtins.list"):
         refreekv.get_backend([1.0])
     with pytest.raises(ReFreeKVError, match="config: received type dict"):

@@ -82,7 +82,7 @@ def test_method_groups_never_run_one_setting_twice():
     assert list(runner._distinct(table)) == ["full", "a", "c"]
     # a variant equal to the default is not run twice (the default before round three was "k=32 T=0.1%")
     assert "k=32 T=0.1%" in runner.methods("variants") and "k=32 T=0.1%" in runner.variants()
-    assert "k=32 T=0.1%" not in runner.methods("variants", ReFreeKVConfig(heads="mean", threshold=0.001))
+    assert "k=32 T=0.1%" not in runner.methods("variants", ReFreeKVConfig.evicting(heads="mean", threshold=0.001))
     thresholds = runner.methods("thresholds")  # the threshold curve next to the whole fixed-budget front
     curve = set(runner.thresholds())  # none is the default since round four (heads="each")
     assert curve < set(thresholds) and len(thresholds) == 2 + len(curve) + 27
@@ -91,25 +91,31 @@ def test_method_groups_never_run_one_setting_twice():
     # options: the three rules round three chose among, each with the heads="mean" of its time; the
     # round-three default among them is reported as the default when it is passed as the default
     assert list(runner.methods("options")) == ["full", "refreekv (default)", "l2 T=0.1%", "l2 T=0.05%", "l2 T=0.1% mass 3%"]
-    old = ReFreeKVConfig(heads="mean", threshold=0.0005)
+    old = ReFreeKVConfig.evicting(heads="mean", threshold=0.0005)
     assert runner.options()["l2 T=0.05%"] == old and "l2 T=0.05%" not in runner.methods("options", old)
-    # round four: the candidate that qualified is the default, so it is not run twice
-    assert runner.heads()["each T=0.125%"] == ReFreeKVConfig()
-    assert list(runner.methods("heads")) == ["full", "refreekv (default)", "each T=0.1%", "each T=0.2%"]
+    # round four: the candidate that qualified is the eviction rule (the default of its time)
+    assert runner.heads()["each T=0.125%"] == ReFreeKVConfig.evicting()
+    assert list(runner.methods("heads", ReFreeKVConfig.evicting())) == \
+        ["full", "refreekv (default)", "each T=0.1%", "each T=0.2%"]
+    # round five: the paper's boundary with an 8-bit tail is the default, so the tail group runs it once
+    assert runner.tail()["paper, tail 8-bit"] == ReFreeKVConfig.paper(tail_bits=8)
+    assert list(runner.methods("tail")) == ["full", "refreekv (default)", "refreekv (evicting)", "refreekv (paper)",
+                                            "paper, tail 4-bit", "evicting, tail 8-bit"]
     # the historical groups keep T = 0.1 % where rounds one and two meant the default of their time
     assert runner.candidates()["k=32 T=0.1% max-rows"].threshold == 0.001
     assert all(cfg.threshold == 0.001 for name, cfg in runner.thresholds().items() if "T=0.1%" in name)
     assert all(cfg.heads in ("mean", "max") for group in (runner.candidates, runner.thresholds, runner.options)
                for cfg in group().values())
     holdout = runner.methods("holdout")
-    assert list(holdout)[:3] == ["full", "refreekv (default)", "refreekv (paper)"] and len(holdout) == 9
-    assert holdout["l2 T=0.1% (default before round three)"] == ReFreeKVConfig(heads="mean", threshold=0.001)
-    assert holdout["l2 T=0.05% (default before round four)"] == ReFreeKVConfig(heads="mean", threshold=0.0005)
+    assert list(holdout)[:4] == ["full", "refreekv (default)", "refreekv (evicting)", "refreekv (paper)"]
+    assert len(holdout) == 10
+    assert holdout["l2 T=0.1% (default before round three)"] == ReFreeKVConfig.evicting(heads="mean", threshold=0.001)
+    assert holdout["l2 T=0.05% (default before round four)"] == ReFreeKVConfig.evicting(heads="mean", threshold=0.0005)
     # a mass floor that is off leaves a record's settings (and so its results-cache key) as before the field
     assert "mass_threshold" not in runner.ResultsCache.settings(ReFreeKVConfig())
     assert runner.ResultsCache.settings(ReFreeKVConfig(mass_threshold=0.03))["mass_threshold"] == 0.03
     # a --threshold etc. on the command line replaces the default; a candidate equal to it is dropped
-    assert list(runner.methods("candidates", ReFreeKVConfig(heads="mean", threshold=0.0005))) == \
+    assert list(runner.methods("candidates", ReFreeKVConfig.evicting(heads="mean", threshold=0.0005))) == \
         ["full", "refreekv (default)", "k=32 T=0.1% max-rows", "k=32 T=0.3% max-heads"]
 
 

@@ -23,7 +23,7 @@ from refreekv.commands.prompts import chat, needle_prompt
 from refreekv.testing import valid_cut_range
 
 pytestmark = pytest.mark.model
-CFG = ReFreeKVConfig(threshold=0.05)
+CFG = ReFreeKVConfig.evicting(threshold=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_history_replanning_keeps_the_turn_being_answered_whole(smol, tmp_path, 
     model, tok = smol
     turns = [chat(tok, needle_prompt(120, depth=0.5)), "<|im_start|>user\nAnd again, in other words?<|im_end|>\n"
              "<|im_start|>assistant\n"]
-    cfg = ReFreeKVConfig(threshold=0.05, replan=replan)
+    cfg = ReFreeKVConfig.evicting(threshold=0.05, replan=replan)
     plain, ours = plain_prompt_cache(model), make_prompt_cache(model, cfg)
     first = tok.encode(turns[0], add_special_tokens=False)
     layers = [c for c in ours if isinstance(c, ReFreeKVCache)]
@@ -222,7 +222,7 @@ def test_history_replanning_keeps_the_turn_being_answered_whole(smol, tmp_path, 
         assert run(model, tok, first, ours, max_tokens=3) == run(model, tok, first, plain, max_tokens=3)
         assert all(c.stored == c.offset and c.plans == 1 and not c.report.compressed for c in layers)
     else:
-        turns_cache = make_prompt_cache(model, ReFreeKVConfig(threshold=0.05, replan="turns"))
+        turns_cache = make_prompt_cache(model, ReFreeKVConfig.evicting(threshold=0.05, replan="turns"))
         assert run(model, tok, first, ours, max_tokens=3) == run(model, tok, first, turns_cache, max_tokens=3)
         assert [c.stored for c in ours] == [c.stored for c in turns_cache]
         assert all(c.plans == 1 for c in layers) and sum(c.report.compressed for c in layers) >= 10
@@ -246,7 +246,7 @@ def test_history_keeps_the_whole_turn_through_generation_replans(smol, ids):
     """replan="history" with replan_every: on a single prompt every plan (after the prompt, then every 4
     generated tokens) keeps everything, so the answer is the full cache's."""
     model, tok = smol
-    cfg = ReFreeKVConfig(threshold=0.05, replan="history", replan_every=4)
+    cfg = ReFreeKVConfig.evicting(threshold=0.05, replan="history", replan_every=4)
     ours, plain = make_prompt_cache(model, cfg), plain_prompt_cache(model)
     assert run(model, tok, ids, ours, max_tokens=14) == run(model, tok, ids, plain, max_tokens=14)
     layers = [c for c in ours if isinstance(c, ReFreeKVCache)]
@@ -515,7 +515,7 @@ def test_decoding_after_a_plan_continues_at_true_positions_as_torch_does(smol, i
     cache's offset counts the tokens seen."""
     from refreekv.adapters.transformers import ReFreeKVCache as TorchCache, refreekv_hooks
 
-    cfg = ReFreeKVConfig(halting="ratio", budget=0.5)
+    cfg = ReFreeKVConfig.evicting(halting="ratio", budget=0.5)
     model, _ = smol
     tmodel, _ = load_torch()
     tcache = TorchCache(tmodel, cfg)

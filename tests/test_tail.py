@@ -156,7 +156,9 @@ def test_tail_bits_is_checked_and_an_engine_without_a_tail_refuses_it_by_name():
     assert ReFreeKVConfig.from_dict(ReFreeKVConfig(tail_bits=4).to_dict()).tail_bits == 4
     with pytest.raises(ReFreeKVError, match=r"^tail_bits: received 8; expected None with the kvpress press"):
         engine.refuse_tail(ReFreeKVConfig(tail_bits=8), "the kvpress press")
-    engine.refuse_tail(ReFreeKVConfig(), "the kvpress press")  # no tail: nothing to refuse
+    engine.refuse_tail(ReFreeKVConfig.evicting(), "the kvpress press")  # no tail: nothing to refuse
+    # the default keeps an 8-bit tail; the paper's configuration and the eviction rule keep none
+    assert (ReFreeKVConfig().tail_bits, ReFreeKVConfig.paper().tail_bits, ReFreeKVConfig.evicting().tail_bits) == (8, None, None)
 
 
 def test_a_damaged_tail_loads_nothing(smol, prompt, tmp_path):

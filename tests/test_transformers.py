@@ -13,7 +13,8 @@ from transformers import DynamicCache, GenerationConfig
 
 from refreekv import ReFreeKVConfig, ReFreeKVError
 from refreekv import reference as R
-from refreekv.adapters.transformers import ReFreeKVCache, attention_modules, capture_prefill, generate, refreekv_hooks
+from refreekv.adapters.transformers import (TAIL_FIELDS, ReFreeKVCache, attention_modules, capture_prefill, generate,
+                                           refreekv_hooks)
 from refreekv.commands.models import load_torch
 from refreekv.commands.prompts import chat, needle_prompt
 from refreekv.testing import valid_cut_range
@@ -74,7 +75,8 @@ def _capture_queries_and_keys(model, inputs, rows=1):
     return out
 
 
-@pytest.mark.parametrize("cfg", [ReFreeKVConfig(), ReFreeKVConfig.paper()], ids=["default", "paper"])
+@pytest.mark.parametrize("cfg", [ReFreeKVConfig(), ReFreeKVConfig.evicting(), ReFreeKVConfig.paper()],
+                         ids=["default", "evicting", "paper"])
 @torch.no_grad()
 def test_the_cache_shrinks_to_the_reference_budget(smol, prompt, cfg):
     model, _ = smol
@@ -86,15 +88,20 @@ def test_the_cache_shrinks_to_the_reference_budget(smol, prompt, cfg):
     assert len(cache.report.layers) == len(captured) == 30  # every layer, once, in layer order
     for i, ((q, K), rep, layer) in enumerate(zip(captured, cache.report.layers, cache.layers)):
         assert rep.layer == i
-        held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        held = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values,
+                                                          *(getattr(layer, f) for f in TAIL_FIELDS)) if t is not None)
         assert rep.bytes_after == held and layer.keys.shape[-2] == rep.kept[0]
+        # with a tail, exactly what the rule evicted is held at tail_bits; without one, nothing of it
+        assert layer.tail_slots == (0 if cfg.tail_bits is None else n - rep.kept[0])
         if i in cfg.retained_layers:
             assert not rep.compressed and rep.kept == [n]
             continue
         want = R.plan_layer(q, K, cfg)
         lo, hi = valid_cut_range(want["ratio"][0], cfg.threshold, 2e-4, cfg.sinks, n)
         assert lo <= rep.kept[0] <= hi, (i, rep.kept, lo, hi)
-        assert rep.bytes_after == R.kv_bytes(1, K.shape[1], rep.kept[0], K.shape[-1], 4)
+        tail = 0 if cfg.tail_bits is None or rep.kept[0] == n else \
+            R.tail_bytes(1, K.shape[1], n - rep.kept[0], K.shape[-1], cfg.tail_bits, 4)
+        assert rep.bytes_after == R.kv_bytes(1, K.shape[1], rep.kept[0], K.shape[-1], 4) + tail
     assert cache.report.bytes_after < 0.9 * cache.report.bytes_before
     assert math.isclose(cache.report.budget[0], np.mean([r.kept[0] / n for r in cache.report.layers]))
 
@@ -141,7 +148,7 @@ def test_left_padded_batch_matches_each_sample_alone(smol):
 @torch.no_grad()
 def test_decode_attends_to_kept_positions_at_true_positions(smol, prompt):
     model, _ = smol
-    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.05))
+    cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(threshold=0.05))
     n = prompt["input_ids"].shape[1]
     with refreekv_hooks(model):
         logits = model(**prompt, cache=cache).logits
@@ -174,7 +181,7 @@ def test_compress_context_once_then_answer_several_questions(smol):
     ctx = tok([chat(tok, context, open_turn=True)], return_tensors="pt")
     questions = ["What is the magic number mentioned in the text?", "Who wrote the essay?"]
     for T in (0.0, 0.01):
-        cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=T))
+        cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(threshold=T))
         with refreekv_hooks(model):
             model(**ctx, cache=cache)
         held = [layer.keys.shape[-2] for layer in cache.layers]
@@ -197,7 +204,7 @@ def test_a_deep_copy_mid_generation_shares_the_model_not_its_weights(smol, promp
     from: a copy shares those modules (copying them would copy the model's attention weights into every
     fork) and continues exactly as the original."""
     model, tok = smol
-    out, cache = generate(model, ReFreeKVConfig(threshold=0.05, replan_every=8), **prompt, max_new_tokens=12, do_sample=False)
+    out, cache = generate(model, ReFreeKVConfig.evicting(threshold=0.05, replan_every=8), **prompt, max_new_tokens=12, do_sample=False)
     buffered = [e[0] for b in cache._generated.values() for e in b]
     assert buffered  # 12 tokens, a plan after 8: rows of the newest 4 are waiting
     fork = copy.deepcopy(cache)
@@ -249,9 +256,9 @@ def test_eager_attention_and_bfloat16(smol, prompt):
 def test_bad_configurations_fail_before_any_work(smol):
     model, tok = smol
     with pytest.raises(ReFreeKVError, match="retained_layers: received \\(0, 1, 30\\)"):
-        ReFreeKVCache(model, ReFreeKVConfig(retained_layers=(0, 1, 30)))
+        ReFreeKVCache(model, ReFreeKVConfig.evicting(retained_layers=(0, 1, 30)))
     with pytest.raises(ReFreeKVError, match="sinks: received 9000"):
-        ReFreeKVCache(model, ReFreeKVConfig(sinks=9000))
+        ReFreeKVCache(model, ReFreeKVConfig.evicting(sinks=9000))
     with pytest.raises(ReFreeKVError, match="config: received type dict"):
         ReFreeKVCache(model, {"threshold": 0.1})
     impl = model.config._attn_implementation
@@ -370,9 +377,9 @@ def test_other_architectures(arch):
     ids = {"input_ids": torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(1))}
     ids["attention_mask"] = torch.ones_like(ids["input_ids"])  # token 0 is a pad id for some configs
     full = model.generate(**ids, **GREEDY)
-    out, cache = generate(model, ReFreeKVConfig(threshold=0.0, retained_layers=()), **ids, **GREEDY)
+    out, cache = generate(model, ReFreeKVConfig.evicting(threshold=0.0, retained_layers=()), **ids, **GREEDY)
     assert out.tolist() == full.tolist()
-    out, cache = generate(model, ReFreeKVConfig(threshold=0.3, retained_layers=()), **ids, **GREEDY)
+    out, cache = generate(model, ReFreeKVConfig.evicting(threshold=0.3, retained_layers=()), **ids, **GREEDY)
     assert out.shape == full.shape
     for rep, layer in zip(cache.report.layers, cache.layers):
         if getattr(layer, "is_sliding", False):
@@ -390,7 +397,7 @@ def test_misuse_of_a_cache_is_one_error_not_a_crash_or_a_wrong_cache():
     ids = torch.randint(3, 128, (2, 40), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    cfg = ReFreeKVConfig(threshold=0.2, retained_layers=(), query_rows=8)
+    cfg = ReFreeKVConfig.evicting(threshold=0.2, retained_layers=(), query_rows=8)
     with pytest.raises(ReFreeKVError, match="model: received a forward pass with a ReFreeKVCache outside refreekv_hooks"):
         model(ids, attention_mask=mask, past_key_values=ReFreeKVCache(model, cfg))  # the prefill
     cache = ReFreeKVCache(model, cfg)
@@ -427,10 +434,10 @@ def test_a_prefill_compressed_many_ways_equals_the_hooks(smol, prompt):
     from refreekv.adapters.transformers import capture_prefill
 
     model, _ = smol
-    cfgs = [ReFreeKVConfig.paper(), ReFreeKVConfig(query_rows=32, combine="max"),
-            ReFreeKVConfig(ranking="h2o", halting="ratio", budget=0.3, retained_layers=()),
-            ReFreeKVConfig(ranking="h2o", halting="ratio", budget=0.6, retained_layers=()),
-            ReFreeKVConfig(ranking="pooled", query_rows=16, norm="l1")]
+    cfgs = [ReFreeKVConfig.paper(), ReFreeKVConfig.evicting(query_rows=32, combine="max"),
+            ReFreeKVConfig.evicting(ranking="h2o", halting="ratio", budget=0.3, retained_layers=()),
+            ReFreeKVConfig.evicting(ranking="h2o", halting="ratio", budget=0.6, retained_layers=()),
+            ReFreeKVConfig.evicting(ranking="pooled", query_rows=16, norm="l1")]
     pre = capture_prefill(model, prompt["input_ids"], configs=cfgs)
     full = [layer.keys.clone() for layer in pre.cache.layers]
     for cfg in cfgs:
@@ -467,7 +474,7 @@ def test_replanning_each_turn_keeps_positions_and_the_full_answers_at_zero_thres
         cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.0, replan=replan))
         assert _chat(model, tok, cache, turns) == full, replan
         assert len(cache.history.plans) == 3  # the prompt, then each later turn
-    small = ReFreeKVCache(model, ReFreeKVConfig(query_rows=16, replan="turns"))
+    small = ReFreeKVCache(model, ReFreeKVConfig.evicting(query_rows=16, replan="turns"))
     _chat(model, tok, small, turns)
     held = sum(layer.keys.shape[-2] for layer in small.layers)
     seen = small.get_seq_length()
@@ -496,7 +503,7 @@ def test_a_replan_cuts_as_the_reference_on_the_captured_tensors(smol, monkeypatc
     each layer's cut equals the float64 reference on exactly those tensors (within the float margin),
     and a segment's re-plan keeps the new segment's newest token."""
     model, tok = smol
-    cfg = ReFreeKVConfig(query_rows=8, replan="turns")
+    cfg = ReFreeKVConfig.evicting(query_rows=8, replan="turns")
     calls = _spy_compress_layers(monkeypatch)
     cache = ReFreeKVCache(model, cfg)
     first = tok([chat(tok, needle_prompt(200, 0.5))], return_tensors="pt")["input_ids"]
@@ -535,7 +542,7 @@ def test_history_replanning_keeps_the_turn_being_answered_whole(smol, monkeypatc
     cut is the reference's with the segment protected (keep_newest): at least the sinks plus the
     whole segment."""
     model, tok = smol
-    cfg = ReFreeKVConfig(query_rows=8, threshold=0.01, replan=replan)
+    cfg = ReFreeKVConfig.evicting(query_rows=8, threshold=0.01, replan=replan)
     calls = _spy_compress_layers(monkeypatch)
     turns = [needle_prompt(200, 0.5, number=2718, question=False), "What was the magic number?"]
     full = _chat(model, tok, DynamicCache(config=model.config), turns[:1])
@@ -612,7 +619,7 @@ def test_many_generate_calls_hold_memory_flat(smol):
     ids = tok([chat(tok, needle_prompt(120, 0.5))], return_tensors="pt")
     sizes = []
     for i in range(100):
-        out, cache = generate(model, ReFreeKVConfig(query_rows=8), **ids, do_sample=False, max_new_tokens=2)
+        out, cache = generate(model, ReFreeKVConfig.evicting(query_rows=8), **ids, do_sample=False, max_new_tokens=2)
         del out, cache
         if i in (19, 99):
             gc.collect()
@@ -625,9 +632,9 @@ def test_two_models_with_hooks_at_once_do_not_interfere():
     a, b = tiny("qwen2"), tiny("mistral")
     ids = {"input_ids": torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))}
     ids["attention_mask"] = torch.ones_like(ids["input_ids"])
-    alone = [generate(m, ReFreeKVConfig(threshold=0.2, retained_layers=()), **ids, **GREEDY)[0] for m in (a, b)]
-    ca, cb = ReFreeKVCache(a, ReFreeKVConfig(threshold=0.2, retained_layers=())), \
-        ReFreeKVCache(b, ReFreeKVConfig(threshold=0.2, retained_layers=()))
+    alone = [generate(m, ReFreeKVConfig.evicting(threshold=0.2, retained_layers=()), **ids, **GREEDY)[0] for m in (a, b)]
+    ca, cb = ReFreeKVCache(a, ReFreeKVConfig.evicting(threshold=0.2, retained_layers=())), \
+        ReFreeKVCache(b, ReFreeKVConfig.evicting(threshold=0.2, retained_layers=()))
     with refreekv_hooks(a), refreekv_hooks(b), torch.no_grad():
         oa = a.generate(**ids, cache=ca, **GREEDY)
         ob = b.generate(**ids, cache=cb, **GREEDY)
@@ -638,10 +645,10 @@ def test_two_models_with_hooks_at_once_do_not_interfere():
 def test_replanning_during_generation(smol, prompt):
     model, _ = smol
     kw = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
-    out, cache = generate(model, ReFreeKVConfig(threshold=0.0, replan_every=8), **prompt, **kw)
+    out, cache = generate(model, ReFreeKVConfig.evicting(threshold=0.0, replan_every=8), **prompt, **kw)
     assert out.tolist() == model.generate(**prompt, **kw).tolist()  # T = 0: the full cache's tokens
     assert len(cache.history.plans) == 3  # the prompt, then after generated tokens 8 and 16 (19 decode calls)
-    _, every = generate(model, ReFreeKVConfig(replan_every=8), **prompt, **kw)
+    _, every = generate(model, ReFreeKVConfig.evicting(replan_every=8), **prompt, **kw)
     _, once = generate(model, ReFreeKVConfig(), **prompt, **kw)
     held = lambda c: sum(layer.keys.shape[-2] for layer in c.layers)  # noqa: E731
     assert held(every) < held(once) and every.get_seq_length() == once.get_seq_length()
@@ -654,7 +661,7 @@ def test_history_keeps_the_whole_turn_through_generation_replans(smol, prompt):
     tokens generated since, while the history is compressed."""
     model, tok = smol
     kw = dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
-    cfg = ReFreeKVConfig(threshold=0.05, replan="history", replan_every=8)
+    cfg = ReFreeKVConfig.evicting(threshold=0.05, replan="history", replan_every=8)
     out, cache = generate(model, cfg, **prompt, **kw)
     assert out.tolist() == model.generate(**prompt, **kw).tolist()
     assert len(cache.history.plans) == 3 and not any(p.compressed_layers for p in cache.history.plans)
@@ -754,7 +761,7 @@ def test_segments_after_a_plan_attend_to_the_kept_slots_and_causally_to_themselv
     plus the call's own tokens, causally; no token sees a later one of its segment (nor misses
     itself), and positions continue from the true length."""
     model, tok = smol
-    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.05, replan="turns"))
+    cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(threshold=0.05, replan="turns"))
     n = prompt["input_ids"].shape[1]
     with refreekv_hooks(model):
         model(**prompt, cache=cache)
@@ -793,7 +800,7 @@ def test_reordering_a_compressed_batch_moves_each_rows_slot_mask_with_it(smol):
     tok.padding_side = "left"
     batch = tok([chat(tok, needle_prompt(300, depth=0.3)), chat(tok, "Name three colours.")],
                 return_tensors="pt", padding=True)
-    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.01))
+    cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(threshold=0.01))
     with refreekv_hooks(model):
         model(**batch, cache=cache)
     layers = [layer for layer in cache.layers if layer.compressed and not layer.all_slots_valid]
@@ -817,7 +824,7 @@ def test_a_reset_cache_is_as_new(smol):
     model, tok = smol
     first = tok([chat(tok, needle_prompt(200, 0.5, number=7417))], return_tensors="pt")
     later = tok([chat(tok, needle_prompt(120, 0.3, number=1234))], return_tensors="pt")
-    cfg = ReFreeKVConfig(threshold=0.05, replan="turns")
+    cfg = ReFreeKVConfig.evicting(threshold=0.05, replan="turns")
 
     def answer(ids, cache):
         with refreekv_hooks(model):
@@ -848,7 +855,7 @@ def test_a_padded_batch_decodes_the_same_with_or_without_an_attention_mask(smol)
     tok.padding_side = "left"
     batch = tok([chat(tok, needle_prompt(300, depth=0.6)), chat(tok, "Name three colours.")],
                 return_tensors="pt", padding=True)
-    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.01, retained_layers=()))
+    cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(threshold=0.01, retained_layers=()))
     with refreekv_hooks(model):
         nxt = model(**batch, cache=cache).logits[:, -1:].argmax(-1)
     assert any(layer.compressed and not layer.all_slots_valid for layer in cache.layers)
@@ -876,7 +883,7 @@ def test_a_plan_during_generation_scores_only_tokens_generated_since_the_last_pl
         return real(q, keys, values, config, **kw)
 
     monkeypatch.setattr(refreekv, "compress_layers", spy)
-    cache = ReFreeKVCache(model, ReFreeKVConfig(replan="turns", replan_every=4))
+    cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(replan="turns", replan_every=4))
     n = prompt["input_ids"].shape[1]
     step = lambda ids, seen: model(input_ids=ids, attention_mask=torch.ones(1, seen + ids.shape[1], dtype=torch.long),
                                    cache=cache).logits[:, -1:].argmax(-1)  # noqa: E731
@@ -902,7 +909,7 @@ def test_a_call_that_failed_inside_a_layer_does_not_let_a_later_unhooked_call_th
     first layer, before any layer appends to the cache (it once appended to layer 0, then raised)."""
     model = tiny("qwen2")
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3))
-    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.1, retained_layers=()))
+    cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(threshold=0.1, retained_layers=()))
     with refreekv_hooks(model):
         model(input_ids=ids, cache=cache)
     for failing in (0, 3):  # the first layer, and one in the middle
@@ -1030,7 +1037,7 @@ def test_assisted_decoding_plans_what_precedes_the_candidates(smol, prompt, monk
         return [lay.kept for lay in plan.layers]
 
     plain = model.generate(**prompt, **kw)
-    for config in (ReFreeKVConfig(threshold=0), ReFreeKVConfig(), ReFreeKVConfig(replan="history")):
+    for config in (ReFreeKVConfig(threshold=0), ReFreeKVConfig(), ReFreeKVConfig.evicting(replan="history")):
         ref_first, _, ref_second, ref_after, ref = chat_of(config)
         for assist in ({"prompt_lookup_num_tokens": 6}, {"assistant_model": draft}):
             seen.clear()
@@ -1051,4 +1058,4 @@ def test_assisted_decoding_plans_what_precedes_the_candidates(smol, prompt, monk
                 assert torch.equal(first, ref_first) and torch.equal(second, ref_second), label
                 assert torch.equal(first, plain), label
     with pytest.raises(ReFreeKVError, match="replan_every: received 8; expected 0 with assisted decoding"):
-        generate(model, ReFreeKVConfig(replan_every=8), **prompt, **kw, prompt_lookup_num_tokens=6)
+        generate(model, ReFreeKVConfig.evicting(replan_every=8), **prompt, **kw, prompt_lookup_num_tokens=6)

@@ -58,8 +58,8 @@ def same_state(a: ReFreeKVCache, b: ReFreeKVCache) -> None:
             assert r[0] is s[0] and all(torch.equal(u, v) for u, v in zip(r[1:], s[1:]))
 
 
-@pytest.mark.parametrize("config", [ReFreeKVConfig(), ReFreeKVConfig(replan="history"),
-                                    ReFreeKVConfig(replan_every=4)], ids=["turns", "history", "replan_every"])
+@pytest.mark.parametrize("config", [ReFreeKVConfig(), ReFreeKVConfig.evicting(replan="history"),
+                                    ReFreeKVConfig.evicting(replan_every=4)], ids=["turns", "history", "replan_every"])
 def test_a_chat_saved_between_turns_continues_as_the_unsaved_one(smol, tmp_path, config):
     model, tok = smol
     cache = ReFreeKVCache(model, config)
@@ -103,7 +103,7 @@ def test_sliding_window_layers_round_trip(tmp_path):
 
     model = tiny("gemma3")
     ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(1))
-    cache = ReFreeKVCache(model, ReFreeKVConfig(threshold=0.3, retained_layers=()))
+    cache = ReFreeKVCache(model, ReFreeKVConfig.evicting(threshold=0.3, retained_layers=()))
     with refreekv_hooks(model), torch.no_grad():
         model(input_ids=ids, cache=cache)
     save_cache(tmp_path / "g.safetensors", cache)

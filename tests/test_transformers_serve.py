@@ -245,7 +245,7 @@ def test_what_transformers_serve_cannot_serve_with_refreekv_is_refused_by_name(t
         assert isinstance(err, ReFreeKVError) and message in str(err), err
         assert _own_classes() == own
     with pytest.raises(ReFreeKVError, match="replan: received 'history'; expected .* with prompt_cache_size=0"):
-        with serve_caches(ReFreeKVConfig(replan="history"), prompt_cache_size=0):
+        with serve_caches(ReFreeKVConfig.evicting(replan="history"), prompt_cache_size=0):
             pass
     for size in (-1, 1.5, True):
         with pytest.raises(ReFreeKVError, match=f"prompt_cache_size: received {size!r}; expected an int >= 0"):
@@ -368,7 +368,7 @@ def ask(messages):
                                  {"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(req, timeout=300))["choices"][0]["message"]["content"]
 seen = []
-with serve_caches(ReFreeKVConfig(replan="history")) as serving:
+with serve_caches(ReFreeKVConfig.evicting(replan="history")) as serving:
     # no model on the command line: loaded at the first request, unloaded after 3 s without one
     threading.Thread(target=Serve, kwargs=dict(port=port, device="cpu", dtype="float32", model_timeout=3),
                      daemon=True).start()

@@ -33,7 +33,7 @@ ANSWER_TOKENS = {"needle": 24, "multikey": 24, "open": 40}
 
 def fixed(name: str, budget: float) -> ReFreeKVConfig:
     """A fixed-budget baseline: it compresses every layer at the stated ratio (no retained layers)."""
-    return ReFreeKVConfig(ranking=FIXED[name], halting="ratio", budget=budget, retained_layers=())
+    return ReFreeKVConfig.evicting(ranking=FIXED[name], halting="ratio", budget=budget, retained_layers=())
 
 
 def variants() -> dict[str, ReFreeKVConfig]:
@@ -64,7 +64,7 @@ def candidates() -> dict[str, ReFreeKVConfig]:
     """The second round of issue 10, around the default (k = 32, T = 0.1 %): rules that keep more of
     a long prompt, because the default's budget falls with length (dev: 76 / 74 / 66 % at 1k / 2k /
     4k) and at 7.5k it kept one needle too few on the test split. Chosen among on dev only."""
-    D = partial(ReFreeKVConfig, heads="mean")  # the rules of their round (the default was heads="mean")
+    D = partial(ReFreeKVConfig.evicting, heads="mean")  # the rules of their round (the default was heads="mean")
     return {
         "k=32 T=0.05%": D(threshold=0.0005),
         "k=32 T=0.1% max-rows": D(combine="max", threshold=0.001),
@@ -77,7 +77,7 @@ def thresholds() -> dict[str, ReFreeKVConfig]:
     rule at other thresholds, halting on attention mass (``norm="l1"``) instead of the L2 norm, the
     most demanding head deciding, and the default with a mass floor (``mass_threshold``). Read next
     to the fixed-budget front on the same prompts."""
-    D = partial(ReFreeKVConfig, heads="mean")  # the rules of their round (the default was heads="mean")
+    D = partial(ReFreeKVConfig.evicting, heads="mean")  # the rules of their round (the default was heads="mean")
     return {
         "l2 T=0.3%": D(threshold=0.003), "l2 T=0.05%": D(threshold=0.0005), "l2 T=0.02%": D(threshold=0.0002),
         "l1 T=2%": D(norm="l1", threshold=0.02), "l1 T=1%": D(norm="l1", threshold=0.01),
@@ -94,7 +94,7 @@ def options() -> dict[str, ReFreeKVConfig]:
     them, all with heads="mean"): T = 0.1 % (the default of rounds one and two), T = 0.05 % (the
     default of round three) and T = 0.1 % with a 3 % mass floor. One equal to the default passed to
     ``methods`` is reported as the default."""
-    D = partial(ReFreeKVConfig, heads="mean")  # the rules of their round (the default was heads="mean")
+    D = partial(ReFreeKVConfig.evicting, heads="mean")  # the rules of their round (the default was heads="mean")
     return {"l2 T=0.1%": D(threshold=0.001), "l2 T=0.05%": D(threshold=0.0005),
             "l2 T=0.1% mass 3%": D(threshold=0.001, mass_threshold=0.03)}
 
@@ -103,7 +103,7 @@ def heads() -> dict[str, ReFreeKVConfig]:
     """Round four of issue 10: every head's own ratio counted equally (``heads="each"``) instead of
     the ratio of the mean per-head norms, where heads with concentrated attention (large norms)
     outweigh heads that read far back. Chosen among on dev and test, reported on the holdout."""
-    E = partial(ReFreeKVConfig, heads="each")
+    E = partial(ReFreeKVConfig.evicting, heads="each")
     return {"each T=0.1%": E(threshold=0.001), "each T=0.2%": E(threshold=0.002),
             # added after the two above had run: the threshold between them at which "each" keeps about
             # the round-three default's budget on dev and test (log-interpolated from their budgets)
@@ -114,17 +114,18 @@ def holdout() -> dict[str, ReFreeKVConfig]:
     """What the holdout split reports beside the full cache, the default and the paper: the default
     of round three (T = 0.05 %, heads "mean"), that of rounds one and two (T = 0.1 %) and the fixed
     budgets around the default's own (SnapKV and StreamingLLM at 70 and 80 %)."""
-    return ({"l2 T=0.05% (default before round four)": ReFreeKVConfig(heads="mean", threshold=0.0005),
-             "l2 T=0.1% (default before round three)": ReFreeKVConfig(heads="mean", threshold=0.001)}
+    return ({"l2 T=0.05% (default before round four)": ReFreeKVConfig.evicting(heads="mean", threshold=0.0005),
+             "l2 T=0.1% (default before round three)": ReFreeKVConfig.evicting(heads="mean", threshold=0.001)}
             | {f"{name} {b:.0%}": fixed(name, b) for name in ("snapkv", "streamingllm") for b in (0.7, 0.8)})
 
 
 def tail() -> dict[str, ReFreeKVConfig]:
     """Round five of issue 10, through the engine: what the rule evicts kept quantized (``tail_bits``)
-    instead of dropped, at the paper's boundary (the row round five's study chose) and the default's."""
+    instead of dropped, at the paper's boundary (the row round five's study chose; the default since) and
+    at the eviction rule's (``evicting()``, the default of round four)."""
     P = ReFreeKVConfig.paper
     return {"paper, tail 8-bit": P(tail_bits=8), "paper, tail 4-bit": P(tail_bits=4),
-            "default, tail 8-bit": ReFreeKVConfig(tail_bits=8)}
+            "evicting, tail 8-bit": ReFreeKVConfig.evicting(tail_bits=8)}
 
 
 def _distinct(table: dict[str, ReFreeKVConfig | None]) -> dict[str, ReFreeKVConfig | None]:
@@ -140,22 +141,24 @@ def _distinct(table: dict[str, ReFreeKVConfig | None]) -> dict[str, ReFreeKVConf
 
 
 def methods(group: str, default: ReFreeKVConfig | None = None) -> dict[str, ReFreeKVConfig | None]:
-    """``main``: full, the default, the paper, and the fixed-budget front (StreamingLLM, H2O,
-    SnapKV at 10 %..90 %). ``variants``: full and the threshold-free design space.
-    ``candidates``: full, the default and the second round of variants (``candidates()``).
-    ``thresholds``: full, the default, ``thresholds()`` and the fixed-budget front.
+    """Groups of named configurations (None: the full cache). ``main``, ``holdout``, ``tail``,
+    ``ablations`` and ``quick`` start with full, the default, the eviction rule
+    (``ReFreeKVConfig.evicting()``, the default of round four) and the paper. ``main``: those and the
+    fixed-budget front (StreamingLLM, H2O, SnapKV at 10 %..90 %). ``variants``: full, the default and
+    the threshold-free design space. ``candidates``: full, the default and the second round of variants
+    (``candidates()``). ``thresholds``: full, the default, ``thresholds()`` and the fixed-budget front.
     ``options``: full, the default and the rules round three chose among (``options()``).
-    ``holdout``: full, the default, the paper and ``holdout()``.
-    ``heads``: full, the default and round four's rules (``heads()``).
-    ``tail``: full, the default, the paper and round five's tails (``tail()``).
-    ``ablations``: the paper's ablations. ``quick``: full, default, paper, StreamingLLM 20 %.
-    A name whose settings an earlier name has is left out (e.g. variants' "k=32 T=0.1%" is the default)."""
+    ``holdout``: and ``holdout()``. ``heads``: full, the default and round four's rules (``heads()``).
+    ``tail``: and round five's tails (``tail()``). ``ablations``: and the paper's ablations.
+    ``quick``: and StreamingLLM 20 %. A name whose settings an earlier name has is left out (e.g.
+    tail's "paper, tail 8-bit" is the default)."""
     return _distinct(_methods(group, default))
 
 
 def _methods(group: str, default: ReFreeKVConfig | None) -> dict[str, ReFreeKVConfig | None]:
     default = ReFreeKVConfig() if default is None else default
-    head = {"full": None, "refreekv (default)": default, "refreekv (paper)": ReFreeKVConfig.paper()}
+    head = {"full": None, "refreekv (default)": default, "refreekv (evicting)": ReFreeKVConfig.evicting(),
+            "refreekv (paper)": ReFreeKVConfig.paper()}
     if group == "main":
         return head | {f"{name} {b:.0%}": fixed(name, b) for name in FIXED for b in FRONT_BUDGETS}
     if group == "front":
@@ -344,7 +347,7 @@ def merge(model, caches: list, n: int):
     Each sample's attention sees exactly its own method's kept tokens (per-sample slot masks)."""
     from refreekv.adapters.transformers import ReFreeKVCache, ReFreeKVLayer
 
-    out = ReFreeKVCache(model, ReFreeKVConfig(replan="once"))  # a container: it never plans
+    out = ReFreeKVCache(model, ReFreeKVConfig(replan="once", tail_bits=None))  # a container: it never plans
     out.planned_layers = set(range(len(out.layers)))
     for i, layer in enumerate(out.layers):
         seen = [c.layers[i].attended() if isinstance(c.layers[i], ReFreeKVLayer) else

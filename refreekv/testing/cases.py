@@ -112,6 +112,7 @@ def configs(draw, ranking: str | None = None, mass: bool = False) -> ReFreeKVCon
         pool_kernel=draw(st.sampled_from([1, 3, 7])),
         halting=halting,
         budget=budget,
+        tail_bits=None,  # a tail is drawn by layer_cases, last
     )
     if mass and halting == "threshold":  # the mass floor under the threshold rule (often off, as by default)
         floor = draw(st.sampled_from([None, None, 0.0, 0.01, 0.05, 0.3]) | st.floats(0, 0.99))

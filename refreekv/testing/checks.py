@@ -422,7 +422,7 @@ def check_errors(target: Target, dtype: str) -> None:
         ("keys of rank 3", "keys", lambda: P(A(q), A(K[0]))),
         ("start past the prompt", "start", lambda: P(A(q), A(K), start=[12])),
         ("too few query rows for H2O", "q_rows",
-         lambda: P(A(q), A(K), refreekv.ReFreeKVConfig(ranking="h2o"))),
+         lambda: P(A(q), A(K), refreekv.ReFreeKVConfig(ranking="h2o", query_rows=32))),
         ("values of another length", "values", lambda: P(A(q), A(K), values=A(K[:, :, :5]))),
         ("zero query heads", "q_rows", lambda: P(A(q[:, :0]), A(K))),
         ("zero head dim", "q_rows", lambda: P(A(q[..., :0]), A(K[..., :0]))),

@@ -34,7 +34,7 @@ CONTEXT = needle_prompt(500, 0.5, number=7417, question=False)
 
 def test_zero_threshold_gives_the_full_cache_answer(pipe):
     full = pipe(CONTEXT, question=QUESTION, max_new_tokens=16)["answer"]
-    press = ReFreeKVPress(ReFreeKVConfig(threshold=0.0))
+    press = ReFreeKVPress(ReFreeKVConfig.evicting(threshold=0.0))
     assert pipe(CONTEXT, question=QUESTION, press=press, max_new_tokens=16)["answer"] == full
     assert press.report.layers and press.report.budget[0] > 0.95
 
@@ -130,15 +130,15 @@ def test_a_batch_of_prompts_gets_one_cut_per_sample(smol):
 def test_a_configuration_kvpress_cannot_mask_is_refused(smol):
     model, _ = smol
     with pytest.raises(ReFreeKVError, match="retained_layers: received \\(\\)"):
-        with ReFreeKVPress(ReFreeKVConfig(retained_layers=()))(model):
+        with ReFreeKVPress(ReFreeKVConfig.evicting(retained_layers=()))(model):
             pass
     with pytest.raises(ReFreeKVError, match="config: received type dict"):
         ReFreeKVPress({"threshold": 0.1})
     with pytest.raises(ReFreeKVError, match="replan: received 'history'"):
-        ReFreeKVPress(ReFreeKVConfig(replan="history"))  # it would keep the prompt whole: refused, not ignored
+        ReFreeKVPress(ReFreeKVConfig.evicting(replan="history"))  # it would keep the prompt whole: refused, not ignored
     with pytest.raises(ReFreeKVError, match="tail_bits: received 8; expected None with the kvpress press"):
         ReFreeKVPress(ReFreeKVConfig(tail_bits=8))  # kvpress's cache would drop the tail: refused, not ignored
-    assert ReFreeKVPress(ReFreeKVConfig(replan="chat")).config.replan == "chat"  # compresses the prompt, as "turns"
+    assert ReFreeKVPress(ReFreeKVConfig.evicting(replan="chat")).config.replan == "chat"  # compresses the prompt, as "turns"
 
 
 @torch.no_grad()
@@ -185,7 +185,7 @@ def test_a_copy_of_a_compressed_cache_is_masked_like_the_original(smol):
     q = tok([" " + QUESTION + "<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt",
             add_special_tokens=False)["input_ids"]
     cache = DynamicCache()
-    with ReFreeKVPress(ReFreeKVConfig(threshold=0.05))(model):
+    with ReFreeKVPress(ReFreeKVConfig.evicting(threshold=0.05))(model):
         model(input_ids=ctx, past_key_values=cache)
     assert any(isinstance(layer, PressLayer) and layer.keys.shape[-2] < ctx.shape[1] for layer in cache.layers)
     fork, again = copy.deepcopy(cache), copy.deepcopy(cache)
