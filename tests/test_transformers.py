@@ -649,7 +649,7 @@ def test_replanning_during_generation(smol, prompt):
     assert out.tolist() == model.generate(**prompt, **kw).tolist()  # T = 0: the full cache's tokens
     assert len(cache.history.plans) == 3  # the prompt, then after generated tokens 8 and 16 (19 decode calls)
     _, every = generate(model, ReFreeKVConfig.evicting(replan_every=8), **prompt, **kw)
-    _, once = generate(model, ReFreeKVConfig(), **prompt, **kw)
+    _, once = generate(model, ReFreeKVConfig.evicting(), **prompt, **kw)
     held = lambda c: sum(layer.keys.shape[-2] for layer in c.layers)  # noqa: E731
     assert held(every) < held(once) and every.get_seq_length() == once.get_seq_length()
 
